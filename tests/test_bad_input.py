@@ -1,0 +1,247 @@
+"""Every bad input gets a clear error that names the problem, and no hook stays attached."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import xcnn
+from xcnn.data.images import load_image
+from xcnn.models import load_state_dict_file
+
+from .test_explain_contract import FAST, hook_count
+
+NAMES = xcnn.list_explainers()
+
+
+def make(name, model, **extra):
+    return xcnn.explainer(name, model, **{**FAST.get(name, {}), **extra})
+
+
+BAD_IMAGES = [
+    (torch.rand(3, 32, 32), ValueError, r"\[B,3,H,W\].*images\[None\]"),
+    (torch.rand(2, 1, 32, 32), ValueError, "3 \\(RGB\\) channels"),
+    (torch.rand(2, 4, 32, 32), ValueError, "3 \\(RGB\\) channels"),
+    ((torch.rand(2, 3, 32, 32) * 255).to(torch.uint8), TypeError, "float.*divide uint8 images by 255"),
+    (torch.randint(0, 2, (2, 3, 32, 32)), TypeError, "float"),
+    (torch.rand(2, 3, 32, 32) * 255, ValueError, r"\[0,1\]"),
+    (torch.rand(2, 3, 32, 32) - 0.5, ValueError, r"\[0,1\]"),
+    (torch.full((2, 3, 32, 32), float("nan")), ValueError, "NaN or Inf"),
+    (torch.full((2, 3, 32, 32), float("inf")), ValueError, "NaN or Inf"),
+    (torch.rand(0, 3, 32, 32), ValueError, "empty batch"),
+    (np.random.rand(2, 3, 32, 32), TypeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("images,error,message", BAD_IMAGES, ids=range(len(BAD_IMAGES)))
+def test_bad_images(name, images, error, message, tiny):
+    with pytest.raises(error, match=message):
+        make(name, tiny)(images)
+    assert hook_count(tiny) == 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_targets_length_mismatch(name, tiny, images32):
+    with pytest.raises(ValueError, match="one class index per image \\(3\\)"):
+        make(name, tiny)(images32, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bad", [10, -1])
+def test_target_class_out_of_range(name, bad, tiny, images32):
+    with pytest.raises(ValueError, match="out of range: model has 10 classes|must be >= 0"):
+        make(name, tiny)(images32, torch.tensor([0, bad, 1]))
+    assert hook_count(tiny) == 0
+    assert all(p.requires_grad for p in tiny.parameters())
+
+
+def test_float_or_bool_targets_rejected(tiny, images32):
+    with pytest.raises(TypeError, match="integer class indices"):
+        make("gradcam", tiny)(images32, torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(TypeError, match="not booleans"):
+        make("gradcam", tiny)(images32, torch.tensor([True, False, True]))
+
+
+def test_int_target_applies_to_every_image(tiny, images32):
+    torch.testing.assert_close(make("gradcam", tiny)(images32, 4), make("gradcam", tiny)(images32, torch.tensor([4, 4, 4])))
+
+
+def test_unknown_method_lists_the_available_ones(tiny):
+    with pytest.raises(ValueError, match="unknown explainer 'gradcamm'.*gradcam"):
+        xcnn.explainer("gradcamm", tiny)
+
+
+def test_unknown_option_names_the_options(tiny):
+    with pytest.raises(TypeError, match="no option\\(s\\) \\['mask'\\].*masks"):
+        xcnn.explainer("rise", tiny, mask=10)
+
+
+def test_layer_for_a_method_without_layers(tiny):
+    with pytest.raises(ValueError, match="does not use a layer"):
+        xcnn.explainer("saliency", tiny, layer="features")
+
+
+def test_unknown_layer_suggests_close_names(tiny):
+    with pytest.raises(ValueError, match="'feature.4' is not in the model.*features.4"):
+        xcnn.explainer("gradcam", tiny, layer="feature.4")
+    with pytest.raises(ValueError, match="'' is not in the model|empty"):
+        xcnn.explainer("gradcam", tiny, layer=[])
+
+
+def test_layer_whose_output_is_not_a_tensor(images32):
+    class TupleOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x), x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = TupleOut()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.block(x)[0].mean((2, 3)))
+
+    model = xcnn.load_model(Net(), input_size=(32, 32))
+    with pytest.raises(TypeError, match="'block' returns tuple, not a tensor"):
+        xcnn.explainer("gradcam", model, layer="block")(images32)
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("masks", 0, "masks must be a positive integer"),
+    ("grid", -2, "grid must be a positive integer"),
+    ("p", 1.5, "p \\(probability"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+])  # fmt: skip
+def test_invalid_option_values(option, value, message, tiny):
+    with pytest.raises(ValueError, match=message):
+        xcnn.explainer("rise", tiny, **{option: value})
+
+
+def test_occlusion_patch_larger_than_image(tiny, images32):
+    with pytest.raises(ValueError, match="patch 40 is larger than the image \\(32x32\\)"):
+        xcnn.explainer("occlusion", tiny, patch=40)(images32)
+
+
+def test_integrated_gradients_needs_two_steps(tiny):
+    with pytest.raises(ValueError, match="steps must be at least 2"):
+        xcnn.explainer("integrated_gradients", tiny, steps=1)
+
+
+def test_scorecam_weighting_name(tiny):
+    with pytest.raises(ValueError, match="weighting must be"):
+        xcnn.explainer("scorecam", tiny, weighting="softmax")
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'resnet5'"):
+        xcnn.load_model("resnet5")
+
+
+def test_model_with_no_spatial_layer(images32):
+    mlp = xcnn.load_model(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), input_size=(32, 32))
+    with pytest.raises(ValueError, match="no spatial layer.*saliency"):
+        xcnn.explainer("gradcam", mlp)
+    assert make("saliency", mlp)(images32).shape == (3, 32, 32)  # input-space methods still work
+    assert hook_count(mlp) == 0
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        xcnn.explainer("gradcam", lambda x: x)
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+
+def test_missing_image_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image file not found: .*nope.png"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_corrupt_image_file(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    with pytest.raises(ValueError, match="cannot read image file .*broken.jpg"):
+        load_image(bad)
+
+
+def test_unknown_sample():
+    with pytest.raises(ValueError, match="unknown sample photo 'dog'.*sample:chelsea"):
+        load_image("sample:dog")
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "CMYK"])
+def test_grayscale_rgba_and_other_modes_are_converted(mode, tmp_path):
+    rgb = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8))
+    img = rgb.convert(mode) if mode != "I;16" else Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
+    path = tmp_path / f"img.{'tiff' if mode in ('I;16', 'CMYK') else 'png'}"
+    img.save(path)
+    x = load_image(path, size=16)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, but fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    assert torch.allclose(load_image(tmp_path / "t.png"), torch.ones(3, 8, 8))
+
+
+class CodeCarrier:
+    """Unpickling this would run code (create a marker file); a safe loader must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_code_carrying_checkpoint_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "evil": CodeCarrier(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="refusing to load .*could run code.*posix.mkdir"):
+        load_state_dict_file(tmp_path / "evil.pth")
+    with open(tmp_path / "raw.pkl", "wb") as fh:  # a bare pickle, not even a torch file
+        pickle.dump({"weight": CodeCarrier(marker)}, fh)
+    with pytest.raises(ValueError, match="refusing to load|not a PyTorch checkpoint"):
+        load_state_dict_file(tmp_path / "raw.pkl")
+    with pytest.raises(ValueError, match="refusing to load"):
+        xcnn.load_model("resnet18", weights=tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_unreadable_checkpoints(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ValueError, match="cannot read weights file .*junk.pth"):
+        load_state_dict_file(tmp_path / "junk.pth")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="cannot read weights file .*junk.safetensors"):
+        load_state_dict_file(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        load_state_dict_file(tmp_path / "absent.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_state_dict_file(tmp_path / "list.pth")
+
+
+def test_weights_that_do_not_fit_the_architecture(tmp_path):
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="do not fit ResNet"):
+        xcnn.load_model("resnet18", weights=tmp_path / "w.pth")

@@ -1,0 +1,41 @@
+"""CUDA: maps stay on the GPU, match the CPU, and autocast works. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import xcnn
+
+from .test_explain_contract import FAST
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("name", xcnn.list_explainers())
+def test_maps_on_cuda_match_cpu(name):
+    torch.manual_seed(0)
+    cpu_model = xcnn.load_model("resnet18")
+    gpu_model = xcnn.load_model("resnet18")
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    gpu_model.cuda()
+    images = torch.rand(2, 3, 64, 64)
+    options = FAST.get(name, {})
+    on_cpu = xcnn.explainer(name, cpu_model, **options)(images)
+    on_gpu = xcnn.explainer(name, gpu_model, **options)(images.cuda())
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
+    if name not in ("rise", "smoothgrad", "random"):  # same seed, but different generators' streams are fine
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["gradcam", "scorecam", "rise"])
+def test_bf16_autocast_stays_close(name):
+    torch.manual_seed(0)
+    model = xcnn.load_model("resnet18").cuda()
+    images = torch.rand(2, 3, 64, 64, device="cuda")
+    options = FAST.get(name, {})
+    full = xcnn.explainer(name, model, **options)(images)
+    half = xcnn.explainer(name, model, amp=True, **options)(images)
+    assert half.dtype == torch.float32
+    corr = torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1]
+    assert corr > 0.95

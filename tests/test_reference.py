@@ -1,0 +1,135 @@
+"""Numerical agreement with the reference libraries (grad-cam, captum) on the same model and layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xcnn
+
+from .conftest import pearson
+
+import captum.attr as captum_attr
+import pytorch_grad_cam as gradcam_lib
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+GRADIENT_CAMS = {
+    "gradcam": gradcam_lib.GradCAM,
+    "gradcam++": gradcam_lib.GradCAMPlusPlus,
+    "xgradcam": gradcam_lib.XGradCAM,
+    "layercam": gradcam_lib.LayerCAM,
+    "hirescam": gradcam_lib.HiResCAM,
+}
+
+
+def reference_cam(cls, model, layer_module, images, targets, **kwargs):
+    with cls(model=model, target_layers=[layer_module], **kwargs) as cam:
+        return cam(input_tensor=images, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+
+
+def assert_agree(ours, ref, threshold=0.99):
+    values = [pearson(ours[i], ref[i]) for i in range(len(ours))]
+    assert min(values) >= threshold, values
+
+
+@pytest.fixture(scope="module")
+def small_photos(photos):
+    return F.interpolate(photos, size=(112, 112), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def resnet_targets(resnet18, small_photos):
+    with torch.no_grad():
+        return resnet18(small_photos).argmax(1)
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_CAMS))
+def test_gradient_cams_match_gradcam_on_resnet18(name, resnet18, small_photos, resnet_targets):
+    ours = xcnn.explainer(name, resnet18, layer="layer4")(small_photos, resnet_targets).numpy()
+    ref = reference_cam(GRADIENT_CAMS[name], resnet18, resnet18.backbone.layer4, small_photos, resnet_targets)
+    assert_agree(ours, ref)
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_CAMS))
+def test_gradient_cams_match_gradcam_on_bundled_model(name, lite0, photos):
+    targets = torch.tensor([285, 967])
+    ours = xcnn.explainer(name, lite0, layer="bn2")(photos, targets).numpy()
+    ref = reference_cam(GRADIENT_CAMS[name], lite0, lite0.backbone.bn2, photos, targets)
+    assert_agree(ours, ref)
+
+
+@pytest.mark.slow
+def test_scorecam_matches_gradcam_on_resnet18(resnet18, small_photos, resnet_targets):
+    image, target = small_photos[:1], resnet_targets[:1]
+    ours = xcnn.explainer("scorecam", resnet18, layer="layer4", weighting="channel_softmax")(image, target)
+    ref = reference_cam(gradcam_lib.ScoreCAM, resnet18, resnet18.backbone.layer4, image, target)
+    assert_agree(ours.numpy(), ref)
+
+
+@pytest.mark.slow
+def test_scorecam_matches_gradcam_on_bundled_model(lite0, photos):
+    image, target = photos[:1], torch.tensor([285])
+    ours = xcnn.explainer("scorecam", lite0, layer="blocks.5", weighting="channel_softmax")(image, target)
+    ref = reference_cam(gradcam_lib.ScoreCAM, lite0, lite0.backbone.blocks[5], image, target)
+    assert_agree(ours.numpy(), ref)
+
+
+def test_gradcam_matches_gradcam_on_vit_tokens():
+    torch.manual_seed(0)
+    vit = xcnn.load_model("vit_tiny_patch16_224")
+    assert xcnn.default_layer(vit) == "blocks.11.norm1"
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        targets = vit(images).argmax(1)
+
+    def grid(t):  # the reshape grad-cam's documentation prescribes for ViT
+        return t[:, 1:, :].reshape(t.shape[0], 14, 14, t.shape[2]).permute(0, 3, 1, 2)
+
+    ours = xcnn.explainer("gradcam", vit)(images, targets).numpy()
+    ref = reference_cam(gradcam_lib.GradCAM, vit, vit.backbone.blocks[-1].norm1, images, targets, reshape_transform=grid)
+    assert_agree(ours, ref)
+
+
+def _captum_cases(model, images, targets, patch):
+    forward_prob = lambda x: model(x).softmax(1)  # noqa: E731  occlusion measures the drop in p(c)
+    yield "saliency", {}, captum_attr.Saliency(model).attribute(images, target=targets, abs=True).amax(1)
+    yield (
+        "integrated_gradients",
+        {"steps": 16},
+        captum_attr.IntegratedGradients(model)
+        .attribute(images, target=targets, n_steps=16, method="riemann_trapezoid", baselines=0.0)
+        .abs()
+        .sum(1),
+    )
+    yield (
+        "occlusion",
+        {"patch": patch, "stride": patch // 2},
+        captum_attr.Occlusion(forward_prob).attribute(
+            images, target=targets, sliding_window_shapes=(3, patch, patch), strides=(3, patch // 2, patch // 2), baselines=0.0
+        )[:, 0],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", ["resnet18", "lite0"])
+def test_gradient_and_occlusion_match_captum(model_name, request, small_photos, photos):
+    model = request.getfixturevalue(model_name)
+    images, patch = (small_photos, 24) if model_name == "resnet18" else (photos[:1], 32)
+    with torch.no_grad():
+        targets = model(images).argmax(1)
+    for name, options, ref in _captum_cases(model, images, targets, patch):
+        ours = xcnn.explainer(name, model, **options)(images, targets)
+        assert_agree(ours.numpy(), ref.detach().numpy())
+
+
+def test_smoothgrad_is_the_mean_of_noisy_saliency_maps(tiny, images32):
+    """SmoothGrad equals captum's NoiseTunnel(Saliency) when both see the same noise (one sample, noise fixed)."""
+    sg = xcnn.explainer("smoothgrad", tiny, samples=1, noise=0.15, seed=3)(images32)
+    gen = torch.Generator().manual_seed(3)
+    span = (images32.amax(dim=(1, 2, 3)) - images32.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    noisy = images32 + 0.15 * span * torch.randn(images32.shape, generator=gen)
+    with torch.no_grad():
+        targets = tiny(images32).argmax(1)
+    ref = captum_attr.Saliency(tiny).attribute(noisy, target=targets, abs=True).amax(1)
+    assert_agree(sg.numpy(), ref.numpy(), threshold=0.999)
