@@ -165,6 +165,14 @@ def test_explainers_work_under_an_outer_no_grad(tiny, images32):
     assert maps.amax() == 1 and sal.amax() == 1
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_inputs_made_in_inference_mode_are_accepted(name, tiny, images32):
+    with torch.inference_mode():
+        images = images32.clone()
+        targets = tiny.eval()(images).argmax(1)
+    torch.testing.assert_close(make(name, tiny)(images, targets), make(name, tiny)(images32))
+
+
 def test_scorecam_weightings_differ_and_both_are_valid(tiny, images32):
     p = make("scorecam", tiny, weighting="probability")(images32)
     s = make("scorecam", tiny, weighting="channel_softmax")(images32)

@@ -109,7 +109,9 @@ def check_images(images: object) -> Tensor:
             f"images must be pixel values in [0,1] (normalisation happens inside the Classifier); "
             f"got values in [{low.item():.3g}, {high.item():.3g}]"
         )
-    return images.detach().float()
+    images = images.detach().float()
+    # tensors made under torch.inference_mode() cannot enter autograd; a copy can
+    return images.clone() if images.is_inference() else images
 
 
 def check_targets(targets: Targets, batch: int, device: torch.device) -> Tensor | None:
@@ -128,7 +130,7 @@ def check_targets(targets: Targets, batch: int, device: torch.device) -> Tensor 
         raise ValueError(f"targets must hold one class index per image ({batch}), got shape {list(t.shape)}")
     if bool((t < 0).any()):
         raise ValueError(f"target class indices must be >= 0, got {t.tolist()}")
-    return t
+    return t.clone() if t.is_inference() else t
 
 
 def normalize_maps(maps: Tensor, size: tuple[int, int]) -> Tensor:
