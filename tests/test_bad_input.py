@@ -61,6 +61,12 @@ def test_target_class_out_of_range(name, bad, tiny, images32):
     assert all(p.requires_grad for p in tiny.parameters())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_images_and_model_on_different_devices(tiny, images32):
+    with pytest.raises(ValueError, match="images are on cuda:0 but the model is on cpu"):
+        make("gradcam", tiny)(images32.cuda())
+
+
 def test_float_or_bool_targets_rejected(tiny, images32):
     with pytest.raises(TypeError, match="integer class indices"):
         make("gradcam", tiny)(images32, torch.tensor([0.0, 1.0, 2.0]))

@@ -177,6 +177,9 @@ class Explainer:
     def __call__(self, images: Tensor, targets: Targets = None) -> Tensor:
         images = check_images(images)
         targets = check_targets(targets, images.shape[0], images.device)
+        param = next(self.model.parameters(), None)
+        if param is not None and param.device != images.device:
+            raise ValueError(f"images are on {images.device} but the model is on {param.device}; move one of them")
         with frozen(self.model):
             raw = self._explain(images, targets)
         raws = raw if isinstance(raw, list) else [raw]
@@ -213,9 +216,16 @@ class Explainer:
         """Rows per forward pass for inner loops on the images' device."""
         return self.batch_size or (64 if images.device.type == "cuda" else 8)
 
+    def _targets(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        """Checked targets; a forward pass on the clean images only when the top-1 is needed."""
+        if targets is None:
+            return self._top1_or_check(images, None)[0]
+        with torch.no_grad(), self._autocast(images):  # one image tells the number of classes
+            return self._resolve_targets(self.model(images[:1]), targets)
+
     def _top1_or_check(self, images: Tensor, targets: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(targets, probabilities [B,K])`` of the clean images, computed in batches without gradients."""
-        with torch.inference_mode(), self._autocast(images):
+        with torch.no_grad(), self._autocast(images):  # no_grad, not inference_mode: targets feed autograd later
             probs = torch.cat([self.model(chunk).float().softmax(1) for chunk in images.split(self._rows(images))])
         return self._resolve_targets(probs, targets), probs
 

@@ -59,7 +59,7 @@ class IntegratedGradients(_InputGradient):
         self.steps = steps
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
-        targets, _ = self._top1_or_check(images, targets)
+        targets = self._targets(images, targets)
         n = self.steps
         alphas = torch.linspace(0, 1, n, device=images.device)
         weights = torch.full((n,), 1.0 / (n - 1), device=images.device)
@@ -84,7 +84,7 @@ class SmoothGrad(_InputGradient):
         self.samples, self.noise, self.seed = samples, float(noise), int(seed)
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
-        targets, _ = self._top1_or_check(images, targets)
+        targets = self._targets(images, targets)
         gen = torch.Generator(device=images.device).manual_seed(self.seed)
         span = images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))
         sigma = (self.noise * span).view(-1, 1, 1, 1)

@@ -101,7 +101,7 @@ class RISE(Explainer):
         b, _, h, w = images.shape
         if self.grid > min(h, w):
             raise ValueError(f"RISE grid {self.grid} is finer than the image ({h}x{w})")
-        targets, _ = self._top1_or_check(images, targets)
+        targets = self._targets(images, targets)
         gen = torch.Generator().manual_seed(self.seed)
         cells = (torch.rand(self.n_masks, 1, self.grid, self.grid, generator=gen) < self.p).float().to(images.device)
         cell_h, cell_w = math.ceil(h / self.grid), math.ceil(w / self.grid)
@@ -134,7 +134,7 @@ class RandomMap(Explainer):
         self.grid, self.seed = grid, int(seed)
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
-        if targets is not None and bool((targets >= self.model.num_classes).any()):
-            raise ValueError(f"target class index out of range: model has {self.model.num_classes} classes, got {targets.tolist()}")
+        if targets is not None:
+            self._targets(images, targets)  # the range check: explaining class 5000 is an error here too
         gen = torch.Generator().manual_seed(self.seed)
         return torch.rand(images.shape[0], self.grid, self.grid, generator=gen).to(images.device)
