@@ -34,6 +34,7 @@ BAD_IMAGES = [
     (torch.full((2, 3, 32, 32), float("nan")), ValueError, "NaN or Inf"),
     (torch.full((2, 3, 32, 32), float("inf")), ValueError, "NaN or Inf"),
     (torch.rand(0, 3, 32, 32), ValueError, "empty batch"),
+    (torch.rand(1, 3, 0, 32), ValueError, "no pixels"),
     (np.random.rand(2, 3, 32, 32), TypeError, "torch.Tensor"),
 ]
 
@@ -74,8 +75,10 @@ def test_float_or_bool_targets_rejected(tiny, images32):
         make("gradcam", tiny)(images32, torch.tensor([True, False, True]))
 
 
-def test_int_target_applies_to_every_image(tiny, images32):
-    torch.testing.assert_close(make("gradcam", tiny)(images32, 4), make("gradcam", tiny)(images32, torch.tensor([4, 4, 4])))
+def test_one_target_applies_to_every_image(tiny, images32):
+    expected = make("gradcam", tiny)(images32, torch.tensor([4, 4, 4]))
+    for one in (4, torch.tensor(4), np.int64(4)):
+        torch.testing.assert_close(make("gradcam", tiny)(images32, one), expected)
 
 
 def test_unknown_method_lists_the_available_ones(tiny):
@@ -140,6 +143,16 @@ def test_occlusion_patch_larger_than_image(tiny, images32):
         xcnn.explainer("occlusion", tiny, patch=40)(images32)
 
 
+def test_occlusion_stride_larger_than_patch(tiny, images32):
+    with pytest.raises(ValueError, match="stride 9 is larger than the patch 4"):
+        xcnn.explainer("occlusion", tiny, patch=4, stride=9)(images32)
+
+
+def test_non_finite_option(tiny):
+    with pytest.raises(ValueError, match="noise must be a positive number"):
+        xcnn.explainer("smoothgrad", tiny, noise=float("inf"))
+
+
 def test_integrated_gradients_needs_two_steps(tiny):
     with pytest.raises(ValueError, match="steps must be at least 2"):
         xcnn.explainer("integrated_gradients", tiny, steps=1)
@@ -153,6 +166,31 @@ def test_scorecam_weighting_name(tiny):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'resnet5'"):
         xcnn.load_model("resnet5")
+
+
+def test_detection_models_are_not_classifiers():
+    with pytest.raises(ValueError, match="unknown model 'fasterrcnn_resnet50_fpn'"):
+        xcnn.load_model("fasterrcnn_resnet50_fpn")
+
+
+def test_options_for_an_existing_classifier_are_refused(tiny):
+    with pytest.raises(ValueError, match="\\['mean'\\] cannot be applied to an existing Classifier"):
+        xcnn.load_model(tiny, mean=(0.5, 0.5, 0.5))
+
+
+def test_a_folder_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    assert type(xcnn.load_model("resnet18").backbone).__name__ == "ResNet"
+    with pytest.raises(FileNotFoundError, match="no saved xcnn model"):
+        xcnn.load_model(str(tmp_path / "missing.safetensors"))
+
+
+def test_default_layer_hint_when_the_input_size_is_wrong():
+    small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))  # works at 32x32 only
+    with pytest.raises(ValueError, match="could not run Sequential on a 224x224 image.*input_size="):
+        xcnn.explainer("gradcam", small)
+    assert xcnn.explainer("gradcam", xcnn.load_model(small, input_size=(32, 32))).layers == ["0"]
 
 
 def test_model_with_no_spatial_layer(images32):
@@ -197,6 +235,19 @@ def test_grayscale_rgba_and_other_modes_are_converted(mode, tmp_path):
     x = load_image(path, size=16)
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert 0 <= x.min() and x.max() <= 1
+
+
+def test_sixteen_bit_images_keep_their_scale(tmp_path):
+    Image.fromarray(np.full((4, 4), 65535 // 2, dtype=np.uint16)).save(tmp_path / "mid.png")
+    assert torch.allclose(load_image(tmp_path / "mid.png"), torch.full((3, 4, 4), 0.5), atol=1 / 255)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (30, 10), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    img.save(tmp_path / "rot.jpg", exif=exif)
+    assert load_image(tmp_path / "rot.jpg").shape == (3, 30, 10)
 
 
 def test_transparent_pixels_become_white(tmp_path):

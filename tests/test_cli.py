@@ -23,6 +23,7 @@ def test_explain_writes_overlays_grid_predictions_and_maps(tmp_path, capsys):
     assert code == 0
     pred = json.loads((out / "predictions.json").read_text())
     assert pred["model"] == "efficientnet_lite0" and pred["methods"] == ["gradcam", "gradcam++", "saliency"]
+    assert pred["layers"] == ["bn2"]
     chelsea = pred["images"][0]
     assert chelsea["target"] == {"class": 285, "name": "Egyptian cat"}
     assert [t["class"] for t in chelsea["top5"]][0] == 285 and len(chelsea["top5"]) == 5
@@ -58,6 +59,8 @@ def test_explain_fixed_target_and_duplicate_names(tmp_path):
         (["sample:chelsea", "--layer", "layer4"], "'layer4' is not in the model"),
         (["sample:chelsea", "--opt", "masks=10"], "--opt masks: none of the methods"),
         (["sample:chelsea", "--opt", "masks"], "NAME=VALUE"),
+        (["sample:chelsea", "--device", "foo"], "--device must be auto, cpu, cuda"),
+        (["sample:chelsea", "--method", "saliency", "--layer", "bn2"], "none of the methods.*uses a layer"),
     ],
 )
 def test_explain_errors_name_the_problem(args, message, tmp_path, capsys):
@@ -67,6 +70,19 @@ def test_explain_errors_name_the_problem(args, message, tmp_path, capsys):
     import re
 
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--image-batch"])
+def test_non_positive_sizes_are_usage_errors(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["explain", "sample:chelsea", flag, "-1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+def test_labels_never_collide():
+    from xcnn.cli import _unique_labels
+
+    assert _unique_labels(["a/cat.png", "b/cat.png", "cat-2.png"]) == ["cat", "cat-2", "cat-2-2"]
 
 
 def test_output_folder_that_is_a_file(tmp_path, capsys):

@@ -138,24 +138,32 @@ def test_several_layers_average_the_normalised_maps(name, tiny, images32):
     torch.testing.assert_close(both, (mean - low) / span, atol=1e-5, rtol=1e-4)
 
 
-def test_gradient_cams_backpropagate_only_above_the_layer(tiny, images32):
-    """Grad-CAM's gradient at the layer equals the one from a full backward pass through the model."""
-    from xcnn.hooks import Tap
+def test_gradient_at_the_tap_equals_the_full_backward_gradient(tiny, images32):
+    """The explainers' path (frozen model, input without grad, the tapped output becomes a leaf) gives the
+    same d(score)/d(activation) as an ordinary backward pass through the whole unfrozen network."""
+    from xcnn.hooks import Tap, frozen
 
-    x = images32.clone().requires_grad_(True)
-    with Tap(tiny.backbone, ["features.4"], differentiable=True) as tap:
-        tiny.eval()
-        score = tiny(x)[:, 3].sum()
-        a = tap.get("features.4")
-        (g_tap,) = torch.autograd.grad(score, a, retain_graph=True)
-    feats = {}
-    handle = tiny.backbone.features.register_forward_hook(lambda m, i, o: feats.setdefault("a", o))
-    try:
-        score2 = tiny(images32)[:, 3].sum()
-    finally:
-        handle.remove()
-    (g_full,) = torch.autograd.grad(score2, feats["a"])
+    tiny.eval()
+    with frozen(tiny), Tap(tiny.backbone, ["features.4"], differentiable=True) as tap:
+        score = tiny(images32)[:, 3].sum()
+    leaf = tap.get("features.4")
+    assert leaf.is_leaf and leaf.requires_grad  # nothing below the layer is in the graph
+    (g_tap,) = torch.autograd.grad(score, leaf)
+
+    x = images32.clone().requires_grad_(True)  # reference: an unfrozen net, graph all the way to the input
+    feats = tiny.backbone.features(x)
+    head = tiny.backbone.fc(tiny.backbone.drop(tiny.backbone.pool(feats).flatten(1)))
+    (g_full,) = torch.autograd.grad(head[:, 3].sum(), feats)
     torch.testing.assert_close(g_tap, g_full)
+    assert all(p.requires_grad for p in tiny.parameters())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_explainers_work_inside_inference_mode(name, tiny, images32):
+    expected = make(name, tiny)(images32)
+    with torch.inference_mode():
+        inside = make(name, tiny)(images32)
+    torch.testing.assert_close(inside, expected)
 
 
 def test_explainers_work_under_an_outer_no_grad(tiny, images32):

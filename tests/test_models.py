@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -120,3 +122,21 @@ def test_default_layer_does_not_touch_batchnorm_statistics():
     default_layer(model)
     torch.testing.assert_close(model.backbone.bn1.running_mean, before, rtol=0, atol=0)
     assert model.training
+
+
+def test_save_model_round_trip(tmp_path):
+    from xcnn.models import save_model
+
+    torch.manual_seed(3)
+    model = load_model("shapesnet", num_classes=6, class_names=list("abcdef"), input_size=(48, 48))
+    save_model(model, tmp_path / "m", note="hello")
+    again = load_model(tmp_path / "m")
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert again.class_names == list("abcdef") and again.input_size == (48, 48) and again.name == "shapesnet"
+    for path in (tmp_path / "m" / "model.safetensors", tmp_path / "m" / "model.json"):
+        assert load_model(path).input_size == (48, 48)
+    assert json.loads((tmp_path / "m" / "model.json").read_text())["note"] == "hello"
+    with pytest.raises(ValueError, match="built by name"):
+        save_model(load_model(nn.Linear(2, 2)), tmp_path / "x")

@@ -123,6 +123,12 @@ def test_gradient_and_occlusion_match_captum(model_name, request, small_photos, 
         assert_agree(ours.numpy(), ref.detach().numpy())
 
 
+def test_smoothgrad_without_noise_is_saliency(tiny, images32):
+    """Averaging many identical (noise-free) saliency maps gives the saliency map: the mean is a mean."""
+    sg = xcnn.explainer("smoothgrad", tiny, samples=5, noise=1e-9)(images32)
+    torch.testing.assert_close(sg, xcnn.explainer("saliency", tiny)(images32), atol=1e-4, rtol=1e-4)
+
+
 def test_smoothgrad_is_the_mean_of_noisy_saliency_maps(tiny, images32):
     """SmoothGrad equals captum's NoiseTunnel(Saliency) when both see the same noise (one sample, noise fixed)."""
     sg = xcnn.explainer("smoothgrad", tiny, samples=1, noise=0.15, seed=3)(images32)

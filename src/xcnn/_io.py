@@ -10,6 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+# mkstemp creates 0600 files; outputs should get the usual permissions (0666 minus the umask)
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 __all__ = ["atomic_write", "prepare_out_dir", "write_json", "write_npy"]
 
 
@@ -29,6 +33,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

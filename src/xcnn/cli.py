@@ -15,9 +15,42 @@ __all__ = ["main"]
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _unique_labels(sources: Sequence[str]) -> list[str]:
+    """File-name-safe labels, one per image, never two alike (``cat``, ``cat-2``, ...)."""
+    from .data.images import image_label
+
+    labels: list[str] = []
+    for src in sources:
+        base = label = image_label(src)
+        n = 1
+        while label in labels:
+            n += 1
+            label = f"{base}-{n}"
+        labels.append(label)
+    return labels
 
 
 def _parse_value(text: str) -> object:
@@ -56,7 +89,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from . import explainer, list_explainers, load_model
     from ._io import prepare_out_dir, write_json, write_npy
     from .explain import explainer_class
-    from .data.images import image_label, load_image
+    from .data.images import load_image
+    from .models import default_layer
     from .viz.overlay import save_grid, save_overlay
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
@@ -68,7 +102,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = _device(args.device)
     out = prepare_out_dir(args.out)
     model = load_model(args.model, weights=args.weights, device=device)
-    layer = args.layer.split(",") if args.layer else None
+    layer_methods = [m for m in methods if explainer_class(m).uses_layer]
+    if args.layer and not layer_methods:
+        raise ValueError(f"--layer was given, but none of the methods {methods} uses a layer")
+    layer = args.layer.split(",") if args.layer else [default_layer(model)] if layer_methods else None
     options = _method_options(methods, args)
     images = torch.stack([load_image(src, model.input_size) for src in args.images]).to(device)
 
@@ -76,18 +113,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
         probs = torch.cat([model(chunk).float().softmax(1) for chunk in images.split(args.batch_size or 32)])
     targets = probs.argmax(1) if args.target == "auto" else torch.full((len(images),), int(args.target), device=device)
 
-    labels, seen = [], {}
-    for src in args.images:  # unique, file-name-safe labels
-        label = image_label(src)
-        seen[label] = seen.get(label, 0) + 1
-        labels.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    labels = _unique_labels(args.images)
 
     maps: dict[str, torch.Tensor] = {}
-    chunk = max(1, args.image_batch)
+    chunk = args.image_batch
     with tqdm(total=len(methods) * len(images), desc="explaining", unit="map", disable=None) as bar:
         for method in methods:
-            uses_layer = explainer_class(method).uses_layer
-            expl = explainer(method, model, layer=layer if uses_layer else None, **options[method])
+            expl = explainer(method, model, layer=layer if method in layer_methods else None, **options[method])
             parts = []
             for start in range(0, len(images), chunk):
                 parts.append(expl(images[start : start + chunk], targets[start : start + chunk]).cpu())
@@ -122,7 +154,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "maps": files,
             }
         )
-    write_json(out / "predictions.json", {"model": model.name, "layer": layer, "methods": methods, "images": records})
+    write_json(out / "predictions.json", {"model": model.name, "layers": layer, "methods": methods, "images": records})
     for rec in records:
         best = rec["top5"][0]
         print(f"{rec['label']}: {best['name']} ({best['probability']:.1%}) -> {out / rec['grid']}")
@@ -154,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", default="xcnn-out", help="output folder (created if missing; default: %(default)s)")
     ex.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy (float32 [H,W] in [0,1])")
     ex.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    ex.add_argument("--batch-size", type=int, default=None, help="forward-pass batch for inner loops (Score-CAM channels, RISE masks, occlusion windows, IG steps)")
-    ex.add_argument("--image-batch", type=int, default=8, help="images explained together in one call (default: %(default)s)")
+    ex.add_argument("--batch-size", type=_positive_int, default=None, help="forward-pass batch for inner loops (Score-CAM channels, RISE masks, occlusion windows, IG steps)")
+    ex.add_argument("--image-batch", type=_positive_int, default=8, help="images explained together in one call (default: %(default)s)")
     ex.add_argument("--seed", type=int, default=None, help="seed for stochastic methods (rise, smoothgrad, random)")
     ex.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)")

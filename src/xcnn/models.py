@@ -7,6 +7,7 @@ inside :class:`Classifier`. Layers are addressed by their names in ``Classifier.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import pickle
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ __all__ = [
     "imagenet_classes",
     "load_model",
     "load_state_dict_file",
+    "save_model",
     "token_grid",
 ]
 
@@ -53,6 +55,7 @@ class Classifier(nn.Module):
         name: str = "custom",
         input_size: tuple[int, int] = (224, 224),
         class_names: Sequence[str] | None = None,
+        spec: dict | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -63,11 +66,16 @@ class Classifier(nn.Module):
         if not bool((std_t > 0).all()):
             raise ValueError(f"std must be positive, got {list(std)}")
         self.backbone = backbone
-        self.register_buffer("mean", mean_t.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", std_t.view(1, 3, 1, 1), persistent=False)
+        # the normalisation constants live where the backbone lives (a module may arrive on a GPU)
+        where = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+        device = where.device if where is not None else None
+        self.register_buffer("mean", mean_t.view(1, 3, 1, 1).to(device), persistent=False)
+        self.register_buffer("std", std_t.view(1, 3, 1, 1).to(device), persistent=False)
         self.name = name
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.class_names = list(class_names) if class_names is not None else None
+        #: how to rebuild the backbone by name (``{"arch": ..., "kwargs": {...}}``), for :func:`save_model`
+        self.spec = spec
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone((images - self.mean) / self.std)
@@ -179,7 +187,7 @@ def _bundled_efficientnet_lite0() -> nn.Module:
 
 
 def load_model(
-    model: str | nn.Module = BUNDLED_MODEL,
+    model: str | Path | nn.Module = BUNDLED_MODEL,
     *,
     weights: str | Path | None = None,
     mean: Sequence[float] | None = None,
@@ -191,13 +199,17 @@ def load_model(
 ) -> Classifier:
     """Build a pixel-space :class:`Classifier`, in eval mode.
 
-    ``model`` is ``"efficientnet_lite0"`` (bundled ImageNet weights, offline), any torchvision model name,
-    any timm name (``"timm:resnet50"`` forces timm where both libraries know the name), or an
-    ``nn.Module`` that classifies images (it then receives ``(x - mean) / std``; without ``mean``/``std``
-    it receives [0,1] pixels unchanged). Named models have random weights unless ``weights`` gives a
-    ``.safetensors`` or ``weights_only`` PyTorch file.
+    ``model`` is ``"efficientnet_lite0"`` (bundled ImageNet weights, offline); a model saved by
+    :func:`save_model` (its folder, ``.safetensors`` or ``.json``); any torchvision model name; any timm
+    name (``"timm:resnet50"`` forces timm where both libraries know the name); an xcnn architecture
+    (``"shapesnet"``); or an ``nn.Module`` that classifies images (it then receives ``(x - mean) / std``;
+    without ``mean``/``std`` it receives [0,1] pixels unchanged). Named models have random weights
+    unless ``weights`` gives a ``.safetensors`` or weights-only PyTorch file.
     """
     if isinstance(model, Classifier):
+        given = {k for k, v in dict(weights=weights, mean=mean, std=std, num_classes=num_classes, class_names=class_names, input_size=input_size).items() if v is not None}
+        if given:
+            raise ValueError(f"{sorted(given)} cannot be applied to an existing Classifier; pass its backbone instead")
         net = model
     elif isinstance(model, nn.Module):
         if weights is not None:
@@ -210,41 +222,49 @@ def load_model(
             input_size=input_size or (224, 224),
             class_names=class_names,
         )
+    elif isinstance(model, (str, Path)) and _saved_model_json(model) is not None:
+        net = _saved_model(_saved_model_json(model))
     elif isinstance(model, str):
         net = _named_model(model, weights, num_classes, class_names, mean, std, input_size)
     else:
-        raise TypeError(f"model must be a name or an nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model must be a name, a saved model's path or an nn.Module, got {type(model).__name__}")
     net.eval()
     if device is not None:
         net.to(device)
     return net
 
 
-def _named_model(name, weights, num_classes, class_names, mean, std, input_size) -> Classifier:
+def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple[int, int]]:
+    """``(backbone, mean, std, input_size)`` of an architecture by name, with random weights."""
     import timm
     import torchvision
 
+    from .nets import ARCHITECTURES
+
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch](**kwargs), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (64, 64)
+    if arch.startswith("timm:") or arch not in torchvision.models.list_models(module=torchvision.models):
+        name = arch.removeprefix("timm:")
+        if not timm.is_model(name):
+            raise ValueError(
+                f"unknown model {arch!r}: not the bundled {BUNDLED_MODEL!r}, not a saved model, not an xcnn "
+                "architecture, not a torchvision or timm model (see torchvision.models.list_models(), timm.list_models())"
+            )
+        backbone = timm.create_model(name, pretrained=False, **kwargs)
+        cfg = backbone.pretrained_cfg
+        return backbone, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD, (224, 224)
+
+
+def _named_model(name, weights, num_classes, class_names, mean, std, input_size) -> Classifier:
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if name == BUNDLED_MODEL and weights is None and num_classes in (None, 1000):
         backbone, cfg_mean, cfg_std, size = _bundled_efficientnet_lite0(), LITE_MEAN, LITE_STD, (224, 224)
     else:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        if name.startswith("timm:") or name not in torchvision.models.list_models():
-            arch = name.removeprefix("timm:")
-            if not timm.is_model(arch):
-                raise ValueError(
-                    f"unknown model {name!r}: not the bundled {BUNDLED_MODEL!r}, not a torchvision model, "
-                    "not a timm model (see torchvision.models.list_models() and timm.list_models())"
-                )
-            backbone = timm.create_model(arch, pretrained=False, **kwargs)
-            cfg = backbone.pretrained_cfg
-            cfg_mean, cfg_std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
-            size = tuple(cfg.get("input_size", (3, 224, 224))[1:])
-        else:
-            backbone = torchvision.models.get_model(name, weights=None, **kwargs)
-            cfg_mean, cfg_std, size = IMAGENET_MEAN, IMAGENET_STD, (224, 224)
+        backbone, cfg_mean, cfg_std, size = _build_arch(name, kwargs)
         if weights is not None:
             _load_weights(backbone, weights)
-    if class_names is None and (num_classes or 1000) == 1000:
+    if class_names is None and (num_classes or getattr(backbone, "num_classes", 1000)) == 1000:
         class_names = imagenet_classes()
     return Classifier(
         backbone,
@@ -253,7 +273,68 @@ def _named_model(name, weights, num_classes, class_names, mean, std, input_size)
         name=name,
         input_size=input_size or size,
         class_names=class_names,
+        spec={"arch": name, "kwargs": kwargs},
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# saved models: weights in safetensors, everything else in a small JSON (no code is ever unpickled)
+
+MODEL_FORMAT = "xcnn-model/1"
+
+
+def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/model.json`` (architecture, normalisation, input
+    size, class names, plus ``extra`` metadata); :func:`load_model` reads the folder back."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from ._io import atomic_write, prepare_out_dir
+
+    if not isinstance(model, Classifier) or model.spec is None:
+        raise ValueError("only Classifiers built by name (load_model or the xcnn trainers) can be saved by architecture name")
+    folder = prepare_out_dir(folder)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    meta = {
+        "format": MODEL_FORMAT, "name": model.name, "arch": model.spec["arch"], "kwargs": model.spec.get("kwargs", {}),
+        "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
+        "input_size": list(model.input_size), "class_names": model.class_names, **extra,
+    }  # fmt: skip
+    atomic_write(folder / "model.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    return folder
+
+
+def _saved_model_json(path: str | Path) -> Path | None:
+    """The ``model.json`` a path refers to (a folder holding it, the .json, or the .safetensors beside it);
+    None when ``path`` is not a saved model (a folder without model.json may share a model's name)."""
+    p = Path(path)
+    if p.is_dir():
+        return p / "model.json" if (p / "model.json").is_file() else None
+    if p.suffix in (".json", ".safetensors"):
+        meta = p.with_suffix(".json")
+        if not meta.is_file() or not p.with_suffix(".safetensors").is_file():
+            raise FileNotFoundError(f"no saved xcnn model at {p} (expected {meta.name} and {meta.stem}.safetensors)")
+        return meta
+    return None
+
+
+def _saved_model(meta_path: Path) -> Classifier:
+    import json
+
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {meta_path}: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{meta_path} is not an xcnn model description (format {MODEL_FORMAT!r})")
+    backbone, _, _, _ = _build_arch(meta["arch"], meta.get("kwargs", {}))
+    _load_weights(backbone, meta_path.with_suffix(".safetensors"))
+    return Classifier(
+        backbone, meta["mean"], meta["std"], name=meta.get("name", meta["arch"]), input_size=tuple(meta["input_size"]),
+        class_names=meta.get("class_names"), spec={"arch": meta["arch"], "kwargs": meta.get("kwargs", {})},
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -313,8 +394,14 @@ def default_layer(model: nn.Module) -> str:
     param = next(clf.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dummy = torch.rand(1, 3, *clf.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    with frozen(clf):
-        records = trace_outputs(backbone, (dummy - clf.mean) / clf.std)
+    try:
+        with frozen(clf):
+            records = trace_outputs(backbone, (dummy - clf.mean) / clf.std)
+    except Exception as err:
+        raise ValueError(
+            f"could not run {type(backbone).__name__} on a {clf.input_size[0]}x{clf.input_size[1]} image to find its "
+            f"default layer ({type(err).__name__}: {err}); give load_model the right input_size=, or pass layer="
+        ) from err
     # outputs of pooling layers (and of containers that end in one) are not candidates
     pooled = {id(out) for _, m, out in records if isinstance(m, _POOLS)}
     spatial = [i for i, (_, _, out) in enumerate(records) if _is_spatial(out, clf.input_size) and id(out) not in pooled]

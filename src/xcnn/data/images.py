@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 __all__ = ["SAMPLES", "image_label", "load_image", "load_images"]
@@ -30,7 +30,7 @@ def _open(source: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.copy()
+            return ImageOps.exif_transpose(img)  # camera photos: apply the EXIF orientation
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"cannot read image file {path}: {err}") from err
 
@@ -41,11 +41,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit integer grey: full scale is 65535
+        arr = np.clip(np.asarray(img, dtype=np.float64) / 65535.0, 0.0, 1.0)
+        img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
+    elif img.mode == "F":  # float grey: taken as [0,1] if it is, else stretched to it
         arr = np.asarray(img, dtype=np.float64)
-        span = arr.max() - arr.min()
-        arr = (arr - arr.min()) / span * 255 if span > 0 else np.zeros_like(arr)
-        img = Image.fromarray(arr.astype(np.uint8))
+        if arr.min() < 0 or arr.max() > 1:
+            span = arr.max() - arr.min()
+            arr = (arr - arr.min()) / span if span > 0 else np.zeros_like(arr)
+        img = Image.fromarray(np.round(arr * 255).astype(np.uint8))
     return img.convert("RGB")
 
 

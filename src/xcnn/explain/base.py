@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -101,6 +103,8 @@ def check_images(images: object) -> Tensor:
         raise ValueError("images is an empty batch (B = 0)")
     if images.shape[1] != 3:
         raise ValueError(f"images must have 3 (RGB) channels in dim 1, got shape {list(images.shape)}")
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images have no pixels: shape {list(images.shape)}")
     if not bool(torch.isfinite(images).all()):
         raise ValueError("images contain NaN or Inf values")
     low, high = torch.aminmax(images.detach())
@@ -120,12 +124,10 @@ def check_targets(targets: Targets, batch: int, device: torch.device) -> Tensor 
         return None
     if isinstance(targets, bool) or (isinstance(targets, Tensor) and targets.dtype == torch.bool):
         raise TypeError("targets must be class indices, not booleans")
-    if isinstance(targets, int):
-        targets = [targets] * batch
     t = torch.as_tensor(targets, device=device) if not isinstance(targets, Tensor) else targets.to(device)
     if t.is_floating_point() or t.is_complex():
         raise TypeError(f"targets must be integer class indices, got dtype {t.dtype}")
-    t = t.long().reshape(-1) if t.dim() == 0 else t.long()
+    t = t.long().reshape(1).repeat(batch) if t.dim() == 0 else t.long()  # one index (int, 0-d) for every image
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"targets must hold one class index per image ({batch}), got shape {list(t.shape)}")
     if bool((t < 0).any()):
@@ -175,13 +177,15 @@ class Explainer:
         return f"{type(self).__name__}(model={self.model.name!r}{where})"
 
     def __call__(self, images: Tensor, targets: Targets = None) -> Tensor:
-        images = check_images(images)
-        targets = check_targets(targets, images.shape[0], images.device)
-        param = next(self.model.parameters(), None)
-        if param is not None and param.device != images.device:
-            raise ValueError(f"images are on {images.device} but the model is on {param.device}; move one of them")
-        with frozen(self.model):
-            raw = self._explain(images, targets)
+        # a caller's torch.inference_mode() would block the gradient methods: explanations run outside it
+        with torch.inference_mode(False):
+            images = check_images(images)
+            targets = check_targets(targets, images.shape[0], images.device)
+            param = next(self.model.parameters(), None)
+            if param is not None and param.device != images.device:
+                raise ValueError(f"images are on {images.device} but the model is on {param.device}; move one of them")
+            with frozen(self.model):
+                raw = self._explain(images, targets)
         raws = raw if isinstance(raw, list) else [raw]
         size = (images.shape[-2], images.shape[-1])
         maps = [normalize_maps(r, size) for r in raws]
@@ -231,8 +235,8 @@ class Explainer:
 
 
 def check_positive(name: str, value: object, *, integer: bool = True) -> None:
-    """Raise a clear error unless ``value`` is a positive int (or positive number)."""
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+    """Raise a clear error unless ``value`` is a positive integer (or a positive finite number)."""
+    kinds = (numbers.Integral,) if integer else (numbers.Real,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:
         what = "a positive integer" if integer else "a positive number"
         raise ValueError(f"{name} must be {what}, got {value!r}")

@@ -33,8 +33,9 @@ class _InputGradient(Explainer):
 
 
 @register("saliency")
-class Saliency(_InputGradient):
-    """Saliency (Simonyan et al.): max over colour channels of |d y_c / d x|."""
+class Saliency(Explainer):
+    """Saliency (Simonyan et al.): max over colour channels of |d y_c / d x|; one forward and one backward
+    pass for the whole batch."""
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         with torch.enable_grad():

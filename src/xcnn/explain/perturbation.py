@@ -46,6 +46,8 @@ class Occlusion(Explainer):
         stride = self.stride or max(1, patch // 2)
         if patch > min(h, w):
             raise ValueError(f"occlusion patch {patch} is larger than the image ({h}x{w})")
+        if stride > patch:
+            raise ValueError(f"occlusion stride {stride} is larger than the patch {patch}: some pixels would never be occluded")
         targets, probs = self._top1_or_check(images, targets)
         clean = probs.gather(1, targets[:, None])[:, 0]
         dev = images.device

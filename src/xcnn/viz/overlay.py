@@ -33,13 +33,17 @@ def _map_array(saliency: Tensor | np.ndarray, shape: tuple[int, int]) -> np.ndar
         raise ValueError(f"map shape {list(arr.shape)} does not match the image's {list(shape)}")
     if not np.isfinite(arr).all():
         raise ValueError("map contains NaN or Inf")
-    return np.clip(arr, 0.0, 1.0)
+    if arr.size and (arr.min() < 0 or arr.max() > 1):
+        raise ValueError(f"map values must be in [0,1], got [{arr.min():.3g}, {arr.max():.3g}]")
+    return arr
 
 
 def overlay(image: Tensor | np.ndarray, saliency: Tensor | np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
     """Blend a [0,1] map (coloured with ``cmap``) over the image: uint8 ``[H,W,3]``."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0,1], got {alpha}")
+    if cmap not in colormaps:
+        raise ValueError(f"unknown colour map {cmap!r} (any matplotlib colormap name, e.g. 'jet', 'viridis')")
     img = _image_array(image)
     heat = colormaps[cmap](_map_array(saliency, img.shape[:2]))[..., :3]
     return np.round(255 * ((1 - alpha) * img + alpha * heat)).astype(np.uint8)
@@ -62,6 +66,8 @@ def save_grid(
     columns: int = 4,
 ) -> Path:
     """One PNG: the image, then one overlay per method (titled with the method's name)."""
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
     panels = [("image", np.round(255 * _image_array(image)).astype(np.uint8))]
     panels += [(name, overlay(image, m, alpha=alpha, cmap=cmap)) for name, m in maps.items()]
     cols = min(columns, len(panels))

@@ -1,0 +1,50 @@
+"""Small reference architectures that xcnn trains itself (the benchmark CNN)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ARCHITECTURES", "ShapesNet"]
+
+
+class _Block(nn.Module):
+    """Basic residual block: two 3x3 convs with BatchNorm, projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ShapesNet(nn.Module):
+    """ResNet-style CNN for the shapes benchmark: stem, four stages (``layer1``..``layer4``, strides
+    1/2/2/2, so a 64x64 image gives an 8x8 ``layer4`` map), global average pooling, linear classifier."""
+
+    def __init__(self, num_classes: int = 6, widths: tuple[int, int, int, int] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        self.num_classes, self.widths = num_classes, tuple(widths)
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.layer1 = _Block(widths[0], widths[0], 1)
+        self.layer2 = _Block(widths[0], widths[1], 2)
+        self.layer3 = _Block(widths[1], widths[2], 2)
+        self.layer4 = _Block(widths[2], widths[3], 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(self.pool(x).flatten(1))
+
+
+#: architectures xcnn can rebuild from a saved model's JSON (``{"arch": name, "arch_kwargs": {...}}``)
+ARCHITECTURES = {"shapesnet": ShapesNet}
