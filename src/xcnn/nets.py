@@ -27,17 +27,23 @@ class _Block(nn.Module):
 
 
 class ShapesNet(nn.Module):
-    """ResNet-style CNN for the shapes benchmark: stem, four stages (``layer1``..``layer4``, strides
-    1/2/2/2, so a 64x64 image gives an 8x8 ``layer4`` map), global average pooling, linear classifier."""
+    """ResNet-style CNN for the shapes benchmark: a stem, four stages ``layer1``..``layer4``, global
+    average pooling and a linear classifier. Default strides (stem, layer1..4) = 2/1/2/2/1: a 64x64 image
+    gives an 8x8 ``layer4`` map while the costly early stages run at 32x32."""
 
-    def __init__(self, num_classes: int = 6, widths: tuple[int, int, int, int] = (16, 32, 64, 128)) -> None:
+    def __init__(
+        self,
+        num_classes: int = 6,
+        widths: tuple[int, int, int, int] = (16, 32, 64, 128),
+        strides: tuple[int, int, int, int, int] = (2, 1, 2, 2, 1),
+    ) -> None:
         super().__init__()
-        self.num_classes, self.widths = num_classes, tuple(widths)
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        self.layer1 = _Block(widths[0], widths[0], 1)
-        self.layer2 = _Block(widths[0], widths[1], 2)
-        self.layer3 = _Block(widths[1], widths[2], 2)
-        self.layer4 = _Block(widths[2], widths[3], 2)
+        self.num_classes, self.widths, self.strides = num_classes, tuple(widths), tuple(strides)
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, strides[0], 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.layer1 = _Block(widths[0], widths[0], strides[1])
+        self.layer2 = _Block(widths[0], widths[1], strides[2])
+        self.layer3 = _Block(widths[1], widths[2], strides[3])
+        self.layer4 = _Block(widths[2], widths[3], strides[4])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 

@@ -1,0 +1,293 @@
+"""The one training loop every trained method reuses.
+
+``fit(model, train_data, epochs=..., step=..., ...)`` runs epochs with a tqdm bar, optional mixed
+precision on CUDA, validation, TensorBoard scalars, and an atomic checkpoint after every epoch (model,
+optimiser, scheduler, AMP scaler, epoch, history and every RNG state). ``resume=True`` continues at the
+next epoch and gives the same weights as an uninterrupted run. Under ``torchrun --nproc_per_node N`` the
+same call trains with DistributedDataParallel (gloo on CPU, NCCL on CUDA), a DistributedSampler, and
+logging/checkpointing on rank 0 only.
+
+A method plugs in through ``step(model, batch) -> (loss, {name: float})`` (the loss to minimise and
+scalars to log) and ``evaluate(model, loader, device) -> {name: float}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .._io import atomic_write, prepare_out_dir
+
+__all__ = ["CHECKPOINT", "accuracy_eval", "classification_step", "fit", "load_checkpoint", "to_device"]
+
+CHECKPOINT = "checkpoint.pt"
+
+Batch = dict[str, Tensor]
+Step = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, float]]]
+Evaluate = Callable[[nn.Module, DataLoader, torch.device], dict[str, float]]
+
+
+def to_device(batch: object, device: torch.device) -> Batch:
+    """A batch as a dict of tensors on ``device``; ``(image, label)`` tuples become ``{"image", "label"}``."""
+    if isinstance(batch, (tuple, list)):
+        batch = dict(zip(("image", "label"), batch))
+    if not isinstance(batch, dict):
+        raise TypeError(f"a batch must be a dict or an (image, label) tuple, got {type(batch).__name__}")
+    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+def classification_step(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on ``batch["image"]`` / ``batch["label"]``; logs loss and batch accuracy."""
+    logits = model(batch["image"])
+    loss = F.cross_entropy(logits, batch["label"])
+    acc = (logits.argmax(1) == batch["label"]).float().mean()
+    return loss, {"loss": loss.item(), "acc": acc.item()}
+
+
+@torch.no_grad()
+def accuracy_eval(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Mean cross-entropy and top-1 accuracy over a loader."""
+    total, correct, loss = 0, 0, 0.0
+    for batch in loader:
+        batch = to_device(batch, device)
+        logits = model(batch["image"])
+        loss += F.cross_entropy(logits, batch["label"], reduction="sum").item()
+        correct += int((logits.argmax(1) == batch["label"]).sum())
+        total += len(batch["label"])
+    return {"loss": loss / total, "acc": correct / total}
+
+
+# ---- RNG and checkpoint state (tensors and plain numbers only, so weights_only loading works) ------------
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a training checkpoint safely (``weights_only=True``: tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path} (only weights-only checkpoints are accepted): {err}") from err
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+
+
+def _setup_distributed(device: torch.device | None) -> tuple[int, int, torch.device, bool]:
+    """``(rank, world_size, device, we_initialised)``; starts a process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    started = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        started = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if device is None:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return rank, world, device, started
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    train_data: Dataset,
+    *,
+    epochs: int,
+    step: Step = classification_step,
+    val_data: Dataset | None = None,
+    evaluate: Evaluate = accuracy_eval,
+    params: Iterable[nn.Parameter] | None = None,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
+    batch_size: int = 64,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    amp: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    num_workers: int = 0,
+    progress: bool | None = None,
+    log_every: int = 10,
+    train_mode: Callable[[nn.Module], None] | None = None,
+) -> list[dict]:
+    """Train ``model`` for ``epochs``; return one dict of metrics per epoch (``train/*``, ``val/*``).
+
+    ``params``: what to optimise (default: every parameter that requires grad). ``optimizer(params)``
+    and ``scheduler(optimizer, total_steps)`` build them (defaults: AdamW 1e-3, no schedule); the
+    scheduler steps once per iteration. ``train_mode(model)`` puts the model in its training mode each
+    epoch (default ``model.train()``; a frozen backbone in eval mode passes its own). ``callbacks`` run
+    after each epoch's checkpoint as ``callback(epoch, metrics)``. With ``out_dir``, checkpoints go to
+    ``out_dir/checkpoint.pt`` and TensorBoard scalars to ``out_dir/tensorboard``.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be positive, got {epochs}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if len(train_data) < batch_size:
+        raise ValueError(f"the training data has {len(train_data)} samples, fewer than one batch ({batch_size})")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    rank, world, device, started = _setup_distributed(device)
+    main = rank == 0
+    out = prepare_out_dir(out_dir) if out_dir is not None and main else (Path(out_dir) if out_dir is not None else None)
+    torch.manual_seed(seed)
+    model.to(device)
+    params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad")
+    opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
+    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True) if world > 1 else None
+    loader = DataLoader(
+        train_data, batch_size=batch_size // world if world > 1 else batch_size, sampler=sampler,
+        shuffle=sampler is None, drop_last=True, num_workers=num_workers, generator=torch.Generator(),
+    )  # fmt: skip
+    steps_per_epoch = len(loader)
+    sched = scheduler(opt, epochs * steps_per_epoch) if scheduler is not None else None
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = out / CHECKPOINT if out is not None else None
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        if state.get("epochs") != epochs:
+            raise ValueError(f"checkpoint {ckpt_path} was made for {state.get('epochs')} epochs, not {epochs}; resume with the same schedule")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        history, start_epoch = list(state["history"]), state["epoch"] + 1
+    writer = _tensorboard(out) if main and out is not None else None
+
+    try:
+        for epoch in range(start_epoch, epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            loader.generator.manual_seed(seed + epoch)  # the data order depends only on (seed, epoch)
+            (train_mode or (lambda m: m.train()))(model)
+            sums: dict[str, float] = {}
+            bar = _bar(loader, epoch, epochs, main, progress)
+            for i, batch in enumerate(bar):
+                batch = to_device(batch, device)
+                with torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext():
+                    loss, logs = step(net, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {i}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if sched is not None:
+                    sched.step()
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                global_step = epoch * steps_per_epoch + i
+                if writer is not None and global_step % log_every == 0:
+                    for k, v in logs.items():
+                        writer.add_scalar(f"step/{k}", v, global_step)
+                    writer.add_scalar("step/lr", opt.param_groups[0]["lr"], global_step)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
+            metrics = {"epoch": epoch, **{f"train/{k}": v / steps_per_epoch for k, v in sums.items()}}
+            if world > 1:
+                dist.barrier()
+            if main and val_data is not None:
+                model.eval()
+                val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+                metrics.update({f"val/{k}": v for k, v in evaluate(model, val_loader, device).items()})
+            history.append(metrics)
+            if main:
+                if writer is not None:
+                    for k, v in metrics.items():
+                        if k != "epoch":
+                            writer.add_scalar(k, v, epoch)
+                    writer.flush()
+                if ckpt_path is not None:
+                    state = {
+                        "model": _unwrap(net).state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict() if sched is not None else None,
+                        "scaler": scaler.state_dict() if use_amp else None, "epoch": epoch, "epochs": epochs,
+                        "history": history, "rng": _rng_state(),
+                    }  # fmt: skip
+                    atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+                    atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
+            if world > 1:
+                dist.barrier()
+            for callback in callbacks:
+                callback(epoch, metrics)
+    finally:
+        if writer is not None:
+            writer.close()
+        if started:
+            dist.destroy_process_group()
+    return history
+
+
+def _bar(loader: DataLoader, epoch: int, epochs: int, main: bool, progress: bool | None):
+    if not main or progress is False:
+        return loader
+    from tqdm import tqdm
+
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if progress is None else not progress)
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency; a broken install should not stop training
+        import warnings
+
+        warnings.warn("tensorboard is not importable; training scalars are only written to history.json", stacklevel=3)
+        return None
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
