@@ -1,0 +1,66 @@
+"""Input checks shared by the metrics (the same standards as the explainers' boundary)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..explain.base import check_images, check_targets
+from ..models import Classifier, as_classifier
+
+__all__ = ["check_maps", "check_masks", "prepare", "resolve", "target_probs"]
+
+
+def check_maps(maps: object, shape: tuple[int, ...] | None = None) -> Tensor:
+    """Maps ``[B,H,W]``, finite, float; ``shape`` = the expected ``(B,H,W)``."""
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"maps must be a torch.Tensor [B,H,W], got {type(maps).__name__}")
+    if maps.dim() != 3:
+        raise ValueError(f"maps must have shape [B,H,W], got {list(maps.shape)}")
+    if shape is not None and tuple(maps.shape) != tuple(shape):
+        raise ValueError(f"maps have shape {list(maps.shape)} but the images need {list(shape)} (one [H,W] map per image)")
+    if maps.shape[0] == 0:
+        raise ValueError("maps is an empty batch")
+    if not maps.is_floating_point():
+        maps = maps.float()
+    if not bool(torch.isfinite(maps).all()):
+        raise ValueError("maps contain NaN or Inf")
+    return maps.detach().float()
+
+
+def check_masks(masks: object, shape: tuple[int, ...], name: str = "masks") -> Tensor:
+    """Boolean ground-truth masks ``[B,H,W]`` of the maps' shape."""
+    if not isinstance(masks, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [B,H,W] of bool, got {type(masks).__name__}")
+    if tuple(masks.shape) != tuple(shape):
+        raise ValueError(f"{name} have shape {list(masks.shape)} but the maps have {list(shape)}")
+    if masks.dtype != torch.bool:
+        if masks.is_floating_point() and not bool(((masks == 0) | (masks == 1)).all()):
+            raise ValueError(f"{name} must be boolean (or 0/1), got values outside {{0, 1}}")
+        masks = masks != 0
+    return masks
+
+
+def prepare(model: nn.Module, images: Tensor, maps: Tensor, targets) -> tuple[Classifier, Tensor, Tensor, Tensor | None]:
+    """Validated ``(classifier, images, maps, targets)``; targets stay None for "top-1" (see ``resolve``)."""
+    clf = as_classifier(model)
+    images = check_images(images)
+    maps = check_maps(maps, (images.shape[0], *images.shape[-2:])).to(images.device)
+    return clf, images, maps, check_targets(targets, images.shape[0], images.device)
+
+
+def target_probs(clf: Classifier, inputs: Tensor, targets: Tensor, batch_size: int) -> Tensor:
+    """``p(target | input)`` for each row, in forward passes of ``batch_size`` (call under no_grad/frozen)."""
+    return torch.cat(
+        [clf(x).float().softmax(1).gather(1, t[:, None])[:, 0] for x, t in zip(inputs.split(batch_size), targets.split(batch_size))]
+    )
+
+
+def resolve(clf: Classifier, images: Tensor, targets: Tensor | None, batch_size: int) -> tuple[Tensor, Tensor]:
+    """``(targets, p(target | image))`` on the clean images; top-1 where ``targets`` is None."""
+    probs = torch.cat([clf(x).float().softmax(1) for x in images.split(batch_size)])
+    if targets is None:
+        targets = probs.argmax(1)
+    elif bool((targets >= probs.shape[1]).any()):
+        raise ValueError(f"target class index out of range: model has {probs.shape[1]} classes, got {targets.tolist()}")
+    return targets, probs.gather(1, targets[:, None])[:, 0]

@@ -1,0 +1,234 @@
+"""The evaluation harness: methods x metrics x dataset -> rows ``{method, metric, value, n, seconds}``.
+
+Each method's maps are computed once per batch and fed to every map-based metric; consistency and the
+sanity check (which call the explainer themselves) run on the first ``slow_images`` images. Every row
+carries the method's explanation time (``seconds`` for its ``n`` images, and ``images_per_second``) so
+speed is read next to quality. Results are written as CSV, JSON and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .._io import atomic_write, prepare_out_dir
+from ..explain import explainer as make_explainer
+from ..explain import explainer_class
+from ..models import Classifier, as_classifier
+from .consistency import consistency
+from .faithfulness import average_drop_increase, insertion_deletion
+from .localization import energy_in_box, iou, pointing_game, shortcut_energy
+from .sanity import randomization_sanity
+
+__all__ = ["METRICS", "Evaluation", "evaluate"]
+
+#: metric groups the harness knows; each produces one or more rows
+METRICS = ("adic", "insertion_deletion", "pointing", "energy", "iou", "shortcut", "consistency", "sanity")
+_NEEDS_MASK = {"pointing", "energy", "iou"}
+_SLOW = {"consistency", "sanity"}
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured: table rows, mean insertion/deletion curves, sample maps."""
+
+    rows: list[dict] = field(default_factory=list)
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    #: the first images' pixels, labels, targets and each method's maps (for reports)
+    samples: dict[str, Tensor] = field(default_factory=dict)
+    sample_maps: dict[str, Tensor] = field(default_factory=dict)
+
+    def value(self, method: str, metric: str) -> float:
+        return next(r["value"] for r in self.rows if r["method"] == method and r["metric"] == metric)
+
+    def markdown(self) -> str:
+        """Methods as rows, metrics as columns, plus the explanation speed."""
+        metrics = list(dict.fromkeys(r["metric"] for r in self.rows))
+        methods = list(dict.fromkeys(r["method"] for r in self.rows))
+        cell = {(r["method"], r["metric"]): r for r in self.rows}
+        lines = ["| method | " + " | ".join(metrics) + " | s / image |", "|---" * (len(metrics) + 2) + "|"]
+        for m in methods:
+            values = [_fmt(cell[(m, k)]["value"]) if (m, k) in cell else "" for k in metrics]
+            first = next(r for r in self.rows if r["method"] == m)
+            lines.append(f"| {m} | " + " | ".join(values) + f" | {first['seconds'] / max(first['n'], 1):.4f} |")
+        return "\n".join(lines)
+
+    def save(self, folder: str | Path, stem: str = "metrics") -> dict[str, Path]:
+        """Write ``stem.csv``, ``stem.json`` (rows and curves) and ``stem.md`` into ``folder`` atomically."""
+        folder = prepare_out_dir(folder)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["method", "metric", "value", "n", "seconds", "images_per_second"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        paths = {"csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json", "md": folder / f"{stem}.md"}
+        atomic_write(paths["csv"], lambda tmp: tmp.write_text(buf.getvalue()))
+        atomic_write(paths["json"], lambda tmp: tmp.write_text(json.dumps({"rows": self.rows, "curves": self.curves}, indent=2) + "\n"))
+        atomic_write(paths["md"], lambda tmp: tmp.write_text(self.markdown() + "\n"))
+        return paths
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value != value else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _collate(data: Dataset | Mapping[str, Tensor], batch_size: int) -> Iterable[dict[str, Tensor]]:
+    if isinstance(data, Mapping):
+        n = len(data["image"])
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in data.items()}
+    else:
+        yield from DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset | Mapping[str, Tensor],
+    methods: Sequence[str | tuple[str, dict]],
+    metrics: Sequence[str] = ("adic", "insertion_deletion", "pointing", "energy", "iou"),
+    *,
+    targets: str = "predicted",
+    layer: str | Sequence[str] | None = None,
+    batch_size: int = 32,
+    metric_batch_size: int | None = None,
+    slow_images: int = 32,
+    keep_samples: int = 6,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+) -> Evaluation:
+    """Explain every image of ``data`` (a dataset of dict samples with ``"image"``, ``"label"`` and
+    optionally ``"mask"``/``"shortcut_mask"``, or such a dict of stacked tensors) with every method, and
+    score the maps with every metric in ``metrics`` (see :data:`METRICS`).
+
+    ``methods``: names, or ``(name, options)``. ``targets``: ``"predicted"`` (the model's top-1, as the
+    papers) or ``"label"``. Metrics that need masks are skipped, with a note in the rows, when the data
+    has none.
+    """
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(METRICS)}")
+    if targets not in ("predicted", "label"):
+        raise ValueError(f"targets must be 'predicted' or 'label', got {targets!r}")
+    clf: Classifier = as_classifier(model)
+    if device is not None:
+        clf.to(device)
+    dev = next(clf.parameters()).device
+    specs = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
+    if not specs:
+        raise ValueError("no methods to evaluate")
+
+    def build(name: str, options: dict, net: nn.Module):
+        return make_explainer(name, net, layer=layer if explainer_class(name).uses_layer else None, **options)
+
+    explainers = {name: build(name, options, clf) for name, options in specs}
+    mbs = metric_batch_size or batch_size
+    sums: dict[tuple[str, str], float] = {}
+    counts: dict[tuple[str, str], int] = {}
+    seconds = {name: 0.0 for name in explainers}
+    curve_sums: dict[str, dict[str, Tensor]] = {}
+    slow_done = 0
+    samples: dict[str, list[Tensor]] = {}
+    sample_maps: dict[str, list[Tensor]] = {name: [] for name in explainers}
+
+    def add(method: str, metric: str, values: Tensor) -> None:
+        values = values.float()
+        finite = values[torch.isfinite(values)]
+        sums[(method, metric)] = sums.get((method, metric), 0.0) + float(finite.sum())
+        counts[(method, metric)] = counts.get((method, metric), 0) + len(finite)
+
+    from tqdm import tqdm
+
+    total = len(data["image"]) if isinstance(data, Mapping) else len(data)
+    bar = tqdm(total=total, desc="evaluating", unit="img", disable=None if progress is None else not progress)
+    try:
+        for batch in _collate(data, batch_size):
+            images = batch["image"].to(dev)
+            if targets == "label":
+                t = batch["label"].to(dev)
+            else:
+                with torch.no_grad():
+                    t = clf.eval()(images).argmax(1)
+            mask = batch.get("mask")
+            shortcut = batch.get("shortcut_mask")
+            if len(samples.get("image", [])) < keep_samples:
+                for key in ("image", "label", "mask"):
+                    if key in batch:
+                        samples.setdefault(key, []).append(batch[key][:keep_samples])
+                samples.setdefault("target", []).append(t[:keep_samples].cpu())
+            n_slow = max(0, min(len(images), slow_images - slow_done))
+            for name, expl in explainers.items():
+                start = time.perf_counter()
+                maps = expl(images, t)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[name] += time.perf_counter() - start
+                if sum(len(m) for m in sample_maps[name]) < keep_samples:
+                    sample_maps[name].append(maps[:keep_samples].cpu())
+                _score(name, maps, images, t, mask, shortcut, metrics, clf, mbs, add, curve_sums)
+                if n_slow:
+                    _score_slow(name, expl, dict(specs)[name], images[:n_slow], t[:n_slow], metrics, clf, layer, add, build)
+            slow_done += n_slow
+            bar.update(len(images))
+    finally:
+        bar.close()
+
+    result = Evaluation()
+    for (method, metric), total_value in sums.items():
+        n = counts[(method, metric)]
+        result.rows.append({
+            "method": method, "metric": metric, "value": total_value / n if n else float("nan"), "n": n,
+            "seconds": round(seconds[method], 4), "images_per_second": round(total / seconds[method], 3) if seconds[method] > 0 else None,
+        })  # fmt: skip
+    for method, kinds in curve_sums.items():
+        result.curves[method] = {k: (v / counts[(method, k)]).tolist() for k, v in kinds.items()}
+    result.samples = {k: torch.cat(v)[:keep_samples] for k, v in samples.items()}
+    result.sample_maps = {k: torch.cat(v)[:keep_samples] for k, v in sample_maps.items() if v}
+    return result
+
+
+def _score(name, maps, images, t, mask, shortcut, metrics, clf, batch_size, add, curve_sums) -> None:
+    """Map-based metrics for one batch, accumulated per image."""
+    if "adic" in metrics:
+        for key, values in average_drop_increase(clf, images, maps, t, batch_size=batch_size, per_image=True).items():
+            add(name, key, values)
+    if "insertion_deletion" in metrics:
+        result = insertion_deletion(clf, images, maps, t, batch_size=batch_size, per_image=True)
+        for kind in ("insertion", "deletion"):
+            add(name, kind, result[kind])
+            curve_sums.setdefault(name, {})
+            curve_sums[name][kind] = curve_sums[name].get(kind, 0) + result["curves"][kind].sum(0)
+    if mask is not None:
+        mask = mask.to(maps.device)
+        if "pointing" in metrics:
+            import warnings
+
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                add(name, "pointing", pointing_game(maps, mask, per_image=True))
+            if caught:
+                add(name, "pointing: empty masks", (~mask.flatten(1).any(1)).float() * 100)
+        if "energy" in metrics:
+            add(name, "energy_in_mask", energy_in_box(maps, mask, per_image=True))
+        if "iou" in metrics:
+            add(name, "iou@mean", iou(maps, mask, "mean", per_image=True))
+            add(name, "iou@0.5", iou(maps, mask, 0.5, per_image=True))
+    if "shortcut" in metrics and shortcut is not None and bool(shortcut.any()):
+        add(name, "shortcut_energy", shortcut_energy(maps, shortcut.to(maps.device), per_image=True))
+
+
+def _score_slow(name, expl, options, images, t, metrics, clf, layer, add, build) -> None:
+    if "consistency" in metrics:
+        for key, values in consistency(expl, images, targets=t, per_image=True).items():
+            add(name, f"consistency_{key}", values)
+    if "sanity" in metrics:
+        result = randomization_sanity(lambda net: build(name, options, net), clf, images, t, per_image=True)
+        add(name, "sanity_spearman", result["spearman"][-1])  # fully randomised model
+        add(name, "sanity_ssim", result["ssim"][-1])
