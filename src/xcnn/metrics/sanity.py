@@ -41,7 +41,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     ra, rb = average_ranks(a.flatten(1).float()), average_ranks(b.flatten(1).float())
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     denom = ra.norm(dim=1) * rb.norm(dim=1)
-    return torch.where(denom > 0, (ra * rb).sum(1) / denom.clamp_min(1e-30), torch.zeros_like(denom))
+    return torch.where(denom > 0, (ra * rb).sum(1) / denom.clamp_min(1e-30), torch.zeros_like(denom)).clamp(-1, 1)
 
 
 def ssim(a: Tensor, b: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:

@@ -54,6 +54,7 @@ def fit_benchmark(
     batch_size: int = 64,
     lr: float = 2e-3,
     widths: Sequence[int] = (16, 32, 64, 128),
+    strides: Sequence[int] = (2, 1, 2, 2, 1),
     shortcut_prob: float = 0.0,
     seed: int = 0,
     device: str | torch.device | None = None,
@@ -67,7 +68,7 @@ def fit_benchmark(
     train = InMemory(Shapes("train", n_train, **data))
     val = InMemory(Shapes("val", n_val, **data))
     torch.manual_seed(seed)
-    arch = {"num_classes": len(CLASSES), "widths": list(widths)}
+    arch = {"num_classes": len(CLASSES), "widths": list(widths), "strides": list(strides)}
     model = Classifier(
         ShapesNet(**arch), name="shapesnet", input_size=(size, size), class_names=CLASSES, spec={"arch": "shapesnet", "kwargs": arch}
     )
