@@ -1,8 +1,9 @@
-"""The ``xcnn`` command line: ``xcnn explain`` (more subcommands arrive with later features)."""
+"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark``, ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,6 +162,65 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(text: str) -> list[str]:
+    from .explain import list_explainers
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in list_explainers()]
+    if unknown or not methods:
+        raise ValueError(f"unknown method(s) {unknown or text!r}; available: {', '.join(list_explainers())}")
+    return methods
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics.harness import METRICS
+    from .models import load_model
+    from .pipelines import run_evaluation
+
+    methods = _methods(args.methods)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(METRICS)}")
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
+    model = load_model(args.model, weights=args.weights, device=_device(args.device))
+    options = _method_options(methods, args)
+    specs = [(m, options[m]) for m in methods]
+    ev = run_evaluation(
+        model, args.data, args.out, specs, metrics, n=args.n, shortcut_prob=args.shortcut, targets=args.targets,
+        batch_size=args.image_batch, slow_images=args.slow_images, report=not args.no_report,
+    )  # fmt: skip
+    print(ev.markdown())
+    print(f"\nwritten to {Path(args.out) / 'metrics.md'}" + ("" if args.no_report else f" and {Path(args.out) / 'report.html'}"))
+    return 0
+
+
+def cmd_train_benchmark(args: argparse.Namespace) -> int:
+    from .training.benchmark import fit_benchmark
+
+    if not 0.0 <= args.shortcut <= 1.0:
+        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
+    device = _device(args.device)
+    _, results = fit_benchmark(
+        args.out, size=args.size, n_train=args.n_train, epochs=args.epochs, shortcut_prob=args.shortcut,
+        seed=args.seed, device=device, resume=args.resume,
+    )  # fmt: skip
+    print(json.dumps(results, indent=2))
+    print(f"model saved in {args.out} (use it as --model {args.out})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .pipelines import run_demo
+
+    summary = run_demo(args.out)
+    bench = summary["benchmark"]
+    print(f"benchmark CNN: clean test accuracy {bench['test_acc']:.1%}")
+    print(f"done in {summary['seconds']['total']:.0f} s; open {summary['report']}")
+    return 0
+
+
 def _safe(name: str) -> str:
     return name.replace("+", "p").replace("/", "_")
 
@@ -193,6 +253,49 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)")
     ex.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000 (RISE); repeatable")
     ex.set_defaults(func=cmd_explain)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="score explainers with the metrics on the benchmark or an image folder",
+        description="Writes metrics.csv, metrics.json, metrics.md and report.html. Image folders use the ImageFolder "
+        "layout (root/<class>/<image>); optional ground truth beside an image: <stem>.mask.png (non-zero = object) "
+        'or <stem>.box.json ({"boxes": [[x0, y0, x1, y1], ...]} in the image\'s pixels).',
+    )
+    ev.add_argument("--model", default="efficientnet_lite0", help="a model name, or a folder saved by `xcnn train` (default: %(default)s)")
+    ev.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    ev.add_argument("--data", default="synthetic", help="'synthetic' (the shapes benchmark's test split) or an image folder (default: %(default)s)")
+    ev.add_argument("--n", type=_positive_int, default=None, help="number of images (synthetic default 64; folders: all)")
+    ev.add_argument("--shortcut", type=float, default=0.0, help="synthetic data: probability of a planted patch in a random colour (adds the shortcut metric)")
+    ev.add_argument("--methods", default="gradcam,gradcam++,scorecam,rise,random", help=f"comma-separated: {', '.join(list_explainers())} (default: %(default)s)")
+    ev.add_argument("--metrics", default="adic,insertion_deletion,pointing,energy,iou", help="comma-separated: adic, insertion_deletion, pointing, energy, iou, shortcut, consistency, sanity (default: %(default)s)")
+    ev.add_argument("--targets", default="predicted", choices=["predicted", "label"], help="explain the model's top-1 (default, as the papers) or the true label")
+    ev.add_argument("--out", default="xcnn-eval", help="output folder (default: %(default)s)")
+    ev.add_argument("--image-batch", type=_positive_int, default=32, help="images per harness batch (default: %(default)s)")
+    ev.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass inside the methods")
+    ev.add_argument("--slow-images", type=int, default=16, help="images used for consistency and sanity (default: %(default)s)")
+    ev.add_argument("--seed", type=int, default=None, help="seed for stochastic methods")
+    ev.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    ev.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000; repeatable")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    ev.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    ev.set_defaults(func=cmd_evaluate)
+
+    tr = sub.add_parser("train", help="train a model (the benchmark CNN)")
+    tr_sub = tr.add_subparsers(dest="what", required=True)
+    tb = tr_sub.add_parser("benchmark", help="train the reference CNN on the shapes benchmark", description="Saves model.safetensors + model.json (usable as --model DIR), checkpoint.pt, history.json, TensorBoard scalars and results.json.")
+    tb.add_argument("--out", required=True, help="output folder")
+    tb.add_argument("--shortcut", type=float, default=0.0, help="probability of the planted label-coloured patch in training images (default: %(default)s)")
+    tb.add_argument("--epochs", type=_positive_int, default=10)
+    tb.add_argument("--n-train", type=_positive_int, default=6000)
+    tb.add_argument("--size", type=_positive_int, default=64, help="image size (32-224; default: %(default)s)")
+    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    tb.add_argument("--device", default="auto")
+    tb.set_defaults(func=cmd_train_benchmark)
+
+    de = sub.add_parser("demo", help="everything, offline, in about five minutes on two CPU cores", description="Explains the bundled photos with the bundled ImageNet model, trains the benchmark CNN, evaluates every explainer with every metric, writes report.html.")
+    de.add_argument("--out", default="xcnn-demo", help="output folder (default: %(default)s)")
+    de.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-__all__ = ["SAMPLES", "image_label", "load_image", "load_images"]
+__all__ = ["SAMPLES", "ImageFolder", "image_label", "load_image", "load_images"]
 
 #: Photos shipped inside scikit-image (no download), reachable as ``"sample:NAME"``.
 SAMPLES = ("chelsea", "coffee", "astronaut", "rocket", "camera")
@@ -80,3 +80,93 @@ def image_label(source: str | Path) -> str:
         return source.removeprefix("sample:")
     stem = Path(source).stem
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem) or "image"
+
+
+# ---- folders ------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images in class folders (``root/<class>/<image>``, classes sorted by name), resized to ``size``.
+
+    Ground truth is optional, beside each image: ``<image stem>.mask.png`` (non-zero pixels = object) or
+    ``<image stem>.box.json`` (``{"boxes": [[x0, y0, x1, y1], ...]}`` in the original image's pixels). When
+    any image has one, every sample carries a ``"mask"`` (empty where an image has none). Files that cannot
+    be read are skipped with a warning naming them. Samples: ``{"image", "label", "mask"?, "index"}``.
+    """
+
+    def __init__(self, root: str | Path, size: int | tuple[int, int], class_names: Sequence[str] | None = None) -> None:
+        import warnings
+
+        root = Path(root)
+        if not root.is_dir():
+            raise NotADirectoryError(f"data folder not found: {root}")
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        self.classes = [p.name for p in folders] if folders else ["(none)"]
+        files = [(f, i) for i, folder in enumerate(folders) for f in sorted(folder.iterdir()) if _is_image(f)]
+        if not folders:  # a flat folder of images: one unnamed class
+            files = [(f, 0) for f in sorted(root.iterdir()) if _is_image(f)]
+        self.samples: list[tuple[Path, int]] = []
+        self._cache: dict[int, dict] = {}
+        for path, label in files:
+            try:
+                with Image.open(path) as img:
+                    img.verify()
+            except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, loudly
+                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+                continue
+            self.samples.append((path, label))
+        if not self.samples:
+            raise ValueError(f"no readable images in {root} (looked for {', '.join(IMAGE_SUFFIXES)} files)")
+        self.has_ground_truth = any(_mask_file(p).is_file() or _box_file(p).is_file() for p, _ in self.samples)
+        if class_names is not None:
+            self.classes = list(class_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        path, label = self.samples[index]
+        with Image.open(path) as img:
+            original = ImageOps.exif_transpose(img).size  # (W, H)
+        sample = {"image": load_image(path, self.size), "label": torch.tensor(label), "index": torch.tensor(index)}
+        if self.has_ground_truth:
+            sample["mask"] = _ground_truth(path, original, self.size)
+        return sample
+
+    def name(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith(".mask.png")
+
+
+def _mask_file(path: Path) -> Path:
+    return path.with_name(path.stem + ".mask.png")
+
+
+def _box_file(path: Path) -> Path:
+    return path.with_name(path.stem + ".box.json")
+
+
+def _ground_truth(path: Path, original: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """The object mask at ``size`` from the mask or box file beside ``path`` (empty if neither exists)."""
+    import json
+
+    h, w = size
+    if _mask_file(path).is_file():
+        with Image.open(_mask_file(path)) as m:
+            return torch.from_numpy(np.array(m.convert("L").resize((w, h), Image.NEAREST)) > 0)
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    if _box_file(path).is_file():
+        try:
+            boxes = json.loads(_box_file(path).read_text())["boxes"]
+            sx, sy = w / original[0], h / original[1]
+            for x0, y0, x1, y1 in boxes:
+                mask[max(0, int(y0 * sy)) : min(h, int(np.ceil((y1 + 1) * sy))), max(0, int(x0 * sx)) : min(w, int(np.ceil((x1 + 1) * sx)))] = True
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot read boxes from {_box_file(path)} (expected {{\"boxes\": [[x0, y0, x1, y1], ...]}}): {err}") from err
+    return mask

@@ -100,6 +100,7 @@ def evaluate(
     batch_size: int = 32,
     metric_batch_size: int | None = None,
     slow_images: int = 32,
+    slow_methods: Sequence[str] | None = None,
     keep_samples: int = 6,
     device: str | torch.device | None = None,
     progress: bool | None = None,
@@ -108,7 +109,8 @@ def evaluate(
     optionally ``"mask"``/``"shortcut_mask"``, or such a dict of stacked tensors) with every method, and
     score the maps with every metric in ``metrics`` (see :data:`METRICS`).
 
-    ``methods``: names, or ``(name, options)``. ``targets``: ``"predicted"`` (the model's top-1, as the
+    ``methods``: names, or ``(name, options)``. ``slow_methods``: the methods that get the consistency and
+    sanity metrics (default: all; they re-run the explainer several times per image). ``targets``: ``"predicted"`` (the model's top-1, as the
     papers) or ``"label"``. Metrics that need masks are skipped, with a note in the rows, when the data
     has none.
     """
@@ -173,7 +175,7 @@ def evaluate(
                 if sum(len(m) for m in sample_maps[name]) < keep_samples:
                     sample_maps[name].append(maps[:keep_samples].cpu())
                 _score(name, maps, images, t, mask, shortcut, metrics, clf, mbs, add, curve_sums)
-                if n_slow:
+                if n_slow and (slow_methods is None or name in slow_methods):
                     _score_slow(name, expl, dict(specs)[name], images[:n_slow], t[:n_slow], metrics, clf, layer, add, build)
             slow_done += n_slow
             bar.update(len(images))
