@@ -155,8 +155,9 @@ class Explainer:
     uses_layer: bool = False
     #: run the model's forward passes under bf16 autocast when the images are on CUDA
     amp: bool = False
-    #: rows per forward pass in inner loops; None = 64 on CUDA, 8 on CPU (CPU time per image grows with
-    #: the batch: ResNet-50 152 ms at 8, 184 ms at 64 on 2 cores)
+    #: rows per forward pass in inner loops; None = 64 on CUDA; on CPU 8 at 224x224 up to 64 at 64x64 and
+    #: below (large activations make CPU time per image grow with the batch: ResNet-50 at 224x224 takes
+    #: 152 ms/image at batch 8, 184 ms at 64; small images are bound by per-call overhead instead)
     batch_size: int | None = None
 
     def __init__(self, model: nn.Module, layer: str | Sequence[str] | None = None) -> None:
@@ -218,7 +219,11 @@ class Explainer:
 
     def _rows(self, images: Tensor) -> int:
         """Rows per forward pass for inner loops on the images' device."""
-        return self.batch_size or (64 if images.device.type == "cuda" else 8)
+        if self.batch_size:
+            return self.batch_size
+        if images.device.type == "cuda":
+            return 64
+        return max(8, min(64, 64 * 64 * 64 // (images.shape[-2] * images.shape[-1])))
 
     def _targets(self, images: Tensor, targets: Tensor | None) -> Tensor:
         """Checked targets; a forward pass on the clean images only when the top-1 is needed."""
