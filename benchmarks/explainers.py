@@ -184,6 +184,75 @@ class Bench:
         self.add("rise", "xcnn", found[("rise", "xcnn")], 1, note=f"{args.rise_masks} masks = {ratio:.2f}x the same number of plain forwards")
         self.add("rise", "plain forwards", found[("rise", "plain forwards")], 1, ref="rise", note=f"{args.rise_masks} forwards, batch {args.inner_batch}")
 
+    def tame(self) -> None:
+        """TAME explanation (one pass + head) against the plain forward timed alongside, and a training
+        epoch through fit_tame against a bare loop doing the same passes and against a frozen-backbone
+        forward + head-only backward (what a linear probe costs)."""
+        from torch.utils.data import Dataset
+
+        from xcnn.explain.tame import tame_head
+        from xcnn.hooks import Tap, frozen
+        from xcnn.training.tame import TAMELoss, fit_tame
+
+        model, x, targets, args = self.model, self.x, self.targets, self.args
+        head = tame_head(model).eval()
+        expl = xcnn.explainer("tame", model, head=head, batch_size=len(x))
+        found = timed(
+            {("forward", "model"): plain(self.forward), ("tame", "xcnn"): plain(lambda: expl(x, targets)), ("tame, all classes", "xcnn"): plain(lambda: expl.explain_all(x))},
+            self.device, self.args.repeats,
+        )  # fmt: skip
+        fwd = found[("forward", "model")]
+        for key in [("tame", "xcnn"), ("tame, all classes", "xcnn")]:
+            self.add(key[0], key[1], found[key], len(x), note=f"{found[key] / fwd:.2f}x the forward timed alongside; layers {', '.join(head.layers)}")
+
+        steps = args.tame_steps
+        images = torch.rand(steps * len(x), 3, *model.input_size)
+
+        class Images(Dataset):
+            def __len__(self):
+                return len(images)
+
+            def __getitem__(self, i):
+                return {"image": images[i]}
+
+        loss = TAMELoss()
+
+        def bare_loop(probe_only: bool):
+            def run():
+                net = tame_head(model).train()
+                opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+                with frozen(model), Tap(model.backbone, net.layers) as tap:
+                    for batch in images.split(len(x)):
+                        batch = batch.to(self.device)
+                        with torch.no_grad():
+                            labels = model(batch).argmax(1)
+                        att = torch.sigmoid(net.class_maps([tap.get(n) for n in net.layers], labels))
+                        if probe_only:
+                            value = att.mean()
+                        else:
+                            mask = torch.nn.functional.interpolate(att[:, None], size=batch.shape[-2:], mode="bilinear")
+                            value = loss(model(batch * mask), att, labels)[0]
+                        opt.zero_grad()
+                        value.backward()
+                        opt.step()
+
+            return run
+
+        def through_fit():
+            fit_tame(model, Images(), epochs=1, batch_size=len(x), progress=False, device=self.device)
+
+        found = timed(
+            {("tame training", "xcnn fit_tame"): plain(through_fit), ("tame training", "bare loop"): plain(bare_loop(False)),
+             ("tame training", "frozen forward + head backward"): plain(bare_loop(True))},
+            self.device, max(1, self.args.repeats // 3),
+        )  # fmt: skip
+        ours = found[("tame training", "xcnn fit_tame")]
+        for (method, impl), secs in found.items():
+            note = f"{len(images)} images, batch {len(x)}"
+            if impl != "xcnn fit_tame":
+                note += f"; fit_tame's throughput is {secs / ours:.0%} of this"
+            self.add(method, impl, secs, len(images), note=note)
+
     def memory(self) -> None:
         gc = xcnn.explainer("gradcam", self.model, layer=self.layer)
         readings = []
@@ -197,7 +266,10 @@ class Bench:
         self.rows.append({"model": self.name, "method": "gradcam, repeated calls", "impl": "xcnn", "s_per_image": float("nan"), "ref": None, "note": note})
 
     def run(self) -> list[dict]:
-        sections = {"grad": self.gradient_cams, "inputgrad": self.input_gradients, "scorecam": self.scorecam, "rise": self.rise, "memory": self.memory}
+        sections = {
+            "grad": self.gradient_cams, "inputgrad": self.input_gradients, "scorecam": self.scorecam, "rise": self.rise,
+            "tame": self.tame, "memory": self.memory,
+        }  # fmt: skip
         if "grad" not in self.args.sections:
             self.add("forward", "model", timed({("forward", "model"): plain(self.forward)}, self.device, self.args.repeats)[("forward", "model")], len(self.x))
         for key in self.args.sections:
@@ -224,14 +296,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sections", default="grad,inputgrad,scorecam,rise,memory", help="any of %(default)s")
+    parser.add_argument("--sections", default="grad,inputgrad,scorecam,rise,tame,memory", help="any of %(default)s")
     parser.add_argument("--batch", type=int, default=4, help="images per call (default %(default)s)")
-    parser.add_argument("--inner-batch", type=int, default=None, help="rows per forward pass in inner loops (default: 8 on CPU, 64 on CUDA)")
+    parser.add_argument("--inner-batch", type=int, default=None, help="rows per forward pass in inner loops (default: xcnn's, 64 on CUDA, 8-64 on CPU by image size)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--scorecam-images", type=int, default=1)
     parser.add_argument("--gradcam-scorecam", action="store_true", help="also time grad-cam's Score-CAM (minutes per image on CPU)")
     parser.add_argument("--rise-masks", type=int, default=400)
+    parser.add_argument("--tame-steps", type=int, default=3, help="training batches timed in the tame section (default %(default)s)")
     parser.add_argument("--memory-calls", type=int, default=200)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for xcnn's forward-only methods on CUDA")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")

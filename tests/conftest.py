@@ -62,6 +62,19 @@ class TinyCNN(nn.Module):
         return self.fc(self.drop(self.pool(self.features(x)).flatten(1)))
 
 
+@pytest.fixture(scope="session")
+def bench32(tmp_path_factory):
+    """ShapesNet on 32x32 shapes, 2000 images x 6 epochs (~50 s on 2 cores; ~60 % test accuracy):
+    ``(model, results, folder)``, shared by the tests that need a trained benchmark model."""
+    from xcnn.training.benchmark import fit_benchmark
+
+    out = tmp_path_factory.mktemp("bench32")
+    model, results = fit_benchmark(
+        out, size=32, n_train=2000, n_val=300, n_test=300, epochs=6, strides=(1, 1, 2, 2, 1), lr=3e-3, progress=False
+    )
+    return model, results, out
+
+
 @pytest.fixture
 def tiny() -> xcnn.Classifier:
     torch.manual_seed(0)
@@ -71,3 +84,14 @@ def tiny() -> xcnn.Classifier:
 @pytest.fixture
 def images32() -> torch.Tensor:
     return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def required_options(name: str, model: nn.Module) -> dict:
+    """Options an explainer cannot run without: TAME needs a head (an untrained one, seeded, on the
+    model's last spatial layer, serves the contract tests)."""
+    if name == "tame":
+        from xcnn.explain.tame import tame_head
+        from xcnn.models import default_layer
+
+        return {"head": tame_head(model, [default_layer(model)])}
+    return {}

@@ -7,6 +7,7 @@ import torch
 
 import xcnn
 
+from .conftest import required_options
 from .test_explain_contract import FAST
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -21,8 +22,8 @@ def test_maps_on_cuda_match_cpu(name):
     gpu_model.cuda()
     images = torch.rand(2, 3, 64, 64)
     options = FAST.get(name, {})
-    on_cpu = xcnn.explainer(name, cpu_model, **options)(images)
-    on_gpu = xcnn.explainer(name, gpu_model, **options)(images.cuda())
+    on_cpu = xcnn.explainer(name, cpu_model, **options, **required_options(name, cpu_model))(images)
+    on_gpu = xcnn.explainer(name, gpu_model, **options, **required_options(name, gpu_model))(images.cuda())
     assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float32
     if name != "smoothgrad":  # its noise comes from the device's generator; RISE and random draw on the CPU
         torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=2e-3, rtol=1e-2)

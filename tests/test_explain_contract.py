@@ -9,7 +9,7 @@ from torch import nn
 import xcnn
 from xcnn.explain import explainer_class
 
-from .conftest import TinyCNN
+from .conftest import TinyCNN, required_options
 
 # small settings so the whole matrix runs in seconds; defaults are exercised elsewhere
 FAST = {"rise": {"masks": 64}, "smoothgrad": {"samples": 4}, "integrated_gradients": {"steps": 8}}
@@ -18,7 +18,7 @@ ALL = xcnn.list_explainers()
 
 
 def make(name, model, **extra):
-    return xcnn.explainer(name, model, **{**FAST.get(name, {}), **extra})
+    return xcnn.explainer(name, model, **{**required_options(name, model), **FAST.get(name, {}), **extra})
 
 
 def hook_count(model: nn.Module) -> int:
@@ -28,7 +28,7 @@ def hook_count(model: nn.Module) -> int:
 def test_registry_lists_every_documented_method():
     expected = {
         "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam",
-        "saliency", "integrated_gradients", "smoothgrad", "occlusion", "rise", "random",
+        "saliency", "integrated_gradients", "smoothgrad", "occlusion", "rise", "random", "tame",
     }  # fmt: skip
     assert expected <= set(ALL)
 

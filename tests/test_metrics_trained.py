@@ -10,19 +10,14 @@ import torch.nn.functional as F
 import xcnn
 from xcnn.data.synthetic import Shapes
 from xcnn.metrics import pointing_game, randomization_sanity
-from xcnn.training.benchmark import InMemory, fit_benchmark
+from xcnn.training.benchmark import InMemory
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """ShapesNet on 32x32 shapes, 2000 images x 6 epochs (~50 s on 2 cores; ~60 % test accuracy)."""
-    out = tmp_path_factory.mktemp("bench32")
-    model, results = fit_benchmark(
-        out, size=32, n_train=2000, n_val=300, n_test=300, epochs=6, strides=(1, 1, 2, 2, 1), lr=3e-3, progress=False
-    )
-    return model, results, out
+def trained(bench32):
+    return bench32
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark``, ``demo``."""
+"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark|tame``, ``demo``."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _method_options(methods: list[str], args: argparse.Namespace) -> dict[str, d
             raise ValueError(f"--opt expects NAME=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         extra[key.strip()] = _parse_value(value.strip())
-    shared = {"batch_size": args.batch_size, "seed": args.seed, "amp": args.amp}
+    shared = {"batch_size": args.batch_size, "seed": args.seed, "amp": args.amp, "head": args.tame_head}
     options = {}
     for method in methods:
         accepted = set(explainer_options(method))
@@ -211,6 +211,34 @@ def cmd_train_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_tame(args: argparse.Namespace) -> int:
+    from .models import load_model
+    from .training.tame import fit_tame, folder_data
+
+    device = _device(args.device)
+    model = load_model(args.model, weights=args.weights, device=device)
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    val = None
+    if args.data == "synthetic":
+        from .data.synthetic import Shapes
+        from .training.benchmark import InMemory
+
+        size = model.input_size[0]
+        data = InMemory(Shapes("train", args.n_train, size=size, seed=args.seed))
+        val = InMemory(Shapes("val", max(args.batch_size, args.n_train // 8), size=size, seed=args.seed))
+    elif Path(args.data).is_dir():
+        data = folder_data(args.data, model.input_size)
+    else:
+        raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
+    head, history = fit_tame(
+        model, data, layers=layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, skip=not args.no_skip,
+        val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed, device=device,
+    )  # fmt: skip
+    print(json.dumps(history[-1], indent=2))
+    print(f"TAME head ({', '.join(head.layers)}) saved in {args.out} (use it as --method tame --tame-head {args.out})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .pipelines import run_demo
 
@@ -252,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)")
     ex.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000 (RISE); repeatable")
+    ex.add_argument("--tame-head", default=None, metavar="DIR", help="for --method tame: a head folder written by `xcnn train tame`")
     ex.set_defaults(func=cmd_explain)
 
     ev = sub.add_parser(
@@ -276,11 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None, help="seed for stochastic methods")
     ev.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ev.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000; repeatable")
+    ev.add_argument("--tame-head", default=None, metavar="DIR", help="for the method tame: a head folder written by `xcnn train tame`")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ev.add_argument("--no-report", action="store_true", help="skip the HTML report")
     ev.set_defaults(func=cmd_evaluate)
 
-    tr = sub.add_parser("train", help="train a model (the benchmark CNN)")
+    tr = sub.add_parser("train", help="train a model (the benchmark CNN) or a trained explainer (TAME)")
     tr_sub = tr.add_subparsers(dest="what", required=True)
     tb = tr_sub.add_parser("benchmark", help="train the reference CNN on the shapes benchmark", description="Saves model.safetensors + model.json (usable as --model DIR), checkpoint.pt, history.json, TensorBoard scalars and results.json.")
     tb.add_argument("--out", required=True, help="output folder")
@@ -292,6 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tb.add_argument("--device", default="auto")
     tb.set_defaults(func=cmd_train_benchmark)
+    tt = tr_sub.add_parser(
+        "tame", help="train a TAME attention head for a frozen model",
+        description="Trains a TAME head (shared/specs/tame.md) on the model's own predictions; writes tame.safetensors + "
+        "tame.json (use with --method tame --tame-head DIR), checkpoint.pt, history.json, TensorBoard scalars, results.json.",
+    )  # fmt: skip
+    tt.add_argument("--model", required=True, help="a model name or a folder saved by `xcnn train benchmark`")
+    tt.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    tt.add_argument("--data", default="synthetic", help="'synthetic' (the shapes benchmark's train split) or an image folder (labels unused) (default: %(default)s)")
+    tt.add_argument("--out", required=True, help="output folder")
+    tt.add_argument("--layers", default=None, help="comma-separated layers to tap (default: the last three stages)")
+    tt.add_argument("--epochs", type=_positive_int, default=8, help="(default: %(default)s, the paper's VGG-16 setting; ResNet-50: 4)")
+    tt.add_argument("--lr", type=float, default=1e-3, help="one-cycle maximum learning rate (default: %(default)s; paper ResNet-50: 1e-4)")
+    tt.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
+    tt.add_argument("--n-train", type=_positive_int, default=4000, help="synthetic data: training images (default: %(default)s)")
+    tt.add_argument("--no-skip", action="store_true", help="ablation: no skip connection in the branches")
+    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
+    tt.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    tt.add_argument("--device", default="auto")
+    tt.set_defaults(func=cmd_train_tame)
 
     de = sub.add_parser("demo", help="everything, offline, in about five minutes on two CPU cores", description="Explains the bundled photos with the bundled ImageNet model, trains the benchmark CNN, evaluates every explainer with every metric, writes report.html.")
     de.add_argument("--out", default="xcnn-demo", help="output folder (default: %(default)s)")

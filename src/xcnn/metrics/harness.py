@@ -80,6 +80,15 @@ def _fmt(value: float) -> str:
     return "nan" if value != value else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
+def _spec(method: str | tuple) -> tuple[str, str, dict]:
+    """``(label, name, options)`` from ``name``, ``(name, options)`` or ``(name, options, label)``."""
+    if isinstance(method, str):
+        return method, method, {}
+    if isinstance(method, tuple) and len(method) in (2, 3) and isinstance(method[0], str) and isinstance(method[1], Mapping):
+        return (method[2] if len(method) == 3 else method[0]), method[0], dict(method[1])
+    raise TypeError(f"a method is a name, (name, options) or (name, options, label); got {method!r}")
+
+
 def _collate(data: Dataset | Mapping[str, Tensor], batch_size: int) -> Iterable[dict[str, Tensor]]:
     if isinstance(data, Mapping):
         n = len(data["image"])
@@ -109,7 +118,8 @@ def evaluate(
     optionally ``"mask"``/``"shortcut_mask"``, or such a dict of stacked tensors) with every method, and
     score the maps with every metric in ``metrics`` (see :data:`METRICS`).
 
-    ``methods``: names, or ``(name, options)``. ``slow_methods``: the methods that get the consistency and
+    ``methods``: names, ``(name, options)`` or ``(name, options, label)`` (variants of one method under
+    their own labels, e.g. an ablation). ``slow_methods``: the methods that get the consistency and
     sanity metrics (default: all; they re-run the explainer several times per image). ``targets``: ``"predicted"`` (the model's top-1, as the
     papers) or ``"label"``. Metrics that need masks are skipped, with a note in the rows, when the data
     has none.
@@ -123,14 +133,17 @@ def evaluate(
     if device is not None:
         clf.to(device)
     dev = next(clf.parameters()).device
-    specs = [(m, {}) if isinstance(m, str) else (m[0], dict(m[1])) for m in methods]
+    specs = [_spec(m) for m in methods]
     if not specs:
         raise ValueError("no methods to evaluate")
+    labels = [label for label, _, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two methods share a label in {labels}; give variants their own label: (name, options, label)")
 
     def build(name: str, options: dict, net: nn.Module):
         return make_explainer(name, net, layer=layer if explainer_class(name).uses_layer else None, **options)
 
-    explainers = {name: build(name, options, clf) for name, options in specs}
+    explainers = {label: build(name, options, clf) for label, name, options in specs}
     mbs = metric_batch_size or batch_size
     sums: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], int] = {}
@@ -176,7 +189,8 @@ def evaluate(
                     sample_maps[name].append(maps[:keep_samples].cpu())
                 _score(name, maps, images, t, mask, shortcut, metrics, clf, mbs, add, curve_sums)
                 if n_slow and (slow_methods is None or name in slow_methods):
-                    _score_slow(name, expl, dict(specs)[name], images[:n_slow], t[:n_slow], metrics, clf, layer, add, build)
+                    spec = next(sp for sp in specs if sp[0] == name)
+                    _score_slow(name, expl, spec[1], spec[2], images[:n_slow], t[:n_slow], metrics, clf, add, build)
             slow_done += n_slow
             bar.update(len(images))
     finally:
@@ -226,11 +240,11 @@ def _score(name, maps, images, t, mask, shortcut, metrics, clf, batch_size, add,
         add(name, "shortcut_energy", shortcut_energy(maps, shortcut.to(maps.device), per_image=True))
 
 
-def _score_slow(name, expl, options, images, t, metrics, clf, layer, add, build) -> None:
+def _score_slow(label, expl, name, options, images, t, metrics, clf, add, build) -> None:
     if "consistency" in metrics:
         for key, values in consistency(expl, images, targets=t, per_image=True).items():
-            add(name, f"consistency_{key}", values)
+            add(label, f"consistency_{key}", values)
     if "sanity" in metrics:
         result = randomization_sanity(lambda net: build(name, options, net), clf, images, t, per_image=True)
-        add(name, "sanity_spearman", result["spearman"][-1])  # fully randomised model
-        add(name, "sanity_ssim", result["ssim"][-1])
+        add(label, "sanity_spearman", result["spearman"][-1])  # fully randomised model
+        add(label, "sanity_ssim", result["ssim"][-1])
