@@ -221,12 +221,14 @@ class Bench:
             def run():
                 net = tame_head(model).train()
                 opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-                with frozen(model), Tap(model.backbone, net.layers) as tap:
+                with frozen(model):
                     for batch in images.split(len(x)):
                         batch = batch.to(self.device)
-                        with torch.no_grad():
+                        # the tap must be gone before the masked forward: its hooks detach the tapped outputs
+                        with torch.no_grad(), Tap(model.backbone, net.layers) as tap:
                             labels = model(batch).argmax(1)
-                        att = torch.sigmoid(net.class_maps([tap.get(n) for n in net.layers], labels))
+                            feats = [tap.get(n) for n in net.layers]
+                        att = torch.sigmoid(net.class_maps(feats, labels))
                         if probe_only:
                             value = att.mean()
                         else:

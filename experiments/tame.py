@@ -86,7 +86,7 @@ def main() -> None:
         print(f"{label}: trained in {seconds[label]:.0f} s" if seconds[label] else f"{label}: reused", flush=True)
 
     data = benchmark_data(args.n_test, size)
-    methods = ["gradcam", "gradcam++", "scorecam", ("rise", {"masks": 4000})]
+    methods = ["gradcam", "gradcam++", "scorecam", ("rise", {"masks": 2000})]
     methods += [("tame", {"head": h}, label) for label, h in heads.items()] + ["random"]
     bench = evaluate(model, data, methods, ["adic", "insertion_deletion", "pointing", "energy"], batch_size=64, progress=False)
     bench.save(out, stem="benchmark")

@@ -119,3 +119,5 @@ def test_demo_pipeline_with_small_settings(tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "EfficientNet-Lite0" in page and "Benchmark CNN" in page and "sanity_spearman" in page
     assert set(summary["seconds"]) == {"photos", "training", "benchmark evaluation", "total"}
+    # the demo points to TAME with commands that name its own model folder
+    assert summary["next"]["tame"].startswith(f"xcnn train tame --model {tmp_path / 'benchmark-model'}")

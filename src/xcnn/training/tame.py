@@ -30,7 +30,7 @@ from .._io import atomic_write, prepare_out_dir
 from ..explain.tame import TAMEHead, head_features, save_tame_head, tame_head
 from ..hooks import frozen
 from ..models import Classifier, as_classifier
-from .trainer import fit, to_device
+from .trainer import fit, to_device, training_device
 
 __all__ = ["TAMELoss", "TAMETraining", "fit_tame", "tv_loss"]
 
@@ -170,7 +170,8 @@ def fit_tame(
     if len(data) < batch_size:
         raise ValueError(f"the training data has {len(data)} images, fewer than one batch ({batch_size}); add images or lower the batch size")
     out = prepare_out_dir(out_dir) if out_dir is not None else None
-    dev = torch.device(device) if device is not None else next(clf.parameters()).device
+    # the backbone must sit where the trainer will put the head (cuda:LOCAL_RANK under torchrun)
+    dev = training_device(device if device is not None else (None if torch.cuda.is_available() else next(clf.parameters()).device))
     clf.to(dev)
     head = tame_head(clf, layers, skip=skip, seed=seed)
     net = TAMETraining(clf, head)

@@ -117,13 +117,19 @@ def _setup_distributed(device: torch.device | None) -> tuple[int, int, torch.dev
         dist.init_process_group(backend=backend)
         started = True
     rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    return rank, dist.get_world_size() if dist.is_initialized() else 1, training_device(device), started
+
+
+def training_device(device: str | torch.device | None) -> torch.device:
+    """The device this process trains on: ``device``, else CUDA when available; under torchrun with
+    several processes an index-less ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
     if device is None:
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None and world > 1:
-        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return rank, world, device, started
+    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device(f"cuda:{local}")
+    return device
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
