@@ -95,3 +95,19 @@ def required_options(name: str, model: nn.Module) -> dict:
 
         return {"head": tame_head(model, [default_layer(model)])}
     return {}
+
+
+def torchrun(script_text: str, tmp_path, nproc: int = 2):
+    """Run ``script_text`` under ``torch.distributed.run`` with ``nproc`` CPU processes; the completed process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "train.py"
+    script.write_text(script_text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(script)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -4,8 +4,6 @@ saved heads, class-specific maps, and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -15,6 +13,7 @@ import torch
 from PIL import Image
 
 import xcnn
+
 from xcnn.data.synthetic import Shapes
 from xcnn.explain.tame import TAMEHead, load_tame_head, save_tame_head, tame_head, tame_layers
 from xcnn.training.benchmark import InMemory
@@ -235,12 +234,9 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_tame_trains_under_torchrun_with_two_gloo_processes(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from .conftest import torchrun  # here, not at the top: the script imports this file as a plain module
+
+    result = torchrun(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)), tmp_path)
     assert "rank 0" in result.stdout and "rank 1" in result.stdout
     assert torch.equal(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
     assert json.loads((tmp_path / "tame.json").read_text())["layers"] == ["layer2", "layer3", "layer4"]

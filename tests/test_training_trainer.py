@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from xcnn.training import fit, load_checkpoint
+
 
 
 class Blobs(Dataset):
@@ -132,12 +131,9 @@ DDP_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_runs_unchanged_under_torchrun_with_two_gloo_processes(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    from .conftest import torchrun  # here, not at the top: the script imports this file as a plain module
+
+    result = torchrun(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)), tmp_path)
     assert "rank 0" in result.stdout and "rank 1" in result.stdout
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(w0, w1)  # DDP keeps the replicas identical

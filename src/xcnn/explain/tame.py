@@ -188,11 +188,9 @@ def tame_head(model: nn.Module, layers: Sequence[str] | None = None, *, skip: bo
         "backbone": clf.name, "arch": (clf.spec or {}).get("arch"), "input_size": list(clf.input_size),
         "class_names": clf.class_names, "fingerprint": _fingerprint(clf),
     }  # fmt: skip
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
             torch.manual_seed(seed)
-            head = TAMEHead(layers, channels, clf.num_classes, skip=skip, meta=meta)
-    else:
         head = TAMEHead(layers, channels, clf.num_classes, skip=skip, meta=meta)
     param = next(clf.parameters(), None)
     return head.to(param.device) if param is not None else head
