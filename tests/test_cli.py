@@ -39,6 +39,17 @@ def test_explain_writes_overlays_grid_predictions_and_maps(tmp_path, capsys):
     assert "Egyptian cat" in capsys.readouterr().out
 
 
+def test_explain_with_mdm_and_list_options(tmp_path):
+    out = tmp_path / "o"
+    code = main(["explain", "sample:chelsea", "--method", "mdm,extremal", "--opt", "scales=7,14", "--opt", "steps=2", "--out", str(out), "--save-maps"])
+    assert code == 0
+    pred = json.loads((out / "predictions.json").read_text())
+    assert pred["methods"] == ["mdm", "extremal"]
+    for files in pred["images"][0]["maps"].values():
+        m = np.load(out / files["map"])
+        assert m.shape == (224, 224) and 0 <= m.min() and m.max() == 1
+
+
 def test_explain_fixed_target_and_duplicate_names(tmp_path):
     out = tmp_path / "o"
     assert main(["explain", "sample:coffee", "sample:coffee", "--target", "285", "--method", "layercam", "--out", str(out)]) == 0

@@ -12,7 +12,10 @@ from xcnn.explain import explainer_class
 from .conftest import TinyCNN, required_options
 
 # small settings so the whole matrix runs in seconds; defaults are exercised elsewhere
-FAST = {"rise": {"masks": 64}, "smoothgrad": {"samples": 4}, "integrated_gradients": {"steps": 8}}
+FAST = {
+    "rise": {"masks": 64}, "smoothgrad": {"samples": 4}, "integrated_gradients": {"steps": 8},
+    "mdm": {"scales": (4, 8), "steps": 5, "progress": False}, "extremal": {"steps": 10, "progress": False},
+}  # fmt: skip
 STOCHASTIC = {"rise", "smoothgrad", "random"}
 ALL = xcnn.list_explainers()
 
@@ -28,7 +31,7 @@ def hook_count(model: nn.Module) -> int:
 def test_registry_lists_every_documented_method():
     expected = {
         "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam",
-        "saliency", "integrated_gradients", "smoothgrad", "occlusion", "rise", "random", "tame",
+        "saliency", "integrated_gradients", "smoothgrad", "occlusion", "rise", "random", "tame", "mdm", "extremal",
     }  # fmt: skip
     assert expected <= set(ALL)
 

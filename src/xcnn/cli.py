@@ -39,6 +39,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
 def _unique_labels(sources: Sequence[str]) -> list[str]:
     """File-name-safe labels, one per image, never two alike (``cat``, ``cat-2``, ...)."""
     from .data.images import image_label
@@ -55,6 +65,8 @@ def _unique_labels(sources: Sequence[str]) -> list[str]:
 
 
 def _parse_value(text: str) -> object:
+    if "," in text:  # a list, e.g. --opt scales=7,14,28
+        return [_parse_value(part.strip()) for part in text.split(",") if part.strip()]
     for cast in (int, float):
         try:
             return cast(text)
@@ -204,7 +216,7 @@ def cmd_train_benchmark(args: argparse.Namespace) -> int:
     device = _device(args.device)
     _, results = fit_benchmark(
         args.out, size=args.size, n_train=args.n_train, epochs=args.epochs, shortcut_prob=args.shortcut,
-        seed=args.seed, device=device, resume=args.resume,
+        seed=args.seed, device=device, resume=args.resume, arch=args.arch, lr=args.lr,
     )  # fmt: skip
     print(json.dumps(results, indent=2))
     print(f"model saved in {args.out} (use it as --model {args.out})")
@@ -318,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--epochs", type=_positive_int, default=10)
     tb.add_argument("--n-train", type=_positive_int, default=6000)
     tb.add_argument("--size", type=_positive_int, default=64, help="image size (32-224; default: %(default)s)")
+    tb.add_argument("--arch", choices=["shapesnet", "vit"], default="shapesnet", help="the CNN, or a small timm ViT (8x8 patches, 4 blocks) (default: %(default)s)")
+    tb.add_argument("--lr", type=_positive_float, default=2e-3, help="peak AdamW learning rate of the one-cycle schedule (default: %(default)s)")
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tb.add_argument("--device", default="auto")

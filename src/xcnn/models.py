@@ -296,12 +296,16 @@ def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
         raise ValueError("only Classifiers built by name (load_model or the xcnn trainers) can be saved by architecture name")
     folder = prepare_out_dir(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
     meta = {
         "format": MODEL_FORMAT, "name": model.name, "arch": model.spec["arch"], "kwargs": model.spec.get("kwargs", {}),
         "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-        "input_size": list(model.input_size), "class_names": model.class_names, **extra,
+        "input_size": list(model.input_size), "class_names": model.class_names,
     }  # fmt: skip
+    clash = sorted(set(extra) & set(meta))
+    if clash:
+        raise ValueError(f"save_model: extra metadata {clash} would overwrite the model description")
+    meta.update(extra)
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
     atomic_write(folder / "model.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
     return folder
 
@@ -361,13 +365,14 @@ def token_grid(n_tokens: int, prefix_tokens: int | None = None) -> tuple[int, in
 
 
 def _is_spatial(output: object, input_hw: tuple[int, int]) -> bool:
-    """A ``[B,C,h,w]`` feature map of the image: larger than 1x1 and shaped like the input (an attention
-    tensor ``[B,heads,N,d]`` is 4-D too, but its aspect ratio is not the image's)."""
+    """A ``[B,C,h,w]`` feature map of the image: larger than 1x1 and shaped like the input up to stride
+    rounding (an attention tensor ``[B,heads,N,d]`` is 4-D too, but its aspect ratio is not the image's:
+    17 tokens x 32 dims in a 32x32 image is 1.9x off)."""
     if not (isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1):
         return False
     h, w = output.shape[-2:]
     aspect = (input_hw[0] / h) / (input_hw[1] / w)
-    return 0.5 <= aspect <= 2.0 and h <= input_hw[0] and w <= input_hw[1]
+    return 2 / 3 <= aspect <= 3 / 2 and h <= input_hw[0] and w <= input_hw[1]
 
 
 def _is_token_grid(output: object, prefix: int | None) -> bool:

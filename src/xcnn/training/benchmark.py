@@ -1,4 +1,4 @@
-"""The reference recipe: train :class:`~xcnn.nets.ShapesNet` on the shapes benchmark.
+"""The reference recipe: train :class:`~xcnn.nets.ShapesNet` (or a small ViT) on the shapes benchmark.
 
 ``fit_benchmark(out_dir)`` trains with the shared loop (AdamW + one-cycle schedule), measures the clean
 test accuracy (and, with a planted shortcut, the accuracy on test images whose patch colour is random),
@@ -18,11 +18,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write, prepare_out_dir
 from ..data.synthetic import CLASSES, Shapes
-from ..models import Classifier, save_model
+from ..models import Classifier, _build_arch, save_model
 from ..nets import ShapesNet
 from .trainer import accuracy_eval, fit
 
-__all__ = ["InMemory", "fit_benchmark"]
+__all__ = ["ARCHITECTURES", "InMemory", "fit_benchmark"]
+
+#: ``arch`` choices of :func:`fit_benchmark`: ``"vit"`` is timm's ``vit_tiny_patch16_224`` made smaller for
+#: 64x64 shapes (8x8 patches -> an 8x8 token grid, 4 blocks of width 96, 3 heads: 0.45 M parameters)
+ARCHITECTURES = ("shapesnet", "vit")
+VIT = {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
 
 
 class InMemory(Dataset):
@@ -61,17 +66,28 @@ def fit_benchmark(
     resume: bool = False,
     progress: bool | None = None,
     callbacks: Sequence[Callable[[int, dict], None]] = (),
+    arch: str = "shapesnet",
 ) -> tuple[Classifier, dict]:
-    """Train the benchmark CNN; return it and a results dict (also written to ``out_dir/results.json``)."""
+    """Train the benchmark model; return it and a results dict (also written to ``out_dir/results.json``).
+
+    ``arch``: ``"shapesnet"`` (the CNN; ``widths``/``strides`` shape it) or ``"vit"`` (see :data:`VIT`).
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     out = prepare_out_dir(out_dir)
     data = {"size": size, "seed": seed, "shortcut_prob": shortcut_prob}
     train = InMemory(Shapes("train", n_train, **data))
     val = InMemory(Shapes("val", n_val, **data))
     torch.manual_seed(seed)
-    arch = {"num_classes": len(CLASSES), "widths": list(widths), "strides": list(strides)}
-    model = Classifier(
-        ShapesNet(**arch), name="shapesnet", input_size=(size, size), class_names=CLASSES, spec={"arch": "shapesnet", "kwargs": arch}
-    )
+    if arch == "vit":
+        name, kwargs = "timm:vit_tiny_patch16_224", {"num_classes": len(CLASSES), "img_size": size, **VIT}
+        backbone, mean, std, _ = _build_arch(name, kwargs)
+        model = Classifier(backbone, mean, std, name="vit", input_size=(size, size), class_names=CLASSES, spec={"arch": name, "kwargs": kwargs})
+    else:
+        kwargs = {"num_classes": len(CLASSES), "widths": list(widths), "strides": list(strides)}
+        model = Classifier(
+            ShapesNet(**kwargs), name="shapesnet", input_size=(size, size), class_names=CLASSES, spec={"arch": "shapesnet", "kwargs": kwargs}
+        )
     history = fit(
         model, train, epochs=epochs, val_data=val, batch_size=batch_size, out_dir=out, resume=resume, seed=seed,
         device=device, progress=progress, callbacks=callbacks,
@@ -82,6 +98,7 @@ def fit_benchmark(
     dev = next(model.parameters()).device
     clean = Shapes("test", n_test, size=size, seed=seed)
     results = {
+        "architecture": arch,
         "data": {**data, "n_train": n_train, "n_val": n_val, "n_test": n_test},
         "epochs": epochs,
         "val_acc": history[-1].get("val/acc"),
