@@ -255,6 +255,73 @@ class Bench:
                 note += f"; fit_tame's throughput is {secs / ours:.0%} of this"
             self.add(method, impl, secs, len(images), note=note)
 
+    def mask_search(self) -> None:
+        """MDM and extremal perturbation on one image: seconds, the forward/backward passes they made
+        (counted by a hook on the model), their cost against the same number of the model's own
+        forward+backward passes, and peak memory after a short and a 4x longer run (no graph is kept
+        across steps, so it must not grow). Cost is linear in ``steps``: the default settings' time is
+        extrapolated from the measured run and labelled as such."""
+        args, model = self.args, self.model
+        x, t = self.x[:1], self.targets[:1]
+        counts = {"forwards": 0, "rows": 0, "with_grad": 0, "grad_rows": 0}
+
+        def count(_module, inputs):
+            counts["forwards"] += 1
+            counts["rows"] += inputs[0].shape[0]
+            if torch.is_grad_enabled():
+                counts["with_grad"] += 1
+                counts["grad_rows"] += inputs[0].shape[0]
+
+        def forward_backward(rows: int):  # the model's own pass on the rows of one step (MDM 2, extremal 1)
+            def run():
+                model(x.repeat(rows, 1, 1, 1).requires_grad_(True)).gather(1, t.repeat(rows)[:, None]).sum().backward()
+                model.zero_grad(set_to_none=True)
+
+            return plain(run)
+
+        fb = {rows: secs for (_, rows), secs in timed({("fb", r): forward_backward(r) for r in (1, 2)}, self.device, args.repeats).items()}
+        for name, default_steps, options in [
+            ("mdm", 100, {"steps": args.mdm_steps}),
+            ("extremal", 800, {"steps": 4 * args.mdm_steps}),
+        ]:
+            short = xcnn.explainer(name, model, progress=False, **options)
+            short(x, t)  # warm-up
+            counts.update(forwards=0, rows=0, with_grad=0, grad_rows=0)
+            handle = model.backbone.register_forward_pre_hook(count)
+            try:
+                secs = timed({(name, "xcnn"): plain(lambda: short(x, t))}, self.device, 1, warmup=0)[(name, "xcnn")]
+            finally:
+                handle.remove()
+            peak_short, peak_long = (self.peak_mib(name, steps) for steps in (options["steps"], 4 * options["steps"]))
+            per_step = secs / counts["with_grad"]
+            default_secs = secs * default_steps / options["steps"]
+            rows_per_step = counts["grad_rows"] // counts["with_grad"]
+            self.add(
+                f"{name} ({options['steps']} steps{' per scale' if name == 'mdm' else ''})", "xcnn", secs, 1,
+                note=f"{counts['forwards']} forwards ({counts['rows']} rows), {counts['with_grad']} of them with a backward, "
+                f"{rows_per_step} rows each; a step costs {per_step / fb[rows_per_step]:.2f}x the model's own forward+backward "
+                f"on {rows_per_step} rows ({1000 * fb[rows_per_step]:.0f} ms); default {default_steps} steps: ~{default_secs:.0f} s / image (extrapolated, linear in steps); "
+                f"peak memory of a fresh process explaining one image: {peak_short:.0f} MiB, {peak_long:.0f} MiB with 4x the steps",
+            )  # fmt: skip
+
+    def peak_mib(self, method: str, steps: int) -> float:
+        """Peak memory (CUDA allocator, or the process's peak RSS on CPU) of a fresh process that loads the
+        model and explains one image with ``method`` at ``steps``."""
+        import subprocess
+        import sys
+
+        code = f"""
+import resource, torch, xcnn
+torch.manual_seed(0)
+model = xcnn.load_model({self.name!r}, device={str(self.device)!r})
+x = torch.rand(1, 3, *model.input_size, device={str(self.device)!r})
+xcnn.explainer({method!r}, model, steps={steps}, progress=False)(x)
+cuda = {self.device.type == "cuda"}
+print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
     def memory(self) -> None:
         gc = xcnn.explainer("gradcam", self.model, layer=self.layer)
         readings = []
@@ -270,7 +337,7 @@ class Bench:
     def run(self) -> list[dict]:
         sections = {
             "grad": self.gradient_cams, "inputgrad": self.input_gradients, "scorecam": self.scorecam, "rise": self.rise,
-            "tame": self.tame, "memory": self.memory,
+            "tame": self.tame, "memory": self.memory, "mask": self.mask_search,
         }  # fmt: skip
         if "grad" not in self.args.sections:
             self.add("forward", "model", timed({("forward", "model"): plain(self.forward)}, self.device, self.args.repeats)[("forward", "model")], len(self.x))
@@ -298,7 +365,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sections", default="grad,inputgrad,scorecam,rise,tame,memory", help="any of %(default)s")
+    parser.add_argument("--sections", default="grad,inputgrad,scorecam,rise,tame,memory,mask", help="any of %(default)s")
     parser.add_argument("--batch", type=int, default=4, help="images per call (default %(default)s)")
     parser.add_argument("--inner-batch", type=int, default=None, help="rows per forward pass in inner loops (default: xcnn's, 64 on CUDA, 8-64 on CPU by image size)")
     parser.add_argument("--repeats", type=int, default=10)
@@ -308,6 +375,7 @@ def main() -> None:
     parser.add_argument("--rise-masks", type=int, default=400)
     parser.add_argument("--tame-steps", type=int, default=3, help="training batches timed in the tame section (default %(default)s)")
     parser.add_argument("--memory-calls", type=int, default=200)
+    parser.add_argument("--mdm-steps", type=int, default=10, help="MDM steps per scale in the mask section (extremal: 4x); default %(default)s")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for xcnn's forward-only methods on CUDA")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()

@@ -57,7 +57,10 @@ def test_same_seed_same_map_and_batch_independent(name, tiny, images32):
     torch.testing.assert_close(first, again)
     if name not in STOCHASTIC:  # deterministic methods: a batch equals its images one by one
         singles = torch.cat([make(name, tiny)(images32[i : i + 1]) for i in range(len(images32))])
-        torch.testing.assert_close(first, singles, atol=1e-5, rtol=1e-4)
+        # MDM's Adam steps are sign-like at first (update = lr * g / |g|), so float rounding differences
+        # between batch sizes in the model's convolutions move a near-zero-gradient cell by a full step
+        atol = 1e-2 if name == "mdm" else 1e-5
+        torch.testing.assert_close(first, singles, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(STOCHASTIC))

@@ -40,6 +40,19 @@ def test_vit_is_explained_through_its_output_or_token_grid(vit32, name, options)
     assert not torch.allclose(maps[0], maps[1])  # each image gets its own map
 
 
-def test_wrong_benchmark_architecture_is_named(tmp_path):
+def test_wrong_benchmark_architecture_or_size_is_named(tmp_path):
     with pytest.raises(ValueError, match="arch must be one of"):
         fit_benchmark(tmp_path / "x", arch="resnet")
+    with pytest.raises(ValueError, match="size must be a multiple of 8, got 36"):
+        fit_benchmark(tmp_path / "x", arch="vit", size=36)
+
+
+@pytest.mark.parametrize("size", [32, 40, 48, 64, 224])
+def test_vit_default_layer_at_any_size(size):
+    """Attention tensors [B,heads,N,d] are 4-D but not feature maps: the default stays the last norm1."""
+    from xcnn.models import Classifier, _build_arch
+    from xcnn.training.benchmark import VIT
+
+    backbone, mean, std, _ = _build_arch("timm:vit_tiny_patch16_224", {"num_classes": 6, "img_size": size, **VIT})
+    vit = Classifier(backbone, mean, std, input_size=(size, size))
+    assert xcnn.default_layer(vit) == "blocks.3.norm1"

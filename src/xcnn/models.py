@@ -365,14 +365,12 @@ def token_grid(n_tokens: int, prefix_tokens: int | None = None) -> tuple[int, in
 
 
 def _is_spatial(output: object, input_hw: tuple[int, int]) -> bool:
-    """A ``[B,C,h,w]`` feature map of the image: larger than 1x1 and shaped like the input up to stride
-    rounding (an attention tensor ``[B,heads,N,d]`` is 4-D too, but its aspect ratio is not the image's:
-    17 tokens x 32 dims in a 32x32 image is 1.9x off)."""
+    """A ``[B,C,h,w]`` feature map of the image: larger than 1x1 and shaped like the input."""
     if not (isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1):
         return False
     h, w = output.shape[-2:]
     aspect = (input_hw[0] / h) / (input_hw[1] / w)
-    return 2 / 3 <= aspect <= 3 / 2 and h <= input_hw[0] and w <= input_hw[1]
+    return 0.5 <= aspect <= 2.0 and h <= input_hw[0] and w <= input_hw[1]
 
 
 def _is_token_grid(output: object, prefix: int | None) -> bool:
@@ -409,9 +407,14 @@ def default_layer(model: nn.Module) -> str:
         ) from err
     # outputs of pooling layers (and of containers that end in one) are not candidates
     pooled = {id(out) for _, m, out in records if isinstance(m, _POOLS)}
-    spatial = [i for i, (_, _, out) in enumerate(records) if _is_spatial(out, clf.input_size) and id(out) not in pooled]
-    last = spatial[-1] if spatial else None
     prefix = getattr(backbone, "num_prefix_tokens", None)
+    # once a model has turned the image into tokens, a 4-D output is an attention tensor [B,heads,N,d]
+    # (its N x d can look like a feature map: 17 x 32 in a 32x32 image), not a map of the image
+    first_token = next((i for i, (_, _, out) in enumerate(records) if _is_token_grid(out, prefix)), len(records))
+    spatial = [
+        i for i, (_, _, out) in enumerate(records[:first_token]) if _is_spatial(out, clf.input_size) and id(out) not in pooled
+    ]
+    last = spatial[-1] if spatial else None
     tokens_after = [i for i, (_, _, out) in enumerate(records) if (last is None or i > last) and _is_token_grid(out, prefix)]
     if tokens_after:
         norms = [records[i][0] for i in tokens_after if records[i][0].split(".")[-1] == "norm1"]

@@ -9,16 +9,22 @@ with the image's shorter side ``r = min(H, W) / 224`` so that a 64x64 image is s
   clamped to [0, 1] after every step;
 * the mask at pixel ``u`` is the smooth maximum (softmax pooling, coldness 20) of ``k(|u - c|) p_c`` over
   the cells ``c`` within ``1 + ceil(sigma / step)`` cells, ``k(d) = exp(-2 max(d / sigma - 1/2, 0)^2)``,
-  ``sigma = 21 r``: flat out to ``sigma / 2``, then a Gaussian fall-off -- the mask is smooth by construction;
+  ``sigma = 21 r``: flat out to ``sigma / 2``, then a Gaussian fall-off -- the mask is smooth by
+  construction; it is computed on a canvas with a margin of ``sigma`` pixels around the image;
 * the perturbation is a blur pyramid of ``levels = 8`` images from ``max_blur = 20 r`` pixels (mask 0) to
   sharp (mask 1), linearly interpolated between neighbouring levels by the mask value;
 * reward: the target's logit (``reward="contrastive"``: the logit minus the largest other logit);
-* area: ``area_weight * 1.0035^t * mean((sort(mask) - ref)^2)`` with ``ref`` the sorted ideal mask
-  (a fraction ``1 - area`` of zeros, then ones), ``area_weight = 300``;
+* area: ``area_weight * 1.0035^t * mean((sort(canvas mask) - ref)^2)`` with ``ref`` the sorted ideal
+  canvas mask: zeros, then ``area * H * W`` ones, ``area_weight = 300`` (TorchRay counts ``area`` as a
+  fraction of the canvas, 1.4x the image at 224 px; we count it in image pixels, as the paper states it);
 * SGD, ``lr = 0.01``, momentum 0.9, dampening 0.9, ``steps = 800``; the input is flipped left-right on
   every second step (jitter).
 
-The map is the final mask. Cost: ``steps`` forward+backward passes of one row per image (two for ``dual``).
+The map is the final mask (inside the image). Cost: ``steps`` forward+backward passes of one row per image
+(two for ``dual``), plus one forward on the clean images when no targets are given.
+
+The reward is the raw logit against a fixed-weight regulariser (calibrated on ImageNet networks): on a model
+with small logits (+-2) the regulariser wins and the mask follows it rather than the evidence (tests).
 """
 
 from __future__ import annotations
@@ -37,13 +43,21 @@ __all__ = ["Extremal", "SmoothMaskGenerator", "blur_pyramid"]
 
 
 class SmoothMaskGenerator(nn.Module):
-    """Cell parameters ``[B,1,gh,gw]`` -> smooth mask ``[B,1,H,W]`` (see the module docstring)."""
+    """Cell parameters ``[B,1,gh,gw]`` -> ``(image mask [B,1,H,W], canvas mask [B,1,H+2m,W+2m])``.
+
+    Cell ``c`` sits at image pixel ``c * step`` (``gh = ceil(H / step)``). The mask is built on a canvas
+    that extends the image by a margin ``m = round(sigma)`` on every side, as in TorchRay: the area
+    regulariser sees the whole canvas, so cells at the image border are not favoured over inner ones
+    (without the margin, the border pixels shrink slowest and the rank regulariser locks them in).
+    """
 
     def __init__(self, size: tuple[int, int], step: int, sigma: float, coldness: float = 20.0) -> None:
         super().__init__()
         self.size, self.step, self.coldness = size, int(step), float(coldness)
+        self.margin = round(sigma)
         self.radius = 1 + math.ceil(sigma / step)
-        self.grid = tuple(math.ceil((n - 1) / step) + 1 for n in size)  # cell c at pixel c * step
+        self.extra = math.ceil(self.margin / step)  # blocks of output pixels beyond the grid, per side
+        self.grid = tuple(math.ceil(n / step) for n in size)
         offsets = torch.arange(self.step, dtype=torch.float32)  # pixel position inside its cell
         cells = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32) * self.step
         dy = (cells[None, :] - offsets[:, None])[:, None, :, None]  # [step, 1, K1, 1]
@@ -52,15 +66,18 @@ class SmoothMaskGenerator(nn.Module):
         kernel = torch.exp(-2 * (dist / sigma - 0.5).clamp_min(0).pow(2))
         self.register_buffer("kernel", kernel.flatten(2).flatten(0, 1), persistent=False)  # [step^2, K]
 
-    def forward(self, params: Tensor) -> Tensor:
+    def forward(self, params: Tensor) -> tuple[Tensor, Tensor]:
         b = params.shape[0]
-        gh, gw = self.grid
-        k1 = 2 * self.radius + 1
-        neighbours = F.unfold(F.pad(params, [self.radius] * 4), k1)  # [B, K, gh*gw], zero outside the grid
+        gh, gw = (n + 2 * self.extra for n in self.grid)  # output blocks, from grid cell -extra on
+        pad = self.radius + self.extra
+        neighbours = F.unfold(F.pad(params, [pad] * 4), 2 * self.radius + 1)  # [B, K, gh*gw], zero off-grid
         weighted = self.kernel.to(params)[None, :, :, None] * neighbours[:, None]  # [B, step^2, K, L]
         smooth_max = (weighted * (self.coldness * weighted).softmax(dim=2)).sum(2)  # [B, step^2, L]
-        mask = F.pixel_shuffle(smooth_max.view(b, self.step**2, gh, gw), self.step)  # [B, 1, gh*step, gw*step]
-        return mask[..., : self.size[0], : self.size[1]]
+        full = F.pixel_shuffle(smooth_max.view(b, self.step**2, gh, gw), self.step)  # starts at pixel -extra*step
+        m, (h, w) = self.margin, self.size
+        top = self.extra * self.step - m
+        canvas = full[..., top : top + h + 2 * m, top : top + w + 2 * m].clamp(0, 1)
+        return canvas[..., m : m + h, m : m + w], canvas
 
 
 def blur_pyramid(images: Tensor, levels: int, max_blur: float) -> Tensor:
@@ -144,7 +161,7 @@ class Extremal(MaskSearch):
         if round(self.area * h * w) < 1:
             raise ValueError(f"area {self.area} of a {h}x{w} image is less than one pixel")
 
-    def _steps_per_chunk(self) -> int:
+    def _steps_per_chunk(self, h: int, w: int) -> int:
         return self.steps
 
     def _score(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -160,14 +177,14 @@ class Extremal(MaskSearch):
         step, sigma, max_blur = self.settings(h, w)
         generator = SmoothMaskGenerator((h, w), step, sigma).to(images.device)
         pyramid = blur_pyramid(images, self.levels, max_blur)
-        n = h * w
+        n = (h + 2 * generator.margin) * (w + 2 * generator.margin)  # the canvas, margin included
         ref = torch.zeros(n, device=images.device)
-        ref[n - round(self.area * n) :] = 1  # sorted ideal mask: a fraction `area` of ones
+        ref[n - round(self.area * h * w) :] = 1  # sorted ideal canvas mask: `area` of the image's pixels are ones
         params = torch.ones(b, 1, *generator.grid, device=images.device, requires_grad=True)
         optimiser = torch.optim.SGD([params], lr=self.lr, momentum=0.9, dampening=0.9)
         for t in range(self.steps):
             with torch.enable_grad():
-                mask = generator(params)
+                mask, canvas = generator(params)
                 parts = []
                 if self.variant in ("preserve", "dual"):
                     parts.append(perturb(pyramid, mask))
@@ -179,7 +196,7 @@ class Extremal(MaskSearch):
                 with self._autocast(images):
                     scores = self._score(self.model(inputs), targets.repeat(len(parts))).view(len(parts), b)
                 reward = scores[0] if self.variant == "preserve" else -scores[0] if self.variant == "delete" else scores[0] - scores[1]
-                regul = (mask.flatten(1).sort(dim=1).values - ref).pow(2).mean(1)
+                regul = (canvas.flatten(1).sort(dim=1).values - ref).pow(2).mean(1)
                 loss = (-reward + self.area_weight * 1.0035**t * regul).sum()
                 (grad,) = torch.autograd.grad(loss, params)
             params.grad = grad
@@ -189,6 +206,6 @@ class Extremal(MaskSearch):
             if bar is not None:
                 bar.update(1)
         with torch.no_grad():
-            mask = generator(params)[:, 0]
+            mask = generator(params)[0][:, 0]
         inert = (images - pyramid[0]).abs().amax(dim=(1, 2, 3)) <= INERT  # equal up to rounding in the blur
         return torch.where(inert[:, None, None], torch.zeros_like(mask), mask)

@@ -7,21 +7,25 @@ Per batch of images (the model frozen, in eval mode), for each scale ``s`` (coar
 * preserved ``x_p = x*M + b*(1-M)`` and deleted ``x_d = x*(1-M) + b*M`` with baseline ``b`` = a Gaussian
   blur of ``x`` (``baseline="blur"``) or black (``"zero"``); both go through the model in one pass;
 * loss per image (summed over the batch, so every image's mask follows only its own gradient):
-  ``-log p(c|x_p) - log(1 - p(c|x_d))`` + ``area * mean(M_s)`` + ``binary * mean(M_s (1-M_s))``
-  + ``smooth * TV(M_s)`` [+ ``consistency * |phi(x_p) - phi(x)|^2 / |phi(x)|^2``, ``phi`` = the spatially
-  pooled output of ``consistency_layer``];
+  ``-log p(c|x_p) - log(1 - p(c|x_d))`` + ``area_weight * mean(M_s)`` + ``binary_weight * mean(M_s (1-M_s))``
+  + ``tv_weight * TV(M_s)`` [+ ``consistency_weight * |phi(x_p) - phi(x)|^2 / |phi(x)|^2``, ``phi`` = the
+  spatially pooled output of ``consistency_layer``, the paper's activation consistency, normalised so that
+  the weight does not depend on the layer's scale];
 * ``steps`` Adam iterations at ``lr``; with ``coarse_to_fine`` each finer mask starts from the coarser
   mask's logits, upsampled (the HDM refinement); otherwise every scale starts at 0.5.
 
 The map is the weighted sum of the upsampled ``M_s`` (equal weights by default), min-max normalised.
-Cost: ``len(scales) * steps`` forward+backward passes of ``2 x images`` rows, plus one clean forward.
+Cost: ``len(scales) * steps`` forward+backward passes of ``2 x images`` rows, plus a forward on the clean
+images for the top-1 class when no targets are given, and one more with ``consistency_layer``.
 
 Design choices where the paper is silent (ours, all options):
 
 * The deletion term is ``-log(1 - p(c|x_d))`` rather than the spec's ``+log p(c|x_d)``: both push the
   deleted image's probability down, but ``log p`` keeps rewarding a class that is already gone (its
   gradient with respect to the logit never vanishes), which makes the mask grow against the area term
-  forever; the binary cross-entropy form stops pushing once the decision is lost.
+  forever; the binary cross-entropy form stops pushing once the decision is lost. It is computed as
+  ``logsumexp(other logits) - logsumexp(all logits)``, exact for any logit margin (a clamped probability
+  would give no gradient for a confident model).
 * Regularisers are computed on ``M_s`` at its own resolution (``s x s``): the same area and binariness as
   the upsampled mask, at a fraction of the cost; TV is the mean squared difference of neighbouring cells.
 * No randomness: the same images give the same map (there is no seed to set). Images that equal their
@@ -43,7 +47,10 @@ from torch import Tensor, nn
 from ..hooks import Tap, named_layer
 from .base import Explainer, check_positive, register
 
-__all__ = ["MDM", "gaussian_blur"]
+__all__ = ["DEFAULT_SCALES", "MDM", "gaussian_blur"]
+
+#: the spec's mask sides (7x7 to 56x56 cells)
+DEFAULT_SCALES = (7, 14, 28, 56)
 
 #: an image whose largest difference from its baseline is at most this (far below one 8-bit grey level)
 #: cannot be perturbed: its map is all zeros
@@ -102,7 +109,7 @@ class MaskSearch(Explainer):
         targets = self._targets(images, targets)
         per_chunk = max(1, self._rows(images) // self.rows_per_image)
         chunks = list(torch.arange(images.shape[0], device=images.device).split(per_chunk))
-        with self._bar(len(chunks) * self._steps_per_chunk()) as bar:
+        with self._bar(len(chunks) * self._steps_per_chunk(images.shape[-2], images.shape[-1])) as bar:
             maps = [self._search(images[idx], targets[idx], bar) for idx in chunks]
         return torch.cat(maps)
 
@@ -117,7 +124,7 @@ class MaskSearch(Explainer):
     def _check_size(self, h: int, w: int) -> None:
         """Raise a clear error when the settings do not fit an ``h x w`` image."""
 
-    def _steps_per_chunk(self) -> int:
+    def _steps_per_chunk(self, h: int, w: int) -> int:
         raise NotImplementedError
 
     def _search(self, images: Tensor, targets: Tensor, bar) -> Tensor:
@@ -128,14 +135,15 @@ class MaskSearch(Explainer):
 class MDM(MaskSearch):
     """Multiple Dynamic Masks. Options and defaults (see the module docstring for the loss):
 
-    ``scales=(7, 14, 28, 56)`` mask sides, each at most the image side; ``steps=100`` Adam iterations per
-    scale at ``lr=0.1``; ``baseline="blur"`` (Gaussian, ``blur_sigma`` pixels, default 1/20 of the shorter
-    image side, 11 px at 224) or ``"zero"``; ``area=2.0``, ``binary=0.5``, ``smooth=0.25`` the regulariser
-    weights (chosen on the benchmark, docs/results.md; ``binary`` must stay below ``area``, or a saturated
-    cell that the decision does not need is held at 1: the two gradients cancel there); ``consistency=1.0`` applies only with ``consistency_layer`` (a backbone layer name);
-    ``scale_weights`` (default equal) for the stacked map; ``coarse_to_fine=True``; ``batch_size`` forward
-    rows per pass (each image uses 2); ``progress`` a tqdm bar (None: on a terminal only); ``amp`` bf16
-    autocast on CUDA.
+    ``scales`` increasing mask sides, each at most the image side (default ``(7, 14, 28, 56)``, less those
+    larger than the image); ``steps=100`` Adam iterations per scale at ``lr=0.1``; ``baseline="blur"``
+    (Gaussian, ``blur_sigma`` pixels, default 1/20 of the shorter image side, 11 px at 224) or ``"zero"``;
+    ``area_weight=2.0``, ``binary_weight=0.5``, ``tv_weight=0.25`` the regulariser weights (chosen on the
+    benchmark, docs/results.md; ``binary_weight`` must stay below ``area_weight``, or a saturated cell that
+    the decision does not need is held at 1: the two gradients cancel there); ``consistency_weight=1.0``
+    applies only with ``consistency_layer`` (a backbone layer name); ``scale_weights`` (default equal) for
+    the stacked map; ``coarse_to_fine=True``; ``batch_size`` forward rows per pass (at least 2: each image
+    uses 2); ``progress`` a tqdm bar (None: on a terminal only); ``amp`` bf16 autocast on CUDA.
     """
 
     rows_per_image = 2
@@ -144,15 +152,15 @@ class MDM(MaskSearch):
         self,
         model: nn.Module,
         *,
-        scales: Sequence[int] = (7, 14, 28, 56),
+        scales: Sequence[int] | None = None,
         steps: int = 100,
         lr: float = 0.1,
         baseline: Literal["blur", "zero"] = "blur",
         blur_sigma: float | None = None,
-        area: float = 2.0,
-        binary: float = 0.5,
-        smooth: float = 0.25,
-        consistency: float = 1.0,
+        area_weight: float = 2.0,
+        binary_weight: float = 0.5,
+        tv_weight: float = 0.25,
+        consistency_weight: float = 1.0,
         consistency_layer: str | None = None,
         scale_weights: Sequence[float] | None = None,
         coarse_to_fine: bool = True,
@@ -161,37 +169,56 @@ class MDM(MaskSearch):
         amp: bool = False,
     ) -> None:
         super().__init__(model, batch_size=batch_size, progress=progress, amp=amp)
+        self.fit_scales = scales is None  # the defaults adapt to small images; scales that were asked for do not
+        scales = DEFAULT_SCALES if scales is None else scales
         if isinstance(scales, (int, str)) or not isinstance(scales, Sequence) or len(scales) == 0:
-            raise ValueError(f"scales must be a non-empty sequence of mask sides, got {scales!r}")
+            raise ValueError(f"scales must be a non-empty sequence of mask sides, e.g. (7, 14), got {scales!r}")
         for s in scales:
             check_positive("each scale", s)
+        if any(b <= a for a, b in zip(scales, scales[1:])):
+            raise ValueError(f"scales must increase (coarse to fine), got {tuple(scales)}")
         check_positive("steps", steps)
         check_positive("lr", lr, integer=False)
         if baseline not in ("blur", "zero"):
             raise ValueError(f"baseline must be 'blur' or 'zero', got {baseline!r}")
         if blur_sigma is not None:
             check_positive("blur_sigma", blur_sigma, integer=False)
-        for name, value in (("area", area), ("binary", binary), ("smooth", smooth), ("consistency", consistency)):
+        coefficients = {"area_weight": area_weight, "binary_weight": binary_weight, "tv_weight": tv_weight, "consistency_weight": consistency_weight}
+        for name, value in coefficients.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if consistency_layer is not None:
             named_layer(self.model.backbone, consistency_layer)
-        weights = [1.0] * len(scales) if scale_weights is None else [float(w) for w in scale_weights]
-        if len(weights) != len(scales) or any(not 0 <= w < math.inf for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"scale_weights must be {len(scales)} numbers >= 0 with a positive sum, got {scale_weights!r}")
+        if scale_weights is None:
+            weights = [1.0] * len(scales)
+        else:
+            ok = isinstance(scale_weights, Sequence) and not isinstance(scale_weights, str) and len(scale_weights) == len(scales)
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in scale_weights)
+            if not ok or sum(scale_weights) <= 0:
+                raise ValueError(f"scale_weights must be {len(scales)} numbers >= 0 with a positive sum, one per scale, got {scale_weights!r}")
+            weights = [float(v) for v in scale_weights]
+        if batch_size is not None and batch_size < 2:
+            raise ValueError(f"MDM puts 2 rows per image in each pass: batch_size must be at least 2, got {batch_size}")
         self.scales, self.steps, self.lr = [int(s) for s in scales], int(steps), float(lr)
         self.baseline, self.blur_sigma = baseline, blur_sigma
-        self.area, self.binary, self.smooth = float(area), float(binary), float(smooth)
-        self.consistency, self.consistency_layer = float(consistency), consistency_layer
+        self.area_weight, self.binary_weight, self.tv_weight = float(area_weight), float(binary_weight), float(tv_weight)
+        self.consistency_weight, self.consistency_layer = float(consistency_weight), consistency_layer
         self.scale_weights, self.coarse_to_fine = weights, bool(coarse_to_fine)
 
+    def active_scales(self, h: int, w: int) -> list[tuple[int, float]]:
+        """``(scale, weight)`` pairs used on an ``h x w`` image."""
+        pairs = list(zip(self.scales, self.scale_weights))
+        if self.fit_scales:
+            pairs = [(s, wt) for s, wt in pairs if s <= min(h, w)] or [(min(h, w), 1.0)]
+        return pairs
+
     def _check_size(self, h: int, w: int) -> None:
-        too_big = [s for s in self.scales if s > min(h, w)]
+        too_big = [s for s, _ in self.active_scales(h, w) if s > min(h, w)]
         if too_big:
             raise ValueError(f"MDM scales {too_big} are finer than the {h}x{w} image; use scales of at most {min(h, w)}")
 
-    def _steps_per_chunk(self) -> int:
-        return len(self.scales) * self.steps
+    def _steps_per_chunk(self, h: int, w: int) -> int:
+        return len(self.active_scales(h, w)) * self.steps
 
     def baseline_images(self, images: Tensor) -> Tensor:
         if self.baseline == "zero":
@@ -202,7 +229,7 @@ class MDM(MaskSearch):
     def _search(self, images: Tensor, targets: Tensor, bar) -> Tensor:
         b, _, h, w = images.shape
         base = self.baseline_images(images)
-        layer = self.consistency_layer if self.consistency > 0 else None
+        layer = self.consistency_layer if self.consistency_weight > 0 else None
         clean_features = None
         if layer is not None:
             with torch.no_grad(), Tap(self.model.backbone, [layer]) as tap, self._autocast(images):
@@ -210,7 +237,7 @@ class MDM(MaskSearch):
                 clean_features = pooled(tap.get(layer))
         total = torch.zeros(b, h, w, device=images.device)
         logits = None
-        for scale, weight in zip(self.scales, self.scale_weights):
+        for scale, weight in self.active_scales(h, w):
             if logits is None or not self.coarse_to_fine:
                 logits = torch.zeros(b, 1, scale, scale, device=images.device)
             else:
@@ -234,15 +261,20 @@ class MDM(MaskSearch):
                 with Tap(self.model.backbone, [layer], differentiable=True) if layer else contextlib.nullcontext() as tap:
                     with self._autocast(images):
                         out = self.model(inputs)
-                logp = out.float().log_softmax(1).gather(1, targets.repeat(2)[:, None])[:, 0]
-                keep, gone = logp[:b], logp[b:]
-                # -log(1 - p): the probability clamped below 1 so that a mask that changes nothing stays finite
-                loss = -keep - torch.log1p(-gone.exp().clamp(max=1 - 1e-6))
-                loss = loss + self.area * masks.flatten(1).mean(1) + self.binary * (masks * (1 - masks)).flatten(1).mean(1)
-                loss = loss + self.smooth * total_variation(masks)
+                out = out.float()
+                if out.shape[1] < 2:
+                    raise ValueError(f"MDM needs a classifier with at least 2 classes (softmax over {out.shape[1]} logit is always 1)")
+                t2 = targets.repeat(2)[:, None]
+                total_lse = out.logsumexp(1)
+                keep = out[:b].gather(1, t2[:b])[:, 0] - total_lse[:b]  # log p(c | preserved)
+                # log(1 - p(c | deleted)) = logsumexp of the other logits - logsumexp of all: exact for any margin
+                gone = out[b:].scatter(1, t2[b:], float("-inf")).logsumexp(1) - total_lse[b:]
+                loss = -keep - gone
+                loss = loss + self.area_weight * masks.flatten(1).mean(1) + self.binary_weight * (masks * (1 - masks)).flatten(1).mean(1)
+                loss = loss + self.tv_weight * total_variation(masks)
                 if layer:
                     kept = pooled(tap.get(layer)[:b])
-                    loss = loss + self.consistency * (kept - clean_features).pow(2).sum(1) / clean_features.pow(2).sum(1).clamp_min(1e-12)
+                    loss = loss + self.consistency_weight * (kept - clean_features).pow(2).sum(1) / clean_features.pow(2).sum(1).clamp_min(1e-12)
                 (grad,) = torch.autograd.grad(loss.sum(), logits)
             logits.grad = grad
             optimiser.step()

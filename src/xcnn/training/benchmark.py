@@ -70,10 +70,13 @@ def fit_benchmark(
 ) -> tuple[Classifier, dict]:
     """Train the benchmark model; return it and a results dict (also written to ``out_dir/results.json``).
 
-    ``arch``: ``"shapesnet"`` (the CNN; ``widths``/``strides`` shape it) or ``"vit"`` (see :data:`VIT`).
+    ``arch``: ``"shapesnet"`` (the CNN; ``widths``/``strides`` shape it) or ``"vit"`` (see :data:`VIT`;
+    ``widths``/``strides`` do not apply; ``size`` must be a multiple of the patch size, 8).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    if arch == "vit" and size % VIT["patch_size"]:
+        raise ValueError(f"the benchmark ViT cuts {VIT['patch_size']}x{VIT['patch_size']} patches: size must be a multiple of {VIT['patch_size']}, got {size}")
     out = prepare_out_dir(out_dir)
     data = {"size": size, "seed": seed, "shortcut_prob": shortcut_prob}
     train = InMemory(Shapes("train", n_train, **data))
