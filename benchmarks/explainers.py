@@ -299,8 +299,8 @@ class Bench:
             self.add(
                 f"{name} ({options['steps']} steps{' per scale' if name == 'mdm' else ''})", "xcnn", secs, 1,
                 note=f"{counts['forwards']} forwards ({counts['rows']} rows), {counts['with_grad']} of them with a backward, "
-                f"{rows_per_step} rows each; a step costs {per_step / fb[rows_per_step]:.2f}x the model's own forward+backward "
-                f"on {rows_per_step} rows ({1000 * fb[rows_per_step]:.0f} ms); default {default_steps} steps: ~{default_secs:.0f} s / image (extrapolated, linear in steps); "
+                f"{rows_per_step} row(s) each; a step costs {per_step / fb[rows_per_step]:.2f}x the model's own forward+backward "
+                f"on {rows_per_step} row(s) ({1000 * fb[rows_per_step]:.0f} ms); default {default_steps} steps: ~{default_secs:.0f} s / image (extrapolated, linear in steps); "
                 f"peak memory of a fresh process explaining one image: {peak_short:.0f} MiB, {peak_long:.0f} MiB with 4x the steps",
             )  # fmt: skip
 

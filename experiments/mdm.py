@@ -2,7 +2,8 @@
 the benchmark CNN (with the sanity check and seconds per image), the scale ablation (1 vs 4 scales), the
 bundled EfficientNet-Lite0 on the bundled photos, and a small ViT trained on the benchmark.
 
-    python experiments/mdm.py --out runs/mdm --model clean     # ~50 min on 2 CPU cores
+    python experiments/mdm.py --out runs/mdm --model clean     # 2 CPU cores: benchmark section ~40 min,
+                                                               # photos section > 30 min, ViT not timed
 
 ``--model`` defaults to ``OUT/benchmark`` and ``--vit`` to ``OUT/vit`` (each trained with the reference
 recipe when missing). Writes ``OUT/benchmark.md``, ``OUT/photos.md``, ``OUT/vit.md``, ``OUT/*.json`` and

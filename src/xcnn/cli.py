@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seed", type=int, default=None, help="seed for stochastic methods (rise, smoothgrad, random)")
     ex.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)")
-    ex.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000 (RISE); repeatable")
+    ex.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000 (RISE), --opt scales=7,14 (MDM; a comma makes a list); given to every listed method that has an option of this name; repeatable")
     ex.add_argument("--tame-head", default=None, metavar="DIR", help="for --method tame: a head folder written by `xcnn train tame`")
     ex.set_defaults(func=cmd_explain)
 
@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--slow-images", type=int, default=16, help="images used for consistency and sanity (default: %(default)s)")
     ev.add_argument("--seed", type=int, default=None, help="seed for stochastic methods")
     ev.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    ev.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000; repeatable")
+    ev.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000, --opt scales=7,14 (a comma makes a list); given to every listed method that has an option of this name; repeatable")
     ev.add_argument("--tame-head", default=None, metavar="DIR", help="for the method tame: a head folder written by `xcnn train tame`")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ev.add_argument("--no-report", action="store_true", help="skip the HTML report")
