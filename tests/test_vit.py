@@ -40,6 +40,24 @@ def test_vit_is_explained_through_its_output_or_token_grid(vit32, name, options)
     assert not torch.allclose(maps[0], maps[1])  # each image gets its own map
 
 
+@pytest.mark.parametrize("stem", ["conv", "patch"])
+def test_shapes_vit_stems_give_the_same_token_grid(stem):
+    from xcnn.nets import shapes_vit
+
+    vit = shapes_vit(img_size=32, stem=stem).eval()
+    assert vit.patch_embed(torch.rand(2, 3, 32, 32)).shape == (2, 16, 96)  # 4x4 tokens of width 96
+    assert vit(torch.rand(2, 3, 32, 32)).shape == (2, 6)
+
+
+def test_shapes_vit_bad_settings_are_named():
+    from xcnn.nets import shapes_vit
+
+    with pytest.raises(ValueError, match="stem must be 'conv' or 'patch', got 'cnn'"):
+        shapes_vit(stem="cnn")
+    with pytest.raises(ValueError, match="patch_size must be a power of 2, got 6"):
+        shapes_vit(img_size=36, patch_size=6)
+
+
 def test_wrong_benchmark_architecture_or_size_is_named(tmp_path):
     with pytest.raises(ValueError, match="arch must be one of"):
         fit_benchmark(tmp_path / "x", arch="resnet")

@@ -330,7 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--epochs", type=_positive_int, default=10)
     tb.add_argument("--n-train", type=_positive_int, default=6000)
     tb.add_argument("--size", type=_positive_int, default=64, help="image size (32-224; default: %(default)s)")
-    tb.add_argument("--arch", choices=["shapesnet", "vit"], default="shapesnet", help="the CNN, or a small timm ViT (8x8 patches, 4 blocks) (default: %(default)s)")
+    tb.add_argument(
+        "--arch", choices=["shapesnet", "vit", "vit_patch"], default="shapesnet",
+        help="the CNN, a small timm ViT (8x8 token grid, 4 blocks) with a convolutional stem, or the same ViT with the patchify stem (default: %(default)s)",
+    )  # fmt: skip
     tb.add_argument("--lr", type=_positive_float, default=2e-3, help="peak AdamW learning rate of the one-cycle schedule (default: %(default)s)")
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")

@@ -24,9 +24,10 @@ from .trainer import accuracy_eval, fit
 
 __all__ = ["ARCHITECTURES", "InMemory", "fit_benchmark"]
 
-#: ``arch`` choices of :func:`fit_benchmark`: ``"vit"`` is timm's ``vit_tiny_patch16_224`` made smaller for
-#: 64x64 shapes (8x8 patches -> an 8x8 token grid, 4 blocks of width 96, 3 heads: 0.45 M parameters)
-ARCHITECTURES = ("shapesnet", "vit")
+#: ``arch`` choices of :func:`fit_benchmark`: ``"vit"`` is a timm ViT, ``vit_tiny_patch16_224`` made smaller
+#: for 64x64 shapes (8x8 patches -> an 8x8 token grid, 4 blocks of width 96, 3 heads), with a convolutional
+#: stem; ``"vit_patch"`` is the same ViT with the plain patchify stem (see :func:`xcnn.nets.shapes_vit`)
+ARCHITECTURES = ("shapesnet", "vit", "vit_patch")
 VIT = {"patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
 
 
@@ -70,22 +71,23 @@ def fit_benchmark(
 ) -> tuple[Classifier, dict]:
     """Train the benchmark model; return it and a results dict (also written to ``out_dir/results.json``).
 
-    ``arch``: ``"shapesnet"`` (the CNN; ``widths``/``strides`` shape it) or ``"vit"`` (see :data:`VIT`;
-    ``widths``/``strides`` do not apply; ``size`` must be a multiple of the patch size, 8).
+    ``arch``: ``"shapesnet"`` (the CNN; ``widths``/``strides`` shape it), ``"vit"`` or ``"vit_patch"`` (see
+    :data:`ARCHITECTURES`, :data:`VIT`; ``widths``/``strides`` do not apply; ``size`` must be a multiple of the
+    patch size, 8).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
-    if arch == "vit" and size % VIT["patch_size"]:
+    if arch.startswith("vit") and size % VIT["patch_size"]:
         raise ValueError(f"the benchmark ViT cuts {VIT['patch_size']}x{VIT['patch_size']} patches: size must be a multiple of {VIT['patch_size']}, got {size}")
     out = prepare_out_dir(out_dir)
     data = {"size": size, "seed": seed, "shortcut_prob": shortcut_prob}
     train = InMemory(Shapes("train", n_train, **data))
     val = InMemory(Shapes("val", n_val, **data))
     torch.manual_seed(seed)
-    if arch == "vit":
-        name, kwargs = "timm:vit_tiny_patch16_224", {"num_classes": len(CLASSES), "img_size": size, **VIT}
-        backbone, mean, std, _ = _build_arch(name, kwargs)
-        model = Classifier(backbone, mean, std, name="vit", input_size=(size, size), class_names=CLASSES, spec={"arch": name, "kwargs": kwargs})
+    if arch.startswith("vit"):
+        kwargs = {"num_classes": len(CLASSES), "img_size": size, **VIT, "stem": "patch" if arch == "vit_patch" else "conv"}
+        backbone, mean, std, _ = _build_arch("shapes_vit", kwargs)
+        model = Classifier(backbone, mean, std, name=arch, input_size=(size, size), class_names=CLASSES, spec={"arch": "shapes_vit", "kwargs": kwargs})
     else:
         kwargs = {"num_classes": len(CLASSES), "widths": list(widths), "strides": list(strides)}
         model = Classifier(
