@@ -2,13 +2,17 @@
 the benchmark CNN (with the sanity check and seconds per image), the scale ablation (1 vs 4 scales), the
 bundled EfficientNet-Lite0 on the bundled photos, and a small ViT trained on the benchmark.
 
-    python experiments/mdm.py --out runs/mdm --model clean     # 2 CPU cores: benchmark section ~40 min,
-                                                               # photos section ~3 h, ViT section ~30 min
+    python experiments/mdm.py --out runs/mdm --model clean
+
+On 2 CPU cores: the benchmark section ~40 min; the photos section hours (Score-CAM alone ~5 min per photo,
+MDM and extremal perturbation at 224x224 the longest); the ViT section ~2 h with its 20-epoch training
+(observed with another run sharing the cores).
 
 ``--model`` defaults to ``OUT/benchmark`` and ``--vit`` to ``OUT/vit`` (each trained when missing: the CNN
-with the reference recipe, the ViT with ``xcnn train benchmark --arch vit --epochs 20 --lr 1e-3``). Writes ``OUT/benchmark.md``, ``OUT/photos.md``, ``OUT/vit.md``, ``OUT/*.json`` and
-``OUT/report.html``. The photos section keeps each finished method in ``OUT/photos-parts/`` and resumes
-from there when run again.
+with the reference recipe, the ViT with ``xcnn train benchmark --arch vit --epochs 20 --lr 1e-3``). Writes
+``OUT/benchmark.md``, ``OUT/photos.md``, ``OUT/vit.md``, ``OUT/*.json`` and ``OUT/report.html``. The photos
+section keeps each finished method in ``OUT/photos-parts/`` and resumes from there when run again; a part
+is reused as it is, so delete it after changing that method's code or options.
 """
 
 from __future__ import annotations
