@@ -4,15 +4,17 @@ bundled EfficientNet-Lite0 on the bundled photos, and a small ViT trained on the
 
     python experiments/mdm.py --out runs/mdm --model clean
 
-On 2 CPU cores: the benchmark section ~40 min; the photos section hours (Score-CAM alone ~5 min per photo,
-MDM and extremal perturbation at 224x224 the longest); the ViT section ~2 h with its 20-epoch training
-(observed with another run sharing the cores).
+On 2 CPU cores: the benchmark section ~40 min; the photos section ~28 min (per photo: extremal
+perturbation ~2.5 min, RISE ~2, MDM ~1, Score-CAM 20 s); the ViT section ~13 min given a trained ViT, its
+20-epoch training ~2 h (observed with another run sharing the cores). Run it with nothing else on the
+cores: a second PyTorch process inflated the CAMs' times up to 17x.
 
 ``--model`` defaults to ``OUT/benchmark`` and ``--vit`` to ``OUT/vit`` (each trained when missing: the CNN
 with the reference recipe, the ViT with ``xcnn train benchmark --arch vit --epochs 20 --lr 1e-3``). Writes
-``OUT/benchmark.md``, ``OUT/photos.md``, ``OUT/vit.md``, ``OUT/*.json`` and ``OUT/report.html``. The photos
-section keeps each finished method in ``OUT/photos-parts/`` and resumes from there when run again; a part
-is reused as it is, so delete it after changing that method's code or options.
+``OUT/benchmark.md``, ``OUT/photos.md`` and ``OUT/photos-per-image.md``, ``OUT/vit.md``, ``OUT/*.json`` and
+``OUT/report.html``. The photos section keeps each finished method in ``OUT/photos-parts/`` and resumes
+from there when run again; a part is reused as it is, so delete it after changing that method's code or
+options.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 import xcnn
 from xcnn._io import atomic_write, prepare_out_dir
 from xcnn.data.images import load_image
+from xcnn.metrics.faithfulness import insertion_deletion
 from xcnn.metrics.harness import Evaluation, _spec, evaluate
 from xcnn.pipelines import benchmark_data, captions, model_summary
 from xcnn.training.benchmark import fit_benchmark
@@ -73,6 +76,20 @@ def resumable(parts: Path, model, data, methods, metrics, **options) -> Evaluati
     return merged
 
 
+def per_photo(model, ev: Evaluation, names: list[str]) -> str:
+    """Insertion and deletion AUC per photo for every method's saved maps: with 5 photos a mean can rest
+    on one of them, so the table shows which photos carry it. Recomputed from the maps (same protocol and
+    targets as the harness, so each row's mean equals the main table's)."""
+    images, targets = ev.samples["image"], ev.samples["target"]
+    head = "| method | " + " | ".join(f"{n} ins / del" for n in names) + " |"
+    lines = [head, "|---" * (len(names) + 1) + "|"]
+    for label, maps in ev.sample_maps.items():
+        r = insertion_deletion(model, images, maps, targets, per_image=True, batch_size=29)
+        cells = [f"{i:.3f} / {d:.3f}" for i, d in zip(r["insertion"].tolist(), r["deletion"].tolist())]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/mdm")
@@ -112,6 +129,9 @@ def main() -> None:
         )  # fmt: skip
         photos.save(out, stem="photos")
         print(photos.markdown(), flush=True)
+        table = per_photo(lite, photos, PHOTOS)
+        atomic_write(out / "photos-per-image.md", lambda tmp: tmp.write_text(table))
+        print(table, flush=True)
         sections.append(ReportSection("MDM on EfficientNet-Lite0 (bundled ImageNet weights), bundled photos", photos, model_summary(lite), captions(lite, photos, PHOTOS)))
 
     if "vit" not in skip:
