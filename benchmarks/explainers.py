@@ -2,7 +2,7 @@
 (grad-cam, torchcam, captum), all measured in the same run.
 
     python benchmarks/explainers.py                                 # CPU defaults (about 30 minutes)
-    python benchmarks/explainers.py --device cuda --batch 32 --rise-masks 4000 --scorecam-images 4 --amp
+    python benchmarks/explainers.py --device cuda --batch 32 --rise-masks 4000 --scorecam-images 4 --amp --mask-defaults
 
 Prints one Markdown table per model: seconds per image, ratio to the model's forward pass on the same
 batch, and the anchor's time divided by ours (> 1 = xcnn is faster). Results go in docs/performance.md.
@@ -260,7 +260,8 @@ class Bench:
         (counted by a hook on the model), their cost against the same number of the model's own
         forward+backward passes, and peak memory after a short and a 4x longer run (no graph is kept
         across steps, so it must not grow). Cost is linear in ``steps``: the default settings' time is
-        extrapolated from the measured run and labelled as such."""
+        extrapolated from the measured run and labelled as such; ``--mask-defaults`` also measures it, one
+        call per method."""
         args, model = self.args, self.model
         x, t = self.x[:1], self.targets[:1]
         counts = {"forwards": 0, "rows": 0, "with_grad": 0, "grad_rows": 0}
@@ -280,29 +281,39 @@ class Bench:
             return plain(run)
 
         fb = {rows: secs for (_, rows), secs in timed({("fb", r): forward_backward(r) for r in (1, 2)}, self.device, args.repeats).items()}
+
+        def measure(explainer) -> float:  # one timed call, its passes counted into ``counts``
+            counts.update(forwards=0, rows=0, with_grad=0, grad_rows=0)
+            handle = model.backbone.register_forward_pre_hook(count)
+            try:
+                return timed({("call", "xcnn"): plain(lambda: explainer(x, t))}, self.device, 1, warmup=0)[("call", "xcnn")]
+            finally:
+                handle.remove()
+
+        def passes() -> str:
+            return f"{counts['forwards']} forwards ({counts['rows']} rows), {counts['with_grad']} of them with a backward"
+
         for name, default_steps, options in [
             ("mdm", 100, {"steps": args.mdm_steps}),
             ("extremal", 800, {"steps": 4 * args.mdm_steps}),
         ]:
             short = xcnn.explainer(name, model, progress=False, **options)
             short(x, t)  # warm-up
-            counts.update(forwards=0, rows=0, with_grad=0, grad_rows=0)
-            handle = model.backbone.register_forward_pre_hook(count)
-            try:
-                secs = timed({(name, "xcnn"): plain(lambda: short(x, t))}, self.device, 1, warmup=0)[(name, "xcnn")]
-            finally:
-                handle.remove()
+            secs = measure(short)
             peak_short, peak_long = (self.peak_mib(name, steps) for steps in (options["steps"], 4 * options["steps"]))
             per_step = secs / counts["with_grad"]
             default_secs = secs * default_steps / options["steps"]
             rows_per_step = counts["grad_rows"] // counts["with_grad"]
             self.add(
                 f"{name} ({options['steps']} steps{' per scale' if name == 'mdm' else ''})", "xcnn", secs, 1,
-                note=f"{counts['forwards']} forwards ({counts['rows']} rows), {counts['with_grad']} of them with a backward, "
-                f"{rows_per_step} row(s) each; a step costs {per_step / fb[rows_per_step]:.2f}x the model's own forward+backward "
+                note=f"{passes()}, {rows_per_step} row(s) each; a step costs {per_step / fb[rows_per_step]:.2f}x the model's own forward+backward "
                 f"on {rows_per_step} row(s) ({1000 * fb[rows_per_step]:.0f} ms); default {default_steps} steps: ~{default_secs:.0f} s / image (extrapolated, linear in steps); "
                 f"peak memory of a fresh process explaining one image: {peak_short:.0f} MiB, {peak_long:.0f} MiB with 4x the steps",
             )  # fmt: skip
+            if args.mask_defaults:  # the default settings, measured once (minutes per image on CPU)
+                secs = measure(xcnn.explainer(name, model, progress=False))
+                self.add(f"{name} (defaults, {default_steps} steps{' per scale' if name == 'mdm' else ''})", "xcnn", secs, 1,
+                         note=f"{passes()}; measured once")  # fmt: skip
 
     def peak_mib(self, method: str, steps: int) -> float:
         """Peak memory (CUDA allocator, or the process's peak RSS on CPU) of a fresh process that loads the
@@ -376,6 +387,7 @@ def main() -> None:
     parser.add_argument("--tame-steps", type=int, default=3, help="training batches timed in the tame section (default %(default)s)")
     parser.add_argument("--memory-calls", type=int, default=200)
     parser.add_argument("--mdm-steps", type=int, default=10, help="MDM steps per scale in the mask section (extremal: 4x); default %(default)s")
+    parser.add_argument("--mask-defaults", action="store_true", help="mask section: also time MDM and extremal once at their default steps (minutes on CPU)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for xcnn's forward-only methods on CUDA")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
