@@ -49,7 +49,7 @@ def trained(folder: Path, **options) -> xcnn.Classifier:
 def resumable(parts: Path, model, data, methods, metrics, **options) -> Evaluation:
     """:func:`evaluate` one method at a time, each method's rows, curves and sample maps saved in ``parts``
     as soon as it finishes; a method already saved there is read back, not re-run. A run cut short (the
-    photos section takes hours on 2 CPU cores) resumes where it stopped."""
+    photos section takes about half an hour on 2 CPU cores) resumes where it stopped."""
     parts = prepare_out_dir(parts)
     merged = Evaluation()
     for method in methods:
@@ -79,12 +79,16 @@ def resumable(parts: Path, model, data, methods, metrics, **options) -> Evaluati
 def per_photo(model, ev: Evaluation, names: list[str]) -> str:
     """Insertion and deletion AUC per photo for every method's saved maps: with 5 photos a mean can rest
     on one of them, so the table shows which photos carry it. Recomputed from the maps (same protocol and
-    targets as the harness, so each row's mean equals the main table's)."""
+    targets as the harness, so each row's mean equals the main table's). The first row is the model's own
+    probability for each photo's target."""
     images, targets = ev.samples["image"], ev.samples["target"]
+    with torch.no_grad():
+        probs = model(images).softmax(1).gather(1, targets[:, None])[:, 0]
     head = "| method | " + " | ".join(f"{n} ins / del" for n in names) + " |"
     lines = [head, "|---" * (len(names) + 1) + "|"]
+    lines.append("| (target, its probability) | " + " | ".join(f"{int(c)}, {q:.3f}" for c, q in zip(targets, probs.tolist())) + " |")
     for label, maps in ev.sample_maps.items():
-        r = insertion_deletion(model, images, maps, targets, per_image=True, batch_size=29)
+        r = insertion_deletion(model, images, maps, targets, per_image=True)
         cells = [f"{i:.3f} / {d:.3f}" for i, d in zip(r["insertion"].tolist(), r["deletion"].tolist())]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
