@@ -34,7 +34,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(contenders: dict[tuple[str, str], Contender], device: torch.device, repeats: int, warmup: int = 1) -> dict[tuple[str, str], float]:
+def timed(
+    contenders: dict[tuple[str, str], Contender], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[tuple[str, str], float]:
     """Median seconds per call of each contender, run round-robin so that drifts in machine speed hit all
     alike; each contender's hooks are attached only while it runs."""
     times: dict[tuple[str, str], list[float]] = {key: [] for key in contenders}
@@ -75,7 +77,9 @@ class Bench:
         self.rows: list[dict] = []
 
     def add(self, method: str, impl: str, secs: float, images: int, ref: str | None = None, note: str = "") -> None:
-        self.rows.append({"model": self.name, "method": method, "impl": impl, "s_per_image": secs / images, "ref": ref, "note": note})
+        self.rows.append(
+            {"model": self.name, "method": method, "impl": impl, "s_per_image": secs / images, "ref": ref, "note": note}
+        )
 
     def forward(self) -> None:
         with torch.inference_mode():
@@ -108,7 +112,10 @@ class Bench:
 
             return make
 
-        contenders: dict[tuple[str, str], Contender] = {("forward", "model"): plain(self.forward), ("forward+backward", "model"): plain(forward_backward)}
+        contenders: dict[tuple[str, str], Contender] = {
+            ("forward", "model"): plain(self.forward),
+            ("forward+backward", "model"): plain(forward_backward),
+        }
         for method in ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]:
             expl = xcnn.explainer(method, model, layer=self.layer)
             contenders[(method, "xcnn")] = plain(lambda e=expl: e(x, targets))
@@ -130,7 +137,9 @@ class Bench:
         contenders = {
             ("integrated_gradients", "xcnn"): plain(lambda: ours_ig(x, targets)),
             ("integrated_gradients", "captum"): plain(
-                lambda: captum_ig.attribute(x, target=targets, n_steps=steps, method="riemann_trapezoid", internal_batch_size=rows)
+                lambda: captum_ig.attribute(
+                    x, target=targets, n_steps=steps, method="riemann_trapezoid", internal_batch_size=rows
+                )
             ),
             ("saliency", "xcnn"): plain(lambda: ours_sal(x, targets)),
             ("saliency", "captum"): plain(lambda: captum_sal.attribute(x, target=targets, abs=True)),
@@ -163,11 +172,16 @@ class Bench:
             labels = [ClassifierOutputTarget(int(t)) for t in ts]
             return (lambda: cam(input_tensor=xs, targets=labels)), cam.activations_and_grads.release
 
-        contenders: dict[tuple[str, str], Contender] = {("scorecam", "xcnn"): plain(lambda: ours(xs, ts)), ("scorecam", "torchcam"): torchcam_lib}
+        contenders: dict[tuple[str, str], Contender] = {
+            ("scorecam", "xcnn"): plain(lambda: ours(xs, ts)),
+            ("scorecam", "torchcam"): torchcam_lib,
+        }
         if args.gradcam_scorecam:
             contenders[("scorecam", "grad-cam")] = gradcam_lib
         for (method, impl), secs in timed(contenders, self.device, 1, warmup=0).items():
-            self.add(method, impl, secs, len(xs), ref=None if impl == "xcnn" else method, note=f"batch {args.inner_batch}")
+            self.add(
+                method, impl, secs, len(xs), ref=None if impl == "xcnn" else method, note=f"batch {args.inner_batch}"
+            )
 
     def rise(self) -> None:
         args = self.args
@@ -179,10 +193,30 @@ class Bench:
                 for _ in range(-(-args.rise_masks // args.inner_batch)):
                     self.model(noise)
 
-        found = timed({("rise", "xcnn"): plain(lambda: rise(self.x[:1], self.targets[:1])), ("rise", "plain forwards"): plain(plain_forwards)}, self.device, 1)
+        found = timed(
+            {
+                ("rise", "xcnn"): plain(lambda: rise(self.x[:1], self.targets[:1])),
+                ("rise", "plain forwards"): plain(plain_forwards),
+            },
+            self.device,
+            1,
+        )
         ratio = found[("rise", "xcnn")] / found[("rise", "plain forwards")]
-        self.add("rise", "xcnn", found[("rise", "xcnn")], 1, note=f"{args.rise_masks} masks = {ratio:.2f}x the same number of plain forwards")
-        self.add("rise", "plain forwards", found[("rise", "plain forwards")], 1, ref="rise", note=f"{args.rise_masks} forwards, batch {args.inner_batch}")
+        self.add(
+            "rise",
+            "xcnn",
+            found[("rise", "xcnn")],
+            1,
+            note=f"{args.rise_masks} masks = {ratio:.2f}x the same number of plain forwards",
+        )
+        self.add(
+            "rise",
+            "plain forwards",
+            found[("rise", "plain forwards")],
+            1,
+            ref="rise",
+            note=f"{args.rise_masks} forwards, batch {args.inner_batch}",
+        )
 
     def tame(self) -> None:
         """TAME explanation (one pass + head) against the plain forward timed alongside, and a training
@@ -203,7 +237,13 @@ class Bench:
         )  # fmt: skip
         fwd = found[("forward", "model")]
         for key in [("tame", "xcnn"), ("tame, all classes", "xcnn")]:
-            self.add(key[0], key[1], found[key], len(x), note=f"{found[key] / fwd:.2f}x the forward timed alongside; layers {', '.join(head.layers)}")
+            self.add(
+                key[0],
+                key[1],
+                found[key],
+                len(x),
+                note=f"{found[key] / fwd:.2f}x the forward timed alongside; layers {', '.join(head.layers)}",
+            )
 
         steps = args.tame_steps
         images = torch.rand(steps * len(x), 3, *model.input_size)
@@ -280,18 +320,27 @@ class Bench:
 
             return plain(run)
 
-        fb = {rows: secs for (_, rows), secs in timed({("fb", r): forward_backward(r) for r in (1, 2)}, self.device, args.repeats).items()}
+        fb = {
+            rows: secs
+            for (_, rows), secs in timed(
+                {("fb", r): forward_backward(r) for r in (1, 2)}, self.device, args.repeats
+            ).items()
+        }
 
         def measure(explainer) -> float:  # one timed call, its passes counted into ``counts``
             counts.update(forwards=0, rows=0, with_grad=0, grad_rows=0)
             handle = model.backbone.register_forward_pre_hook(count)
             try:
-                return timed({("call", "xcnn"): plain(lambda: explainer(x, t))}, self.device, 1, warmup=0)[("call", "xcnn")]
+                return timed({("call", "xcnn"): plain(lambda: explainer(x, t))}, self.device, 1, warmup=0)[
+                    ("call", "xcnn")
+                ]
             finally:
                 handle.remove()
 
         def passes() -> str:
-            return f"{counts['forwards']} forwards ({counts['rows']} rows), {counts['with_grad']} of them with a backward"
+            return (
+                f"{counts['forwards']} forwards ({counts['rows']} rows), {counts['with_grad']} of them with a backward"
+            )
 
         for name, default_steps, options in [
             ("mdm", 100, {"steps": args.mdm_steps}),
@@ -343,7 +392,16 @@ print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(
                 readings.append(torch.cuda.max_memory_allocated() / 2**20 if self.device.type == "cuda" else rss_mib())
         unit = "peak CUDA MiB" if self.device.type == "cuda" else "process RSS MiB"
         note = f"{unit} after 10 calls {readings[0]:.0f}, after {self.args.memory_calls} calls {readings[1]:.0f}"
-        self.rows.append({"model": self.name, "method": "gradcam, repeated calls", "impl": "xcnn", "s_per_image": float("nan"), "ref": None, "note": note})
+        self.rows.append(
+            {
+                "model": self.name,
+                "method": "gradcam, repeated calls",
+                "impl": "xcnn",
+                "s_per_image": float("nan"),
+                "ref": None,
+                "note": note,
+            }
+        )
 
     def run(self) -> list[dict]:
         sections = {
@@ -351,7 +409,14 @@ print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(
             "tame": self.tame, "memory": self.memory, "mask": self.mask_search,
         }  # fmt: skip
         if "grad" not in self.args.sections:
-            self.add("forward", "model", timed({("forward", "model"): plain(self.forward)}, self.device, self.args.repeats)[("forward", "model")], len(self.x))
+            self.add(
+                "forward",
+                "model",
+                timed({("forward", "model"): plain(self.forward)}, self.device, self.args.repeats)[
+                    ("forward", "model")
+                ],
+                len(self.x),
+            )
         for key in self.args.sections:
             sections[key]()
         forward = next(r["s_per_image"] for r in self.rows if r["method"] == "forward")
@@ -362,10 +427,17 @@ print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(
 
 def table(rows: list[dict]) -> str:
     ours = {(r["model"], r["method"]): r["s_per_image"] for r in rows if r["impl"] == "xcnn"}
-    lines = ["| model | method | implementation | ms / image | × forward | anchor ÷ xcnn | note |", "|---|---|---|---:|---:|---:|---|"]
+    lines = [
+        "| model | method | implementation | ms / image | × forward | anchor ÷ xcnn | note |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         measured = r["s_per_image"] == r["s_per_image"]  # not NaN
-        anchor = f"{r['s_per_image'] / ours[(r['model'], r['ref'])]:.2f}" if r["ref"] and (r["model"], r["ref"]) in ours else ""
+        anchor = (
+            f"{r['s_per_image'] / ours[(r['model'], r['ref'])]:.2f}"
+            if r["ref"] and (r["model"], r["ref"]) in ours
+            else ""
+        )
         ms = f"{1000 * r['s_per_image']:.1f}" if measured else ""
         xf = f"{r['x_forward']:.2f}" if measured else ""
         lines.append(f"| {r['model']} | {r['method']} | {r['impl']} | {ms} | {xf} | {anchor} | {r['note']} |")
@@ -376,18 +448,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--sections", default="grad,inputgrad,scorecam,rise,tame,memory,mask", help="any of %(default)s")
+    parser.add_argument(
+        "--sections", default="grad,inputgrad,scorecam,rise,tame,memory,mask", help="any of %(default)s"
+    )
     parser.add_argument("--batch", type=int, default=4, help="images per call (default %(default)s)")
-    parser.add_argument("--inner-batch", type=int, default=None, help="rows per forward pass in inner loops (default: xcnn's, 64 on CUDA, 8-64 on CPU by image size)")
+    parser.add_argument(
+        "--inner-batch",
+        type=int,
+        default=None,
+        help="rows per forward pass in inner loops (default: xcnn's, 64 on CUDA, 8-64 on CPU by image size)",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ig-steps", type=int, default=50)
     parser.add_argument("--scorecam-images", type=int, default=1)
-    parser.add_argument("--gradcam-scorecam", action="store_true", help="also time grad-cam's Score-CAM (minutes per image on CPU)")
+    parser.add_argument(
+        "--gradcam-scorecam", action="store_true", help="also time grad-cam's Score-CAM (minutes per image on CPU)"
+    )
     parser.add_argument("--rise-masks", type=int, default=400)
-    parser.add_argument("--tame-steps", type=int, default=3, help="training batches timed in the tame section (default %(default)s)")
+    parser.add_argument(
+        "--tame-steps", type=int, default=3, help="training batches timed in the tame section (default %(default)s)"
+    )
     parser.add_argument("--memory-calls", type=int, default=200)
-    parser.add_argument("--mdm-steps", type=int, default=10, help="MDM steps per scale in the mask section (extremal: 4x); default %(default)s")
-    parser.add_argument("--mask-defaults", action="store_true", help="mask section: also time MDM and extremal once at their default steps (minutes on CPU)")
+    parser.add_argument(
+        "--mdm-steps",
+        type=int,
+        default=10,
+        help="MDM steps per scale in the mask section (extremal: 4x); default %(default)s",
+    )
+    parser.add_argument(
+        "--mask-defaults",
+        action="store_true",
+        help="mask section: also time MDM and extremal once at their default steps (minutes on CPU)",
+    )
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for xcnn's forward-only methods on CUDA")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()

@@ -32,7 +32,10 @@ def per_step_loop(model, images, maps, targets, steps: int = 28) -> dict[str, to
     curves = {"deletion": torch.zeros(b, steps + 1), "insertion": torch.zeros(b, steps + 1)}
     with torch.inference_mode():
         for i in range(b):
-            for kind, start, finish in (("deletion", images[i], torch.zeros_like(images[i])), ("insertion", blurred[i], images[i])):
+            for kind, start, finish in (
+                ("deletion", images[i], torch.zeros_like(images[i])),
+                ("insertion", blurred[i], images[i]),
+            ):
                 for k in range(steps + 1):
                     changed = (ranks[i] < k * per_step)[None]
                     x = torch.where(changed, finish, start)[None]
@@ -94,12 +97,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="shapesnet,resnet50")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--images", type=int, default=None, help="images for the batched metrics (default: 64 for small models, 8 for ImageNet ones on CPU)")
-    parser.add_argument("--loop-images", type=int, default=None, help="images for the per-step loop (default: a quarter of --images, at least 2)")
-    parser.add_argument("--batch-size", type=int, default=None, help="rows per forward pass (default 64, 16 for ImageNet models on CPU)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="images for the batched metrics (default: 64 for small models, 8 for ImageNet ones on CPU)",
+    )
+    parser.add_argument(
+        "--loop-images",
+        type=int,
+        default=None,
+        help="images for the per-step loop (default: a quarter of --images, at least 2)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="rows per forward pass (default 64, 16 for ImageNet models on CPU)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
-    env = f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else "")
+    env = f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads" + (
+        f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    )
     print(f"# metrics benchmark ({env})\n")
     print("| model | input | what | images | seconds | images / s | speed-up |\n|---|---|---|---:|---:|---:|---:|")
     for name in args.models.split(","):

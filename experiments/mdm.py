@@ -86,10 +86,14 @@ def per_photo(model, ev: Evaluation, names: list[str]) -> str:
         probs = model(images).softmax(1).gather(1, targets[:, None])[:, 0]
     head = "| method | " + " | ".join(f"{n} ins / del" for n in names) + " |"
     lines = [head, "|---" * (len(names) + 1) + "|"]
-    lines.append("| (target, its probability) | " + " | ".join(f"{int(c)}, {q:.3f}" for c, q in zip(targets, probs.tolist())) + " |")
+    lines.append(
+        "| (target, its probability) | "
+        + " | ".join(f"{int(c)}, {q:.3f}" for c, q in zip(targets, probs.tolist(), strict=True))
+        + " |"
+    )
     for label, maps in ev.sample_maps.items():
         r = insertion_deletion(model, images, maps, targets, per_image=True)
-        cells = [f"{i:.3f} / {d:.3f}" for i, d in zip(r["insertion"].tolist(), r["deletion"].tolist())]
+        cells = [f"{i:.3f} / {d:.3f}" for i, d in zip(r["insertion"].tolist(), r["deletion"].tolist(), strict=True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -97,7 +101,9 @@ def per_photo(model, ev: Evaluation, names: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/mdm")
-    parser.add_argument("--model", default=None, help="benchmark CNN folder (default: OUT/benchmark, trained if missing)")
+    parser.add_argument(
+        "--model", default=None, help="benchmark CNN folder (default: OUT/benchmark, trained if missing)"
+    )
     parser.add_argument("--vit", default=None, help="benchmark ViT folder (default: OUT/vit, trained if missing)")
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--sanity-images", type=int, default=8)
@@ -121,7 +127,14 @@ def main() -> None:
         )  # fmt: skip
         bench.save(out, stem="benchmark")
         print(bench.markdown(), flush=True)
-        sections.append(ReportSection(f"MDM on the benchmark CNN ({args.n_test} test images)", bench, model_summary(model), captions(model, bench)))
+        sections.append(
+            ReportSection(
+                f"MDM on the benchmark CNN ({args.n_test} test images)",
+                bench,
+                model_summary(model),
+                captions(model, bench),
+            )
+        )
 
     if "photos" not in skip:
         lite = xcnn.load_model()
@@ -136,7 +149,14 @@ def main() -> None:
         table = per_photo(lite, photos, PHOTOS)
         atomic_write(out / "photos-per-image.md", lambda tmp: tmp.write_text(table))
         print(table, flush=True)
-        sections.append(ReportSection("MDM on EfficientNet-Lite0 (bundled ImageNet weights), bundled photos", photos, model_summary(lite), captions(lite, photos, PHOTOS)))
+        sections.append(
+            ReportSection(
+                "MDM on EfficientNet-Lite0 (bundled ImageNet weights), bundled photos",
+                photos,
+                model_summary(lite),
+                captions(lite, photos, PHOTOS),
+            )
+        )
 
     if "vit" not in skip:
         vit = trained(Path(args.vit) if args.vit else out / "vit", arch="vit", lr=1e-3, epochs=20)
@@ -146,7 +166,14 @@ def main() -> None:
         )  # fmt: skip
         vit_ev.save(out, stem="vit")
         print(vit_ev.markdown(), flush=True)
-        sections.append(ReportSection(f"MDM and the CAM family on a ViT trained on the benchmark ({args.n_test} test images)", vit_ev, model_summary(vit), captions(vit, vit_ev)))
+        sections.append(
+            ReportSection(
+                f"MDM and the CAM family on a ViT trained on the benchmark ({args.n_test} test images)",
+                vit_ev,
+                model_summary(vit),
+                captions(vit, vit_ev),
+            )
+        )
 
     write_report(out / "report.html", sections, title="xcnn: MDM evidence")
 

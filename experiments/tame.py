@@ -62,7 +62,9 @@ def augmented_photos(folder: Path, copies: int) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/tame")
-    parser.add_argument("--model", default=None, help="benchmark model folder (default: OUT/benchmark, trained if missing)")
+    parser.add_argument(
+        "--model", default=None, help="benchmark model folder (default: OUT/benchmark, trained if missing)"
+    )
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--n-test", type=int, default=256)
@@ -88,13 +90,23 @@ def main() -> None:
     data = benchmark_data(args.n_test, size)
     methods = ["gradcam", "gradcam++", "scorecam", ("rise", {"masks": 2000})]
     methods += [("tame", {"head": h}, label) for label, h in heads.items()] + ["random"]
-    bench = evaluate(model, data, methods, ["adic", "insertion_deletion", "pointing", "energy"], batch_size=64, progress=False)
+    bench = evaluate(
+        model, data, methods, ["adic", "insertion_deletion", "pointing", "energy"], batch_size=64, progress=False
+    )
     bench.save(out, stem="benchmark")
     print(bench.markdown(), flush=True)
 
     lite = xcnn.load_model()
     photos_dir = augmented_photos(out, copies=12)
-    lite_head, lite_seconds = head(lite, out / "head-lite0", folder_data(photos_dir, lite.input_size), epochs=6, batch_size=12, lr=1e-3, progress=False)
+    lite_head, lite_seconds = head(
+        lite,
+        out / "head-lite0",
+        folder_data(photos_dir, lite.input_size),
+        epochs=6,
+        batch_size=12,
+        lr=1e-3,
+        progress=False,
+    )
     images = torch.stack([load_image(f"sample:{p}", lite.input_size) for p in PHOTOS])
     photo_ev = evaluate(
         lite, {"image": images, "label": torch.full((len(PHOTOS),), -1)}, ["gradcam", "gradcam++", ("tame", {"head": lite_head}), "random"],
@@ -103,12 +115,24 @@ def main() -> None:
     photo_ev.save(out, stem="photos")
     print(photo_ev.markdown(), flush=True)
 
-    (out / "timings.json").write_text(json.dumps({"head_training_seconds": {**seconds, "lite0": lite_seconds}}, indent=2) + "\n")
+    (out / "timings.json").write_text(
+        json.dumps({"head_training_seconds": {**seconds, "lite0": lite_seconds}}, indent=2) + "\n"
+    )
     write_report(
         out / "report.html",
         [
-            ReportSection(f"TAME on the benchmark CNN ({args.n_test} test images)", bench, model_summary(model), captions(model, bench)),
-            ReportSection("TAME on EfficientNet-Lite0, head trained on 5 photos x 12 augmentations", photo_ev, model_summary(lite), captions(lite, photo_ev, PHOTOS)),
+            ReportSection(
+                f"TAME on the benchmark CNN ({args.n_test} test images)",
+                bench,
+                model_summary(model),
+                captions(model, bench),
+            ),
+            ReportSection(
+                "TAME on EfficientNet-Lite0, head trained on 5 photos x 12 augmentations",
+                photo_ev,
+                model_summary(lite),
+                captions(lite, photo_ev, PHOTOS),
+            ),
         ],
         title="xcnn: TAME evidence",
     )

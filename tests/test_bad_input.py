@@ -57,7 +57,7 @@ def test_targets_length_mismatch(name, tiny, images32):
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("bad", [10, -1])
 def test_target_class_out_of_range(name, bad, tiny, images32):
-    with pytest.raises(ValueError, match="out of range: model has 10 classes|must be >= 0"):
+    with pytest.raises(ValueError, match=r"out of range: model has 10 classes|must be >= 0"):
         make(name, tiny)(images32, torch.tensor([0, bad, 1]))
     assert hook_count(tiny) == 0
     assert all(p.requires_grad for p in tiny.parameters())
@@ -83,12 +83,12 @@ def test_one_target_applies_to_every_image(tiny, images32):
 
 
 def test_unknown_method_lists_the_available_ones(tiny):
-    with pytest.raises(ValueError, match="unknown explainer 'gradcamm'.*gradcam"):
+    with pytest.raises(ValueError, match=r"unknown explainer 'gradcamm'.*gradcam"):
         xcnn.explainer("gradcamm", tiny)
 
 
 def test_unknown_option_names_the_options(tiny):
-    with pytest.raises(TypeError, match="no option\\(s\\) \\['mask'\\].*masks"):
+    with pytest.raises(TypeError, match=r"no option\(s\) \['mask'\].*masks"):
         xcnn.explainer("rise", tiny, mask=10)
 
 
@@ -98,9 +98,9 @@ def test_layer_for_a_method_without_layers(tiny):
 
 
 def test_unknown_layer_suggests_close_names(tiny):
-    with pytest.raises(ValueError, match="'feature.4' is not in the model.*features.4"):
+    with pytest.raises(ValueError, match=r"'feature.4' is not in the model.*features.4"):
         xcnn.explainer("gradcam", tiny, layer="feature.4")
-    with pytest.raises(ValueError, match="'' is not in the model|empty"):
+    with pytest.raises(ValueError, match=r"'' is not in the model|empty"):
         xcnn.explainer("gradcam", tiny, layer=[])
 
 
@@ -189,21 +189,21 @@ def test_a_folder_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch):
 
 def test_default_layer_hint_when_the_input_size_is_wrong():
     small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))  # works at 32x32 only
-    with pytest.raises(ValueError, match="could not run Sequential on a 224x224 image.*input_size="):
+    with pytest.raises(ValueError, match=r"could not run Sequential on a 224x224 image.*input_size="):
         xcnn.explainer("gradcam", small)
     assert xcnn.explainer("gradcam", xcnn.load_model(small, input_size=(32, 32))).layers == ["0"]
 
 
 def test_model_with_no_spatial_layer(images32):
     mlp = xcnn.load_model(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), input_size=(32, 32))
-    with pytest.raises(ValueError, match="no spatial layer.*saliency"):
+    with pytest.raises(ValueError, match=r"no spatial layer.*saliency"):
         xcnn.explainer("gradcam", mlp)
     assert make("saliency", mlp)(images32).shape == (3, 32, 32)  # input-space methods still work
     assert hook_count(mlp) == 0
 
 
 def test_not_a_module():
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn.Module"):
         xcnn.explainer("gradcam", lambda x: x)
 
 
@@ -211,26 +211,30 @@ def test_not_a_module():
 
 
 def test_missing_image_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="image file not found: .*nope.png"):
+    with pytest.raises(FileNotFoundError, match=r"image file not found: .*nope.png"):
         load_image(tmp_path / "nope.png")
 
 
 def test_corrupt_image_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    with pytest.raises(ValueError, match="cannot read image file .*broken.jpg"):
+    with pytest.raises(ValueError, match=r"cannot read image file .*broken.jpg"):
         load_image(bad)
 
 
 def test_unknown_sample():
-    with pytest.raises(ValueError, match="unknown sample photo 'dog'.*sample:chelsea"):
+    with pytest.raises(ValueError, match=r"unknown sample photo 'dog'.*sample:chelsea"):
         load_image("sample:dog")
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "CMYK"])
 def test_grayscale_rgba_and_other_modes_are_converted(mode, tmp_path):
     rgb = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8))
-    img = rgb.convert(mode) if mode != "I;16" else Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
+    img = (
+        rgb.convert(mode)
+        if mode != "I;16"
+        else Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
+    )
     path = tmp_path / f"img.{'tiff' if mode in ('I;16', 'CMYK') else 'png'}"
     img.save(path)
     x = load_image(path, size=16)
@@ -274,11 +278,11 @@ class CodeCarrier:
 def test_code_carrying_checkpoint_is_refused(tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"state_dict": {"w": torch.zeros(1)}, "evil": CodeCarrier(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="refusing to load .*could run code.*posix.mkdir"):
+    with pytest.raises(ValueError, match=r"refusing to load .*could run code.*posix.mkdir"):
         load_state_dict_file(tmp_path / "evil.pth")
     with open(tmp_path / "raw.pkl", "wb") as fh:  # a bare pickle, not even a torch file
         pickle.dump({"weight": CodeCarrier(marker)}, fh)
-    with pytest.raises(ValueError, match="refusing to load|not a PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"refusing to load|not a PyTorch checkpoint"):
         load_state_dict_file(tmp_path / "raw.pkl")
     with pytest.raises(ValueError, match="refusing to load"):
         xcnn.load_model("resnet18", weights=tmp_path / "evil.pth")
@@ -287,10 +291,10 @@ def test_code_carrying_checkpoint_is_refused(tmp_path):
 
 def test_unreadable_checkpoints(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match="cannot read weights file .*junk.pth"):
+    with pytest.raises(ValueError, match=r"cannot read weights file .*junk.pth"):
         load_state_dict_file(tmp_path / "junk.pth")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
-    with pytest.raises(ValueError, match="cannot read weights file .*junk.safetensors"):
+    with pytest.raises(ValueError, match=r"cannot read weights file .*junk.safetensors"):
         load_state_dict_file(tmp_path / "junk.safetensors")
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         load_state_dict_file(tmp_path / "absent.pth")

@@ -19,19 +19,31 @@ def test_explain_writes_overlays_grid_predictions_and_maps(tmp_path, capsys):
     rgba = tmp_path / "rgba.png"
     Image.fromarray((np.random.default_rng(1).random((50, 50, 4)) * 255).astype(np.uint8), "RGBA").save(rgba)
     out = tmp_path / "out"
-    code = main(["explain", "sample:chelsea", str(gray), str(rgba), "--method", "gradcam,gradcam++,saliency", "--out", str(out), "--save-maps"])
+    code = main(
+        [
+            "explain",
+            "sample:chelsea",
+            str(gray),
+            str(rgba),
+            "--method",
+            "gradcam,gradcam++,saliency",
+            "--out",
+            str(out),
+            "--save-maps",
+        ]
+    )
     assert code == 0
     pred = json.loads((out / "predictions.json").read_text())
     assert pred["model"] == "efficientnet_lite0" and pred["methods"] == ["gradcam", "gradcam++", "saliency"]
     assert pred["layers"] == ["bn2"]
     chelsea = pred["images"][0]
     assert chelsea["target"] == {"class": 285, "name": "Egyptian cat"}
-    assert [t["class"] for t in chelsea["top5"]][0] == 285 and len(chelsea["top5"]) == 5
+    assert next(t["class"] for t in chelsea["top5"]) == 285 and len(chelsea["top5"]) == 5
     probs = [t["probability"] for t in chelsea["top5"]]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
     for record in pred["images"]:
         assert (out / record["grid"]).is_file()
-        for method, files in record["maps"].items():
+        for _method, files in record["maps"].items():
             assert Image.open(out / files["overlay"]).size == (224, 224)
             m = np.load(out / files["map"])
             assert m.dtype == np.float32 and m.shape == (224, 224) and 0 <= m.min() and m.max() == 1
@@ -41,7 +53,21 @@ def test_explain_writes_overlays_grid_predictions_and_maps(tmp_path, capsys):
 
 def test_explain_with_mdm_and_list_options(tmp_path):
     out = tmp_path / "o"
-    code = main(["explain", "sample:chelsea", "--method", "mdm,extremal", "--opt", "scales=7,14", "--opt", "steps=2", "--out", str(out), "--save-maps"])
+    code = main(
+        [
+            "explain",
+            "sample:chelsea",
+            "--method",
+            "mdm,extremal",
+            "--opt",
+            "scales=7,14",
+            "--opt",
+            "steps=2",
+            "--out",
+            str(out),
+            "--save-maps",
+        ]
+    )
     assert code == 0
     pred = json.loads((out / "predictions.json").read_text())
     assert pred["methods"] == ["mdm", "extremal"]
@@ -52,7 +78,12 @@ def test_explain_with_mdm_and_list_options(tmp_path):
 
 def test_explain_fixed_target_and_duplicate_names(tmp_path):
     out = tmp_path / "o"
-    assert main(["explain", "sample:coffee", "sample:coffee", "--target", "285", "--method", "layercam", "--out", str(out)]) == 0
+    assert (
+        main(
+            ["explain", "sample:coffee", "sample:coffee", "--target", "285", "--method", "layercam", "--out", str(out)]
+        )
+        == 0
+    )
     pred = json.loads((out / "predictions.json").read_text())
     assert [r["target"]["class"] for r in pred["images"]] == [285, 285]
     assert [r["label"] for r in pred["images"]] == ["coffee", "coffee-2"]
@@ -103,6 +134,19 @@ def test_output_folder_that_is_a_file(tmp_path, capsys):
 
 
 def test_console_script_help_lists_every_option():
-    result = subprocess.run([sys.executable, "-m", "xcnn.cli", "explain", "--help"], capture_output=True, text=True, check=True)
-    for option in ["--model", "--method", "--target", "--out", "--save-maps", "--layer", "--batch-size", "--seed", "--opt", "sample:NAME"]:
+    result = subprocess.run(
+        [sys.executable, "-m", "xcnn.cli", "explain", "--help"], capture_output=True, text=True, check=True
+    )
+    for option in [
+        "--model",
+        "--method",
+        "--target",
+        "--out",
+        "--save-maps",
+        "--layer",
+        "--batch-size",
+        "--seed",
+        "--opt",
+        "sample:NAME",
+    ]:
         assert option in result.stdout

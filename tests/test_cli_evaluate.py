@@ -20,7 +20,9 @@ from xcnn.nets import ShapesNet
 def saved_model(tmp_path_factory):
     torch.manual_seed(0)
     spec = {"num_classes": 6, "widths": [8, 8, 16, 16]}
-    model = xcnn.models.Classifier(ShapesNet(**spec), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": spec})
+    model = xcnn.models.Classifier(
+        ShapesNet(**spec), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": spec}
+    )
     return save_model(model, tmp_path_factory.mktemp("model"))
 
 
@@ -89,7 +91,10 @@ def test_evaluate_errors(args, message, saved_model, tmp_path, capsys):
 
 def test_evaluate_empty_folder_and_file_as_output(saved_model, tmp_path, capsys):
     (tmp_path / "empty" / "a").mkdir(parents=True)
-    assert main(["evaluate", "--model", str(saved_model), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["evaluate", "--model", str(saved_model), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "no readable images" in capsys.readouterr().err
     (tmp_path / "file").write_text("x")
     assert main(["evaluate", "--model", str(saved_model), "--n", "2", "--out", str(tmp_path / "file")]) == 2
@@ -99,12 +104,43 @@ def test_evaluate_empty_folder_and_file_as_output(saved_model, tmp_path, capsys)
 @pytest.mark.slow
 def test_train_benchmark_then_resume_then_evaluate(tmp_path, capsys):
     out = tmp_path / "run"
-    base = ["train", "benchmark", "--out", str(out), "--n-train", "128", "--epochs", "2", "--size", "32", "--shortcut", "0.5"]
+    base = [
+        "train",
+        "benchmark",
+        "--out",
+        str(out),
+        "--n-train",
+        "128",
+        "--epochs",
+        "2",
+        "--size",
+        "32",
+        "--shortcut",
+        "0.5",
+    ]
     assert main(base) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"test_acc", "val_acc", "test_acc_random_patch"}
     assert main([*base, "--resume"]) == 0  # already finished: resumes at the end and saves again
-    assert main(["evaluate", "--model", str(out), "--n", "4", "--methods", "layercam", "--metrics", "pointing", "--out", str(tmp_path / "e"), "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(out),
+                "--n",
+                "4",
+                "--methods",
+                "layercam",
+                "--metrics",
+                "pointing",
+                "--out",
+                str(tmp_path / "e"),
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     assert main(["train", "benchmark", "--out", str(tmp_path / "x"), "--shortcut", "2"]) == 2
     assert "--shortcut must be a probability" in capsys.readouterr().err
 

@@ -78,7 +78,9 @@ def test_map_concentrates_on_the_only_evidence(name, kind, scale, options, share
 
 
 def test_extremal_keeps_the_requested_area():
-    maps = xcnn.explainer("extremal", region_model("detail", 20), area=0.2, jitter=False, progress=False)(images(2), 1)  # 800 steps
+    maps = xcnn.explainer("extremal", region_model("detail", 20), area=0.2, jitter=False, progress=False)(
+        images(2), 1
+    )  # 800 steps
     kept = (maps > 0.5).float().mean((1, 2))
     assert torch.all((kept - 0.2).abs() < 0.04), kept
 
@@ -105,9 +107,13 @@ def test_coarse_to_fine_and_scales_change_the_search():
 
 def test_activation_consistency_term_uses_the_layer(tiny, images32):
     plain = xcnn.explainer("mdm", tiny, scales=(4, 8), steps=10, progress=False)(images32)
-    tied = xcnn.explainer("mdm", tiny, scales=(4, 8), steps=10, consistency_layer="features.3", consistency_weight=10.0, progress=False)(images32)
+    tied = xcnn.explainer(
+        "mdm", tiny, scales=(4, 8), steps=10, consistency_layer="features.3", consistency_weight=10.0, progress=False
+    )(images32)
     assert torch.isfinite(tied).all() and not torch.allclose(plain, tied)
-    off = xcnn.explainer("mdm", tiny, scales=(4, 8), steps=10, consistency_layer="features.3", consistency_weight=0.0, progress=False)(images32)
+    off = xcnn.explainer(
+        "mdm", tiny, scales=(4, 8), steps=10, consistency_layer="features.3", consistency_weight=0.0, progress=False
+    )(images32)
     torch.testing.assert_close(off, plain)
     with pytest.raises(ValueError, match="nope"):
         xcnn.explainer("mdm", tiny, consistency_layer="nope")
@@ -146,7 +152,10 @@ def test_bad_settings_are_named(name, options, message, tiny, images32):
         xcnn.explainer(name, tiny, progress=False, **options)(images32)
 
 
-@pytest.mark.parametrize("name, options", [("mdm", {**MDM_FAST}), ("mdm", {**MDM_FAST, "baseline": "zero"}), ("extremal", {"steps": 20, "progress": False})])
+@pytest.mark.parametrize(
+    "name, options",
+    [("mdm", {**MDM_FAST}), ("mdm", {**MDM_FAST, "baseline": "zero"}), ("extremal", {"steps": 20, "progress": False})],
+)
 def test_constant_image_gives_an_empty_map_not_nan(name, options, tiny):
     gray = torch.full((1, 3, SIZE, SIZE), 0.5)
     black = torch.zeros(1, 3, SIZE, SIZE)
@@ -201,7 +210,9 @@ def test_extremal_is_not_drawn_to_the_image_border():
     """With a model that ignores the image, only the area regulariser acts: the canvas margin keeps it
     from favouring border pixels, so the kept area must not sit on the image's border."""
     blind = xcnn.load_model(RegionModel("detail", 0.0), input_size=(SIZE, SIZE))
-    raw = xcnn.explainer("extremal", blind, steps=300, jitter=False, progress=False)._explain(images(1), torch.ones(1, dtype=torch.long))
+    raw = xcnn.explainer("extremal", blind, steps=300, jitter=False, progress=False)._explain(
+        images(1), torch.ones(1, dtype=torch.long)
+    )
     border = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     border[:3], border[-3:], border[:, :3], border[:, -3:] = True, True, True, True
     assert raw[0][border].mean() < 0.5

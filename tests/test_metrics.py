@@ -119,7 +119,9 @@ def test_average_drop_by_hand():
     y = torch.sigmoid(torch.tensor(2 * 20 * 0.25)).item()
     o_bad = torch.sigmoid(torch.tensor(2 * 20 * (0 - 0.25))).item()
     assert average_drop_increase(model, images, good, 1, keep=(0.5,))["AD@50"] == pytest.approx(0.0, abs=1e-4)
-    assert average_drop_increase(model, images, bad, 1, keep=(0.5,))["AD@50"] == pytest.approx(100 * (y - o_bad) / y, rel=1e-4)
+    assert average_drop_increase(model, images, bad, 1, keep=(0.5,))["AD@50"] == pytest.approx(
+        100 * (y - o_bad) / y, rel=1e-4
+    )
 
 
 def test_insertion_and_deletion_of_a_constant_classifier_equal_the_constant():
@@ -153,7 +155,9 @@ def test_per_image_values_average_to_the_batched_ones():
     for fn in (pointing_game, energy_in_box, iou):
         assert fn(maps, masks, per_image=True).mean().item() == pytest.approx(fn(maps, masks), abs=1e-5)
     ins = insertion_deletion(model, images, maps, per_image=True)
-    assert ins["insertion"].mean().item() == pytest.approx(insertion_deletion(model, images, maps)["insertion"], abs=1e-5)
+    assert ins["insertion"].mean().item() == pytest.approx(
+        insertion_deletion(model, images, maps)["insertion"], abs=1e-5
+    )
 
 
 def test_consistency_of_an_equivariant_and_a_fixed_explainer():
@@ -178,16 +182,28 @@ def test_consistency_of_an_equivariant_and_a_fixed_explainer():
 @pytest.mark.parametrize(
     "call,error,message",
     [
-        (lambda m, x: average_drop_increase(m, x, torch.rand(2, S, S)), ValueError, "maps have shape \\[2, 16, 16\\] but the images need \\[3, 16, 16\\]"),
+        (
+            lambda m, x: average_drop_increase(m, x, torch.rand(2, S, S)),
+            ValueError,
+            "maps have shape \\[2, 16, 16\\] but the images need \\[3, 16, 16\\]",
+        ),
         (lambda m, x: average_drop_increase(m, x, torch.full((3, S, S), float("nan"))), ValueError, "NaN"),
         (lambda m, x: insertion_deletion(m, x, torch.rand(3, S, 8)), ValueError, "maps have shape"),
         (lambda m, x: insertion_deletion(m, x, torch.rand(3, S, S), steps=0), ValueError, "steps must be"),
         (lambda m, x: average_drop_increase(m, x, torch.rand(3, S, S), keep=(0.0,)), ValueError, "keep fractions"),
         (lambda m, x: average_drop_increase(m, x * 3, torch.rand(3, S, S)), ValueError, "\\[0,1\\]"),
         (lambda m, x: average_drop_increase(m, x, torch.rand(3, S, S), targets=5), ValueError, "out of range"),
-        (lambda m, x: pointing_game(torch.rand(3, S, S), torch.ones(3, 8, 8, dtype=torch.bool)), ValueError, "masks have shape"),
+        (
+            lambda m, x: pointing_game(torch.rand(3, S, S), torch.ones(3, 8, 8, dtype=torch.bool)),
+            ValueError,
+            "masks have shape",
+        ),
         (lambda m, x: pointing_game(torch.rand(3, S, S), torch.full((3, S, S), 0.5)), ValueError, "boolean"),
-        (lambda m, x: iou(torch.rand(3, S, S), torch.ones(3, S, S, dtype=torch.bool), threshold=2), ValueError, "threshold"),
+        (
+            lambda m, x: iou(torch.rand(3, S, S), torch.ones(3, S, S, dtype=torch.bool), threshold=2),
+            ValueError,
+            "threshold",
+        ),
         (lambda m, x: energy_in_box(torch.rand(S, S), torch.ones(S, S, dtype=torch.bool)), ValueError, "\\[B,H,W\\]"),
     ],
 )

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import captum.attr as captum_attr
 import pytest
+import pytorch_grad_cam as gradcam_lib
 import torch
 import torch.nn.functional as F
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import xcnn
 
 from .conftest import pearson
-
-import captum.attr as captum_attr
-import pytorch_grad_cam as gradcam_lib
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 # captum's Saliency warns that it switched on requires_grad for the plain images we hand it (as a user
 # would): a note about the anchor's own input handling, silenced here so that the suite's warnings stay ours.
@@ -91,7 +90,9 @@ def test_gradcam_matches_gradcam_on_vit_tokens():
         return t[:, 1:, :].reshape(t.shape[0], 14, 14, t.shape[2]).permute(0, 3, 1, 2)
 
     ours = xcnn.explainer("gradcam", vit)(images, targets).numpy()
-    ref = reference_cam(gradcam_lib.GradCAM, vit, vit.backbone.blocks[-1].norm1, images, targets, reshape_transform=grid)
+    ref = reference_cam(
+        gradcam_lib.GradCAM, vit, vit.backbone.blocks[-1].norm1, images, targets, reshape_transform=grid
+    )
     assert_agree(ours, ref)
 
 
@@ -110,7 +111,11 @@ def _captum_cases(model, images, targets, patch):
         "occlusion",
         {"patch": patch, "stride": patch // 2},
         captum_attr.Occlusion(forward_prob).attribute(
-            images, target=targets, sliding_window_shapes=(3, patch, patch), strides=(3, patch // 2, patch // 2), baselines=0.0
+            images,
+            target=targets,
+            sliding_window_shapes=(3, patch, patch),
+            strides=(3, patch // 2, patch // 2),
+            baselines=0.0,
         )[:, 0],
     )
 

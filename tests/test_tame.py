@@ -4,7 +4,6 @@ saved heads, class-specific maps, and bad input."""
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 from PIL import Image
 
 import xcnn
-
 from xcnn.data.synthetic import Shapes
 from xcnn.explain.tame import TAMEHead, load_tame_head, save_tame_head, tame_head, tame_layers
 from xcnn.training.benchmark import InMemory
@@ -29,7 +27,9 @@ def small_shapesnet(**kwargs) -> xcnn.Classifier:
     from xcnn.nets import ShapesNet
 
     arch = {"num_classes": 6, "widths": [8, 16, 16, 32], "strides": [1, 1, 2, 2, 1], **kwargs}
-    return Classifier(ShapesNet(**arch), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": arch}).eval()
+    return Classifier(
+        ShapesNet(**arch), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": arch}
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_layers_and_map_shapes_on_several_backbones(name, size, layers, grid):
     head = tame_head(model)
     expl = xcnn.explainer("tame", model, head=head)
     images = torch.rand(2, 3, size, size)
-    logits, maps = expl._class_maps(images)
+    _logits, maps = expl._class_maps(images)
     assert maps.shape == (2, model.num_classes, *grid)
     out = expl(images)
     assert out.shape == (2, size, size) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
@@ -133,9 +133,16 @@ def test_resume_continues_at_the_next_epoch_with_identical_weights(tmp_path, sha
     with pytest.raises(KeyboardInterrupt):
         fit_tame(small_shapesnet(), shapes32, out_dir=tmp_path / "cut", callbacks=[stop], **SMALL)
     seen = []
-    resumed, history = fit_tame(small_shapesnet(), shapes32, out_dir=tmp_path / "cut", resume=True, callbacks=[lambda e, m: seen.append(e)], **SMALL)
+    resumed, history = fit_tame(
+        small_shapesnet(),
+        shapes32,
+        out_dir=tmp_path / "cut",
+        resume=True,
+        callbacks=[lambda e, m: seen.append(e)],
+        **SMALL,
+    )
     assert seen == [1] and [h["epoch"] for h in history] == [0, 1]
-    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert (tmp_path / "cut" / "tame.safetensors").is_file() and (tmp_path / "cut" / "tame.json").is_file()
 
@@ -149,7 +156,7 @@ def test_saved_head_round_trip_and_json_contents(tmp_path):
     assert meta["num_classes"] == 6 and meta["skip"] is False and meta["arch"] == "shapesnet"
     again = load_tame_head(tmp_path / "tame.json", model)
     assert again.skip is False
-    for a, b in zip(head.state_dict().values(), again.state_dict().values()):
+    for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -186,7 +193,7 @@ def test_a_head_for_other_weights_warns(tmp_path):
 
 
 def test_missing_or_corrupt_head(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no TAME head.*xcnn train tame"):
+    with pytest.raises(FileNotFoundError, match=r"no TAME head.*xcnn train tame"):
         xcnn.explainer("tame", small_shapesnet(), head=tmp_path / "nothing")
     with pytest.raises(ValueError, match="needs head="):
         xcnn.explainer("tame", small_shapesnet())
@@ -247,7 +254,9 @@ def test_one_class_maps_equal_the_full_fusion():
     head = tame_head(model).eval()
     feats = [torch.randn(3, c, s, s) for c, s in ((16, 16), (16, 8), (32, 8))]
     classes = torch.tensor([0, 5, 2])
-    torch.testing.assert_close(head.class_maps(feats, classes), head(feats)[torch.arange(3), classes], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        head.class_maps(feats, classes), head(feats)[torch.arange(3), classes], atol=1e-5, rtol=1e-5
+    )
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------
@@ -260,16 +269,95 @@ def test_cli_trains_a_head_and_explains_and_evaluates_with_it(tmp_path, capsys):
 
     save_model(small_shapesnet(), tmp_path / "model")
     head_dir = tmp_path / "head"
-    assert main(["train", "tame", "--model", str(tmp_path / "model"), "--out", str(head_dir), "--epochs", "1", "--n-train", "64", "--batch-size", "16", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "tame",
+                "--model",
+                str(tmp_path / "model"),
+                "--out",
+                str(head_dir),
+                "--epochs",
+                "1",
+                "--n-train",
+                "64",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (head_dir / "tame.json").is_file() and (head_dir / "checkpoint.pt").is_file()
     img = tmp_path / "img.png"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(img)
     out = tmp_path / "explained"
-    assert main(["explain", str(img), "--model", str(tmp_path / "model"), "--method", "tame,gradcam", "--tame-head", str(head_dir), "--out", str(out), "--save-maps", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(img),
+                "--model",
+                str(tmp_path / "model"),
+                "--method",
+                "tame,gradcam",
+                "--tame-head",
+                str(head_dir),
+                "--out",
+                str(out),
+                "--save-maps",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (out / "img_tame.png").is_file() and (out / "img_tame.npy").is_file()
     ev = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", "synthetic", "--n", "8", "--methods", "tame,random", "--metrics", "pointing,adic", "--tame-head", str(head_dir), "--out", str(ev), "--no-report", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                "synthetic",
+                "--n",
+                "8",
+                "--methods",
+                "tame,random",
+                "--metrics",
+                "pointing,adic",
+                "--tame-head",
+                str(head_dir),
+                "--out",
+                str(ev),
+                "--no-report",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert "| tame |" in (ev / "metrics.md").read_text()
     capsys.readouterr()
-    assert main(["explain", str(img), "--model", str(tmp_path / "model"), "--method", "tame", "--out", str(out), "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                str(img),
+                "--model",
+                str(tmp_path / "model"),
+                "--method",
+                "tame",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "needs head=" in capsys.readouterr().err

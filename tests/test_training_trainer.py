@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from xcnn.training import fit, load_checkpoint
-
 
 
 class Blobs(Dataset):
@@ -77,13 +75,21 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
     interrupted = small_net()
     with pytest.raises(Crash):
-        fit(interrupted, Blobs(), epochs=3, out_dir=tmp_path / "b", seed=5, callbacks=[crash_after_first_epoch], **SCHEDULE)
+        fit(
+            interrupted,
+            Blobs(),
+            epochs=3,
+            out_dir=tmp_path / "b",
+            seed=5,
+            callbacks=[crash_after_first_epoch],
+            **SCHEDULE,
+        )
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 0
     torch.manual_seed(123)  # a different global RNG state: the checkpoint must restore it
     resumed = small_net()
     history = fit(resumed, Blobs(), epochs=3, out_dir=tmp_path / "b", seed=5, resume=True, **SCHEDULE)
     assert [h["epoch"] for h in history] == [0, 1, 2]
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

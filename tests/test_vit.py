@@ -13,7 +13,9 @@ from xcnn.training.benchmark import fit_benchmark
 @pytest.fixture(scope="module")
 def vit32(tmp_path_factory):
     out = tmp_path_factory.mktemp("vit32")
-    model, results = fit_benchmark(out, arch="vit", size=32, n_train=600, n_val=100, n_test=100, epochs=2, lr=1e-3, progress=False)
+    model, results = fit_benchmark(
+        out, arch="vit", size=32, n_train=600, n_val=100, n_test=100, epochs=2, lr=1e-3, progress=False
+    )
     return model, results, out
 
 
@@ -29,7 +31,14 @@ def test_benchmark_vit_trains_saves_and_reloads(vit32):
 
 @pytest.mark.parametrize(
     "name, options",
-    [("gradcam", {}), ("gradcam++", {}), ("layercam", {}), ("scorecam", {}), ("mdm", {"scales": (4, 8, 16), "steps": 10}), ("extremal", {"steps": 20})],
+    [
+        ("gradcam", {}),
+        ("gradcam++", {}),
+        ("layercam", {}),
+        ("scorecam", {}),
+        ("mdm", {"scales": (4, 8, 16), "steps": 10}),
+        ("extremal", {"steps": 20}),
+    ],
 )
 def test_vit_is_explained_through_its_output_or_token_grid(vit32, name, options):
     model = vit32[0]

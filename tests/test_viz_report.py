@@ -23,13 +23,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def evaluation():
     torch.manual_seed(0)
-    model = xcnn.load_model(ShapesNet(widths=(8, 8, 16, 16)), input_size=(32, 32), class_names=[f"c{i}" for i in range(6)])
-    ev = evaluate(model, Shapes("test", 4, size=32), ["gradcam", "random"], ["adic", "insertion_deletion", "pointing"], batch_size=4, progress=False)
+    model = xcnn.load_model(
+        ShapesNet(widths=(8, 8, 16, 16)), input_size=(32, 32), class_names=[f"c{i}" for i in range(6)]
+    )
+    ev = evaluate(
+        model,
+        Shapes("test", 4, size=32),
+        ["gradcam", "random"],
+        ["adic", "insertion_deletion", "pointing"],
+        batch_size=4,
+        progress=False,
+    )
     return model, ev
 
 
 def test_user_strings_are_escaped(evaluation, tmp_path):
-    model, ev = evaluation
+    _model, ev = evaluation
     evil = '<script>alert("x")</script>.png'
     section = ReportSection(title=f"model on {evil}", evaluation=ev, summary={"file": evil}, captions=[evil] * 4)
     page = write_report(tmp_path / "report.html", [section], title=evil).read_text()

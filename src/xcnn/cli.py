@@ -101,8 +101,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from . import explainer, list_explainers, load_model
     from ._io import prepare_out_dir, write_json, write_npy
-    from .explain import explainer_class
     from .data.images import load_image
+    from .explain import explainer_class
     from .models import default_layer
     from .viz.overlay import save_grid, save_overlay
 
@@ -140,7 +140,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             maps[method] = torch.cat(parts)
 
     records = []
-    for i, (src, label) in enumerate(zip(args.images, labels)):
+    for i, (src, label) in enumerate(zip(args.images, labels, strict=True)):
         top_p, top_i = probs[i].topk(min(5, probs.shape[1]))
         files = {}
         for method in methods:
@@ -153,7 +153,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 files[method]["map"] = npy.name
         t = int(targets[i])
         grid = out / f"{label}_grid.png"
-        save_grid(grid, images[i].cpu(), {m: maps[m][i] for m in methods}, title=f"{label}: explaining {t} {model.class_name(t)}")
+        save_grid(
+            grid,
+            images[i].cpu(),
+            {m: maps[m][i] for m in methods},
+            title=f"{label}: explaining {t} {model.class_name(t)}",
+        )
         records.append(
             {
                 "image": str(src),
@@ -161,7 +166,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "target": {"class": t, "name": model.class_name(t)},
                 "top5": [
                     {"class": int(c), "name": model.class_name(int(c)), "probability": round(float(p), 6)}
-                    for p, c in zip(top_p, top_i)
+                    for p, c in zip(top_p, top_i, strict=True)
                 ],
                 "grid": grid.name,
                 "maps": files,
@@ -204,7 +209,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.image_batch, slow_images=args.slow_images, report=not args.no_report,
     )  # fmt: skip
     print(ev.markdown())
-    print(f"\nwritten to {Path(args.out) / 'metrics.md'}" + ("" if args.no_report else f" and {Path(args.out) / 'report.html'}"))
+    print(
+        f"\nwritten to {Path(args.out) / 'metrics.md'}"
+        + ("" if args.no_report else f" and {Path(args.out) / 'report.html'}")
+    )
     return 0
 
 
@@ -277,22 +285,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write one overlay PNG per image and method, a grid PNG per image, and predictions.json "
         "(top-5 classes with names and probabilities).",
     )
-    ex.add_argument("images", nargs="+", help="image files, or bundled photos as sample:NAME (chelsea, coffee, astronaut, rocket, camera)")
-    ex.add_argument("--model", default="efficientnet_lite0", help="efficientnet_lite0 (bundled ImageNet weights), or a torchvision/timm name (default: %(default)s)")
-    ex.add_argument("--weights", default=None, help="weights for --model: .safetensors or a weights-only PyTorch state dict")
-    ex.add_argument("--method", default="gradcam", help=f"comma-separated methods: {', '.join(list_explainers())} (default: %(default)s)")
-    ex.add_argument("--layer", default=None, help="layer name(s) in the backbone, comma-separated (several are averaged); default: the last spatial layer")
-    ex.add_argument("--target", default="auto", help="class to explain: 'auto' = each image's top-1 prediction, or a class index")
+    ex.add_argument(
+        "images",
+        nargs="+",
+        help="image files, or bundled photos as sample:NAME (chelsea, coffee, astronaut, rocket, camera)",
+    )
+    ex.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0 (bundled ImageNet weights), or a torchvision/timm name (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--weights", default=None, help="weights for --model: .safetensors or a weights-only PyTorch state dict"
+    )
+    ex.add_argument(
+        "--method",
+        default="gradcam",
+        help=f"comma-separated methods: {', '.join(list_explainers())} (default: %(default)s)",
+    )
+    ex.add_argument(
+        "--layer",
+        default=None,
+        help="layer name(s) in the backbone, comma-separated (several are averaged); default: the last spatial layer",
+    )
+    ex.add_argument(
+        "--target", default="auto", help="class to explain: 'auto' = each image's top-1 prediction, or a class index"
+    )
     ex.add_argument("--out", default="xcnn-out", help="output folder (created if missing; default: %(default)s)")
     ex.add_argument("--save-maps", action="store_true", help="also write each raw map as .npy (float32 [H,W] in [0,1])")
     ex.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
-    ex.add_argument("--batch-size", type=_positive_int, default=None, help="forward-pass batch for inner loops (Score-CAM channels, RISE masks, occlusion windows, IG steps)")
-    ex.add_argument("--image-batch", type=_positive_int, default=8, help="images explained together in one call (default: %(default)s)")
+    ex.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="forward-pass batch for inner loops (Score-CAM channels, RISE masks, occlusion windows, IG steps)",
+    )
+    ex.add_argument(
+        "--image-batch",
+        type=_positive_int,
+        default=8,
+        help="images explained together in one call (default: %(default)s)",
+    )
     ex.add_argument("--seed", type=int, default=None, help="seed for stochastic methods (rise, smoothgrad, random)")
     ex.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)")
-    ex.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000 (RISE), --opt scales=7,14 (MDM; a comma makes a list); given to every listed method that has an option of this name; repeatable")
-    ex.add_argument("--tame-head", default=None, metavar="DIR", help="for --method tame: a head folder written by `xcnn train tame`")
+    ex.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="method option, e.g. --opt masks=1000 (RISE), --opt scales=7,14 (MDM; a comma makes a list); given to every listed method that has an option of this name; repeatable",
+    )
+    ex.add_argument(
+        "--tame-head", default=None, metavar="DIR", help="for --method tame: a head folder written by `xcnn train tame`"
+    )
     ex.set_defaults(func=cmd_explain)
 
     ev = sub.add_parser(
@@ -302,31 +348,83 @@ def build_parser() -> argparse.ArgumentParser:
         "layout (root/<class>/<image>); optional ground truth beside an image: <stem>.mask.png (non-zero = object) "
         'or <stem>.box.json ({"boxes": [[x0, y0, x1, y1], ...]} in the image\'s pixels).',
     )
-    ev.add_argument("--model", default="efficientnet_lite0", help="a model name, or a folder saved by `xcnn train` (default: %(default)s)")
+    ev.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        help="a model name, or a folder saved by `xcnn train` (default: %(default)s)",
+    )
     ev.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
-    ev.add_argument("--data", default="synthetic", help="'synthetic' (the shapes benchmark's test split) or an image folder (default: %(default)s)")
-    ev.add_argument("--n", type=_positive_int, default=None, help="number of images (synthetic default 64; folders: all)")
-    ev.add_argument("--shortcut", type=float, default=0.0, help="synthetic data: probability of a planted patch in a random colour (adds the shortcut metric)")
-    ev.add_argument("--methods", default="gradcam,gradcam++,scorecam,rise,random", help=f"comma-separated: {', '.join(list_explainers())} (default: %(default)s)")
-    ev.add_argument("--metrics", default="adic,insertion_deletion,pointing,energy,iou", help="comma-separated: adic, insertion_deletion, pointing, energy, iou, shortcut, consistency, sanity (default: %(default)s)")
-    ev.add_argument("--targets", default="predicted", choices=["predicted", "label"], help="explain the model's top-1 (default, as the papers) or the true label")
+    ev.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (the shapes benchmark's test split) or an image folder (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--n", type=_positive_int, default=None, help="number of images (synthetic default 64; folders: all)"
+    )
+    ev.add_argument(
+        "--shortcut",
+        type=float,
+        default=0.0,
+        help="synthetic data: probability of a planted patch in a random colour (adds the shortcut metric)",
+    )
+    ev.add_argument(
+        "--methods",
+        default="gradcam,gradcam++,scorecam,rise,random",
+        help=f"comma-separated: {', '.join(list_explainers())} (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--metrics",
+        default="adic,insertion_deletion,pointing,energy,iou",
+        help="comma-separated: adic, insertion_deletion, pointing, energy, iou, shortcut, consistency, sanity (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--targets",
+        default="predicted",
+        choices=["predicted", "label"],
+        help="explain the model's top-1 (default, as the papers) or the true label",
+    )
     ev.add_argument("--out", default="xcnn-eval", help="output folder (default: %(default)s)")
-    ev.add_argument("--image-batch", type=_positive_int, default=32, help="images per harness batch (default: %(default)s)")
+    ev.add_argument(
+        "--image-batch", type=_positive_int, default=32, help="images per harness batch (default: %(default)s)"
+    )
     ev.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass inside the methods")
-    ev.add_argument("--slow-images", type=int, default=16, help="images used for consistency and sanity (default: %(default)s)")
+    ev.add_argument(
+        "--slow-images", type=int, default=16, help="images used for consistency and sanity (default: %(default)s)"
+    )
     ev.add_argument("--seed", type=int, default=None, help="seed for stochastic methods")
     ev.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    ev.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE", help="method option, e.g. --opt masks=1000, --opt scales=7,14 (a comma makes a list); given to every listed method that has an option of this name; repeatable")
-    ev.add_argument("--tame-head", default=None, metavar="DIR", help="for the method tame: a head folder written by `xcnn train tame`")
+    ev.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="method option, e.g. --opt masks=1000, --opt scales=7,14 (a comma makes a list); given to every listed method that has an option of this name; repeatable",
+    )
+    ev.add_argument(
+        "--tame-head",
+        default=None,
+        metavar="DIR",
+        help="for the method tame: a head folder written by `xcnn train tame`",
+    )
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ev.add_argument("--no-report", action="store_true", help="skip the HTML report")
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train a model (the benchmark CNN) or a trained explainer (TAME)")
     tr_sub = tr.add_subparsers(dest="what", required=True)
-    tb = tr_sub.add_parser("benchmark", help="train the reference CNN on the shapes benchmark", description="Saves model.safetensors + model.json (usable as --model DIR), checkpoint.pt, history.json, TensorBoard scalars and results.json.")
+    tb = tr_sub.add_parser(
+        "benchmark",
+        help="train the reference CNN on the shapes benchmark",
+        description="Saves model.safetensors + model.json (usable as --model DIR), checkpoint.pt, history.json, TensorBoard scalars and results.json.",
+    )
     tb.add_argument("--out", required=True, help="output folder")
-    tb.add_argument("--shortcut", type=float, default=0.0, help="probability of the planted label-coloured patch in training images (default: %(default)s)")
+    tb.add_argument(
+        "--shortcut",
+        type=float,
+        default=0.0,
+        help="probability of the planted label-coloured patch in training images (default: %(default)s)",
+    )
     tb.add_argument("--epochs", type=_positive_int, default=10)
     tb.add_argument("--n-train", type=_positive_int, default=6000)
     tb.add_argument("--size", type=_positive_int, default=64, help="image size (32-224; default: %(default)s)")
@@ -334,7 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", choices=["shapesnet", "vit", "vit_patch"], default="shapesnet",
         help="the CNN, a small timm ViT (8x8 token grid, 4 blocks) with a convolutional stem, or the same ViT with the patchify stem (default: %(default)s)",
     )  # fmt: skip
-    tb.add_argument("--lr", type=_positive_float, default=2e-3, help="peak AdamW learning rate of the one-cycle schedule (default: %(default)s)")
+    tb.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=2e-3,
+        help="peak AdamW learning rate of the one-cycle schedule (default: %(default)s)",
+    )
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tb.add_argument("--device", default="auto")
@@ -346,13 +449,29 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tt.add_argument("--model", required=True, help="a model name or a folder saved by `xcnn train benchmark`")
     tt.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
-    tt.add_argument("--data", default="synthetic", help="'synthetic' (the shapes benchmark's train split) or an image folder (labels unused) (default: %(default)s)")
+    tt.add_argument(
+        "--data",
+        default="synthetic",
+        help="'synthetic' (the shapes benchmark's train split) or an image folder (labels unused) (default: %(default)s)",
+    )
     tt.add_argument("--out", required=True, help="output folder")
     tt.add_argument("--layers", default=None, help="comma-separated layers to tap (default: the last three stages)")
-    tt.add_argument("--epochs", type=_positive_int, default=8, help="(default: %(default)s, the paper's VGG-16 setting; ResNet-50: 4)")
-    tt.add_argument("--lr", type=float, default=1e-3, help="one-cycle maximum learning rate (default: %(default)s; paper ResNet-50: 1e-4)")
+    tt.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=8,
+        help="(default: %(default)s, the paper's VGG-16 setting; ResNet-50: 4)",
+    )
+    tt.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="one-cycle maximum learning rate (default: %(default)s; paper ResNet-50: 1e-4)",
+    )
     tt.add_argument("--batch-size", type=_positive_int, default=32, help="(default: %(default)s)")
-    tt.add_argument("--n-train", type=_positive_int, default=4000, help="synthetic data: training images (default: %(default)s)")
+    tt.add_argument(
+        "--n-train", type=_positive_int, default=4000, help="synthetic data: training images (default: %(default)s)"
+    )
     tt.add_argument("--no-skip", action="store_true", help="ablation: no skip connection in the branches")
     tt.add_argument("--seed", type=int, default=0)
     tt.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
@@ -360,7 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--device", default="auto")
     tt.set_defaults(func=cmd_train_tame)
 
-    de = sub.add_parser("demo", help="everything, offline, in about five minutes on two CPU cores", description="Explains the bundled photos with the bundled ImageNet model, trains the benchmark CNN, evaluates every explainer with every metric, writes report.html.")
+    de = sub.add_parser(
+        "demo",
+        help="everything, offline, in about five minutes on two CPU cores",
+        description="Explains the bundled photos with the bundled ImageNet model, trains the benchmark CNN, evaluates every explainer with every metric, writes report.html.",
+    )
     de.add_argument("--out", default="xcnn-demo", help="output folder (default: %(default)s)")
     de.set_defaults(func=cmd_demo)
     return parser

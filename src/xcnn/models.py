@@ -178,9 +178,11 @@ def _bundled_efficientnet_lite0() -> nn.Module:
         raise RuntimeError(f"bundled weights have {len(source)} tensors, timm's efficientnet_lite0 {len(target)}")
     mapped = {}
     # The package uses the original EfficientNet-PyTorch key names; they map one-to-one, in order.
-    for (src_key, value), (dst_key, ref) in zip(source.items(), target.items()):
+    for (src_key, value), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
         if value.shape != ref.shape:
-            raise RuntimeError(f"bundled weight {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+            raise RuntimeError(
+                f"bundled weight {src_key} {tuple(value.shape)} does not fit {dst_key} {tuple(ref.shape)}"
+            )
         mapped[dst_key] = value
     net.load_state_dict(mapped)
     return net
@@ -207,7 +209,18 @@ def load_model(
     unless ``weights`` gives a ``.safetensors`` or weights-only PyTorch file.
     """
     if isinstance(model, Classifier):
-        given = {k for k, v in dict(weights=weights, mean=mean, std=std, num_classes=num_classes, class_names=class_names, input_size=input_size).items() if v is not None}
+        given = {
+            k
+            for k, v in {
+                "weights": weights,
+                "mean": mean,
+                "std": std,
+                "num_classes": num_classes,
+                "class_names": class_names,
+                "input_size": input_size,
+            }.items()
+            if v is not None
+        }
         if given:
             raise ValueError(f"{sorted(given)} cannot be applied to an existing Classifier; pass its backbone instead")
         net = model
@@ -252,7 +265,12 @@ def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple
             )
         backbone = timm.create_model(name, pretrained=False, **kwargs)
         cfg = backbone.pretrained_cfg
-        return backbone, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), tuple(cfg.get("input_size", (3, 224, 224))[1:])
+        return (
+            backbone,
+            cfg.get("mean", IMAGENET_MEAN),
+            cfg.get("std", IMAGENET_STD),
+            tuple(cfg.get("input_size", (3, 224, 224))[1:]),
+        )
     return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD, (224, 224)
 
 
@@ -293,7 +311,9 @@ def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
     from ._io import atomic_write, prepare_out_dir
 
     if not isinstance(model, Classifier) or model.spec is None:
-        raise ValueError("only Classifiers built by name (load_model or the xcnn trainers) can be saved by architecture name")
+        raise ValueError(
+            "only Classifiers built by name (load_model or the xcnn trainers) can be saved by architecture name"
+        )
     folder = prepare_out_dir(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
     meta = {
@@ -412,10 +432,14 @@ def default_layer(model: nn.Module) -> str:
     # (its N x d can look like a feature map: 17 x 32 in a 32x32 image), not a map of the image
     first_token = next((i for i, (_, _, out) in enumerate(records) if _is_token_grid(out, prefix)), len(records))
     spatial = [
-        i for i, (_, _, out) in enumerate(records[:first_token]) if _is_spatial(out, clf.input_size) and id(out) not in pooled
+        i
+        for i, (_, _, out) in enumerate(records[:first_token])
+        if _is_spatial(out, clf.input_size) and id(out) not in pooled
     ]
     last = spatial[-1] if spatial else None
-    tokens_after = [i for i, (_, _, out) in enumerate(records) if (last is None or i > last) and _is_token_grid(out, prefix)]
+    tokens_after = [
+        i for i, (_, _, out) in enumerate(records) if (last is None or i > last) and _is_token_grid(out, prefix)
+    ]
     if tokens_after:
         norms = [records[i][0] for i in tokens_after if records[i][0].split(".")[-1] == "norm1"]
         if norms:

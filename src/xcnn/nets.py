@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import Tensor, nn
 
 __all__ = ["ARCHITECTURES", "ShapesNet", "shapes_vit"]
@@ -18,7 +20,9 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if stride != 1 or cin != cout else nn.Identity()
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -39,7 +43,9 @@ class ShapesNet(nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes, self.widths, self.strides = num_classes, tuple(widths), tuple(strides)
-        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, strides[0], 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, strides[0], 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
+        )
         self.layer1 = _Block(widths[0], widths[0], strides[1])
         self.layer2 = _Block(widths[0], widths[1], strides[2])
         self.layer3 = _Block(widths[1], widths[2], strides[3])
@@ -77,14 +83,16 @@ def shapes_vit(
         raise ValueError(f"stem must be 'conv' or 'patch', got {stem!r}")
     n_convs = patch_size.bit_length() - 1
     if stem == "conv" and (patch_size < 2 or 2**n_convs != patch_size):
-        raise ValueError(f"a convolutional stem halves the image per convolution: patch_size must be a power of 2, got {patch_size}")
+        raise ValueError(
+            f"a convolutional stem halves the image per convolution: patch_size must be a power of 2, got {patch_size}"
+        )
 
     class ConvStem(PatchEmbed):
         def __init__(self, **kwargs) -> None:
             super().__init__(**kwargs)
             widths = [3] + [embed_dim // 2 ** (n_convs - 1 - i) for i in range(n_convs)]
             layers: list[nn.Module] = []
-            for cin, cout in zip(widths, widths[1:]):
+            for cin, cout in itertools.pairwise(widths):
                 layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
             self.proj = nn.Sequential(*layers, nn.Conv2d(widths[-1], embed_dim, 1))
 

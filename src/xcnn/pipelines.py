@@ -23,7 +23,9 @@ def benchmark_data(n: int, size: int, seed: int = 0, shortcut_prob: float = 0.0)
     """``n`` test images of the shapes benchmark as stacked tensors (with masks and shortcut masks)."""
     from .training.benchmark import InMemory
 
-    return InMemory(Shapes("test", n, size=size, seed=seed, shortcut_prob=shortcut_prob, shortcut_test="random")).tensors
+    return InMemory(
+        Shapes("test", n, size=size, seed=seed, shortcut_prob=shortcut_prob, shortcut_test="random")
+    ).tensors
 
 
 def captions(model: Classifier, ev: Evaluation, names: Sequence[str] | None = None) -> list[str]:
@@ -66,10 +68,24 @@ def run_evaluation(
         dataset = torch.utils.data.Subset(folder, range(count))
         names = [Path(folder.name(i)).name for i in range(count)]
         title = f"{data} ({count} images)"
-    ev = evaluate(model, dataset, methods, metrics, targets=targets, batch_size=batch_size, slow_images=slow_images, progress=progress)
+    ev = evaluate(
+        model,
+        dataset,
+        methods,
+        metrics,
+        targets=targets,
+        batch_size=batch_size,
+        slow_images=slow_images,
+        progress=progress,
+    )
     ev.save(out)
     if report:
-        section = ReportSection(title=f"{model.name} on {title}", evaluation=ev, summary=model_summary(model), captions=captions(model, ev, names))
+        section = ReportSection(
+            title=f"{model.name} on {title}",
+            evaluation=ev,
+            summary=model_summary(model),
+            captions=captions(model, ev, names),
+        )
         write_report(out / "report.html", [section], title=f"xcnn evaluation: {model.name}")
     return ev
 
@@ -94,10 +110,16 @@ DEMO_BENCHMARK_METHODS = [
     ("rise", {"masks": 500}), "random",
 ]  # fmt: skip
 #: the perturbation methods re-run hundreds of forward passes per map: the demo skips their slow metrics
-DEMO_SLOW_METHODS = [m if isinstance(m, str) else m[0] for m in DEMO_BENCHMARK_METHODS if (m if isinstance(m, str) else m[0]) not in ("rise", "occlusion")]
+DEMO_SLOW_METHODS = [
+    m if isinstance(m, str) else m[0]
+    for m in DEMO_BENCHMARK_METHODS
+    if (m if isinstance(m, str) else m[0]) not in ("rise", "occlusion")
+]
 
 
-def run_demo(out: str | Path, *, progress: bool | None = None, benchmark_images: int = 32, epochs: int = 8, n_train: int = 4000) -> dict:
+def run_demo(
+    out: str | Path, *, progress: bool | None = None, benchmark_images: int = 32, epochs: int = 8, n_train: int = 4000
+) -> dict:
     """Everything, offline: the bundled ImageNet model on the bundled photos (AD/IC, insertion/deletion),
     the benchmark CNN trained from scratch, every explainer on the benchmark with every metric, and one
     HTML report. Returns a summary (also written to ``out/demo.json``)."""
@@ -140,7 +162,9 @@ def run_demo(out: str | Path, *, progress: bool | None = None, benchmark_images:
         ReportSection(f"Benchmark CNN on {benchmark_images} shapes test images", bench_ev, {**model_summary(bench_model), "clean test accuracy": f"{results['test_acc']:.1%}"},
                       captions(bench_model, bench_ev), note="Consistency and sanity on the first 8 images (not for RISE and occlusion in the demo: too slow for its time budget)."),
     ]  # fmt: skip
-    report = write_report(out / "report.html", sections, title="xcnn demo", intro="Everything here was computed offline on this machine.")
+    report = write_report(
+        out / "report.html", sections, title="xcnn demo", intro="Everything here was computed offline on this machine."
+    )
     timings["total"] = time.perf_counter() - start
     # TAME's head needs a few minutes of training on top of the demo's budget: say how to run it
     model_dir = out / "benchmark-model"

@@ -114,7 +114,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as img:
                     img.verify()
-            except Exception as err:  # noqa: BLE001 - any unreadable file is skipped, loudly
+            except Exception as err:
                 warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
                 continue
             self.samples.append((path, label))
@@ -166,7 +166,12 @@ def _ground_truth(path: Path, original: tuple[int, int], size: tuple[int, int]) 
             boxes = json.loads(_box_file(path).read_text())["boxes"]
             sx, sy = w / original[0], h / original[1]
             for x0, y0, x1, y1 in boxes:
-                mask[max(0, int(y0 * sy)) : min(h, int(np.ceil((y1 + 1) * sy))), max(0, int(x0 * sx)) : min(w, int(np.ceil((x1 + 1) * sx)))] = True
+                mask[
+                    max(0, int(y0 * sy)) : min(h, int(np.ceil((y1 + 1) * sy))),
+                    max(0, int(x0 * sx)) : min(w, int(np.ceil((x1 + 1) * sx))),
+                ] = True
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"cannot read boxes from {_box_file(path)} (expected {{\"boxes\": [[x0, y0, x1, y1], ...]}}): {err}") from err
+            raise ValueError(
+                f'cannot read boxes from {_box_file(path)} (expected {{"boxes": [[x0, y0, x1, y1], ...]}}): {err}'
+            ) from err
     return mask

@@ -28,7 +28,8 @@ SPLITS = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SIZES = {"train": 6000, "val": 1000, "test": 1000}
 #: patch colour per class in the planted shortcut (saturated, far apart)
 SHORTCUT_COLOURS = np.array(
-    [[1.0, 0.0, 0.0], [0.0, 0.8, 0.0], [0.0, 0.2, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]], dtype=np.float32
+    [[1.0, 0.0, 0.0], [0.0, 0.8, 0.0], [0.0, 0.2, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 1.0]],
+    dtype=np.float32,
 )
 
 
@@ -117,7 +118,11 @@ class Shapes(Dataset):
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
         self.split, self.n, self.size, self.seed = split, int(n), int(size), int(seed)
-        self.shortcut_prob, self.shortcut_test, self.max_distractors = float(shortcut_prob), shortcut_test, max_distractors
+        self.shortcut_prob, self.shortcut_test, self.max_distractors = (
+            float(shortcut_prob),
+            shortcut_test,
+            max_distractors,
+        )
         self.classes = CLASSES
         self.patch = max(3, round(0.1 * size))
         ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -173,7 +178,9 @@ class Shapes(Dataset):
         image += 0.12 * _upsample(rng.normal(size=(1, 8, 8)), s)  # low-frequency texture
         for _ in range(int(rng.integers(1, 4))):  # thin lines
             angle, offset = rng.uniform(0, np.pi), rng.uniform(0.2, 0.8) * s
-            dist = np.abs((self._xs - s / 2) * math.cos(angle) + (self._ys - s / 2) * math.sin(angle) - (offset - s / 2))
+            dist = np.abs(
+                (self._xs - s / 2) * math.cos(angle) + (self._ys - s / 2) * math.sin(angle) - (offset - s / 2)
+            )
             alpha = 0.6 * _coverage(dist - 0.5)
             image = image * (1 - alpha) + rng.uniform(0, 1, size=3)[:, None, None].astype(np.float32) * alpha
         return image.astype(np.float32)

@@ -3,4 +3,12 @@
 from . import cam, extremal, gradients, mdm, perturbation, tame  # noqa: F401  (registration side effect)
 from .base import Explainer, explainer, explainer_class, explainer_options, list_explainers, normalize_maps, register
 
-__all__ = ["Explainer", "explainer", "explainer_class", "explainer_options", "list_explainers", "normalize_maps", "register"]
+__all__ = [
+    "Explainer",
+    "explainer",
+    "explainer_class",
+    "explainer_options",
+    "list_explainers",
+    "normalize_maps",
+    "register",
+]

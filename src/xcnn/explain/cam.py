@@ -67,7 +67,7 @@ class _GradientCAM(_LayerExplainer):
             score = logits.gather(1, targets[:, None]).sum()
             acts = [tap.get(name) for name in self.layers]
             grads = torch.autograd.grad(score, acts)
-        return [self._combine(self._grid(a.detach()), self._grid(g)) for a, g in zip(acts, grads)]
+        return [self._combine(self._grid(a.detach()), self._grid(g)) for a, g in zip(acts, grads, strict=True)]
 
     def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
         """``[B,K,h,w]`` activations and gradients -> raw map ``[B,h,w]``."""
@@ -90,7 +90,9 @@ class GradCAMPlusPlus(_GradientCAM):
     def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
         g2 = grads.pow(2)
         denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g2 * grads
-        w = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+        w = torch.where(
+            denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom)
+        )
         alpha = (w * grads.relu()).sum(dim=(2, 3), keepdim=True)
         return (alpha * acts).sum(1).relu()
 
@@ -101,7 +103,9 @@ class XGradCAM(_GradientCAM):
 
     def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
         total = acts.sum(dim=(2, 3), keepdim=True)
-        share = torch.where(total != 0, acts / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(acts))
+        share = torch.where(
+            total != 0, acts / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(acts)
+        )
         alpha = (share * grads).sum(dim=(2, 3), keepdim=True)
         return (alpha * acts).sum(1).relu()
 

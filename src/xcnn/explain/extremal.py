@@ -195,7 +195,13 @@ class Extremal(MaskSearch):
                     inputs = inputs.flip(-1)
                 with self._autocast(images):
                     scores = self._score(self.model(inputs), targets.repeat(len(parts))).view(len(parts), b)
-                reward = scores[0] if self.variant == "preserve" else -scores[0] if self.variant == "delete" else scores[0] - scores[1]
+                reward = (
+                    scores[0]
+                    if self.variant == "preserve"
+                    else -scores[0]
+                    if self.variant == "delete"
+                    else scores[0] - scores[1]
+                )
                 regul = (canvas.flatten(1).sort(dim=1).values - ref).pow(2).mean(1)
                 loss = (-reward + self.area_weight * 1.0035**t * regul).sum()
                 (grad,) = torch.autograd.grad(loss, params)

@@ -78,7 +78,9 @@ class SmoothGrad(_InputGradient):
     """SmoothGrad: mean of saliency maps over ``samples`` noisy copies, noise sigma = ``noise`` * (max - min)
     of each image. Deterministic for a ``seed``."""
 
-    def __init__(self, model: nn.Module, *, samples: int = 25, noise: float = 0.15, batch_size: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, *, samples: int = 25, noise: float = 0.15, batch_size: int | None = None, seed: int = 0
+    ) -> None:
         super().__init__(model, batch_size=batch_size)
         check_positive("samples", samples)
         check_positive("noise", noise, integer=False)
@@ -92,7 +94,9 @@ class SmoothGrad(_InputGradient):
         total = torch.zeros_like(images[:, 0])
         for samples in self._step_groups(self.samples, images):
             # one noise draw per sample, in order: the result does not depend on batch_size
-            noisy = torch.stack([images + sigma * torch.randn(images.shape, generator=gen, device=images.device) for _ in samples])
+            noisy = torch.stack(
+                [images + sigma * torch.randn(images.shape, generator=gen, device=images.device) for _ in samples]
+            )
             grads = self._input_grad(noisy.flatten(0, 1), targets.repeat(len(samples)))
             total += grads.abs().amax(1).view(len(samples), *total.shape).sum(0)
         return total / self.samples

@@ -36,6 +36,7 @@ Design choices where the paper is silent (ours, all options):
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -119,7 +120,9 @@ class MaskSearch(Explainer):
         from tqdm import tqdm
 
         # progress=None: shown on a terminal only (tqdm's disable=None)
-        return tqdm(total=total, desc=self.name, leave=False, disable=None if self.progress is None else not self.progress)
+        return tqdm(
+            total=total, desc=self.name, leave=False, disable=None if self.progress is None else not self.progress
+        )
 
     def _check_size(self, h: int, w: int) -> None:
         """Raise a clear error when the settings do not fit an ``h x w`` image."""
@@ -175,7 +178,7 @@ class MDM(MaskSearch):
             raise ValueError(f"scales must be a non-empty sequence of mask sides, e.g. (7, 14), got {scales!r}")
         for s in scales:
             check_positive("each scale", s)
-        if any(b <= a for a, b in zip(scales, scales[1:])):
+        if any(b <= a for a, b in itertools.pairwise(scales)):
             raise ValueError(f"scales must increase (coarse to fine), got {tuple(scales)}")
         check_positive("steps", steps)
         check_positive("lr", lr, integer=False)
@@ -183,7 +186,12 @@ class MDM(MaskSearch):
             raise ValueError(f"baseline must be 'blur' or 'zero', got {baseline!r}")
         if blur_sigma is not None:
             check_positive("blur_sigma", blur_sigma, integer=False)
-        coefficients = {"area_weight": area_weight, "binary_weight": binary_weight, "tv_weight": tv_weight, "consistency_weight": consistency_weight}
+        coefficients = {
+            "area_weight": area_weight,
+            "binary_weight": binary_weight,
+            "tv_weight": tv_weight,
+            "consistency_weight": consistency_weight,
+        }
         for name, value in coefficients.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -192,22 +200,34 @@ class MDM(MaskSearch):
         if scale_weights is None:
             weights = [1.0] * len(scales)
         else:
-            ok = isinstance(scale_weights, Sequence) and not isinstance(scale_weights, str) and len(scale_weights) == len(scales)
-            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in scale_weights)
+            ok = (
+                isinstance(scale_weights, Sequence)
+                and not isinstance(scale_weights, str)
+                and len(scale_weights) == len(scales)
+            )
+            ok = ok and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf for v in scale_weights
+            )
             if not ok or sum(scale_weights) <= 0:
-                raise ValueError(f"scale_weights must be {len(scales)} numbers >= 0 with a positive sum, one per scale, got {scale_weights!r}")
+                raise ValueError(
+                    f"scale_weights must be {len(scales)} numbers >= 0 with a positive sum, one per scale, got {scale_weights!r}"
+                )
             weights = [float(v) for v in scale_weights]
         if batch_size is not None and batch_size < 2:
             raise ValueError(f"MDM puts 2 rows per image in each pass: batch_size must be at least 2, got {batch_size}")
         self.scales, self.steps, self.lr = [int(s) for s in scales], int(steps), float(lr)
         self.baseline, self.blur_sigma = baseline, blur_sigma
-        self.area_weight, self.binary_weight, self.tv_weight = float(area_weight), float(binary_weight), float(tv_weight)
+        self.area_weight, self.binary_weight, self.tv_weight = (
+            float(area_weight),
+            float(binary_weight),
+            float(tv_weight),
+        )
         self.consistency_weight, self.consistency_layer = float(consistency_weight), consistency_layer
         self.scale_weights, self.coarse_to_fine = weights, bool(coarse_to_fine)
 
     def active_scales(self, h: int, w: int) -> list[tuple[int, float]]:
         """``(scale, weight)`` pairs used on an ``h x w`` image."""
-        pairs = list(zip(self.scales, self.scale_weights))
+        pairs = list(zip(self.scales, self.scale_weights, strict=True))
         if self.fit_scales:
             pairs = [(s, wt) for s, wt in pairs if s <= min(h, w)] or [(min(h, w), 1.0)]
         return pairs
@@ -215,7 +235,9 @@ class MDM(MaskSearch):
     def _check_size(self, h: int, w: int) -> None:
         too_big = [s for s, _ in self.active_scales(h, w) if s > min(h, w)]
         if too_big:
-            raise ValueError(f"MDM scales {too_big} are finer than the {h}x{w} image; use scales of at most {min(h, w)}")
+            raise ValueError(
+                f"MDM scales {too_big} are finer than the {h}x{w} image; use scales of at most {min(h, w)}"
+            )
 
     def _steps_per_chunk(self, h: int, w: int) -> int:
         return len(self.active_scales(h, w)) * self.steps
@@ -247,7 +269,9 @@ class MDM(MaskSearch):
         inert = (images - base).abs().amax(dim=(1, 2, 3)) <= INERT  # equal up to rounding in the blur
         return torch.where(inert[:, None, None], torch.zeros_like(total), total)
 
-    def _optimise(self, logits: Tensor, images: Tensor, base: Tensor, targets: Tensor, clean_features: Tensor | None, bar) -> Tensor:
+    def _optimise(
+        self, logits: Tensor, images: Tensor, base: Tensor, targets: Tensor, clean_features: Tensor | None, bar
+    ) -> Tensor:
         """``steps`` Adam iterations on the mask logits of one scale; returns them detached."""
         b, _, h, w = images.shape
         logits = logits.detach().clone().requires_grad_(True)
@@ -258,23 +282,33 @@ class MDM(MaskSearch):
                 masks = logits.sigmoid()
                 up = F.interpolate(masks, size=(h, w), mode="bilinear", align_corners=False)
                 inputs = torch.cat([images * up + base * (1 - up), images * (1 - up) + base * up])
-                with Tap(self.model.backbone, [layer], differentiable=True) if layer else contextlib.nullcontext() as tap:
+                with (
+                    Tap(self.model.backbone, [layer], differentiable=True) if layer else contextlib.nullcontext() as tap
+                ):
                     with self._autocast(images):
                         out = self.model(inputs)
                 out = out.float()
                 if out.shape[1] < 2:
-                    raise ValueError(f"MDM needs a classifier with at least 2 classes (softmax over {out.shape[1]} logit is always 1)")
+                    raise ValueError(
+                        f"MDM needs a classifier with at least 2 classes (softmax over {out.shape[1]} logit is always 1)"
+                    )
                 t2 = targets.repeat(2)[:, None]
                 total_lse = out.logsumexp(1)
                 keep = out[:b].gather(1, t2[:b])[:, 0] - total_lse[:b]  # log p(c | preserved)
                 # log(1 - p(c | deleted)) = logsumexp of the other logits - logsumexp of all: exact for any margin
                 gone = out[b:].scatter(1, t2[b:], float("-inf")).logsumexp(1) - total_lse[b:]
                 loss = -keep - gone
-                loss = loss + self.area_weight * masks.flatten(1).mean(1) + self.binary_weight * (masks * (1 - masks)).flatten(1).mean(1)
+                loss = (
+                    loss
+                    + self.area_weight * masks.flatten(1).mean(1)
+                    + self.binary_weight * (masks * (1 - masks)).flatten(1).mean(1)
+                )
                 loss = loss + self.tv_weight * total_variation(masks)
                 if layer:
                     kept = pooled(tap.get(layer)[:b])
-                    loss = loss + self.consistency_weight * (kept - clean_features).pow(2).sum(1) / clean_features.pow(2).sum(1).clamp_min(1e-12)
+                    loss = loss + self.consistency_weight * (kept - clean_features).pow(2).sum(1) / clean_features.pow(
+                        2
+                    ).sum(1).clamp_min(1e-12)
                 (grad,) = torch.autograd.grad(loss.sum(), logits)
             logits.grad = grad
             optimiser.step()

@@ -30,7 +30,13 @@ class Occlusion(Explainer):
     of the shorter side (16 px at 224), stride = patch // 2."""
 
     def __init__(
-        self, model: nn.Module, *, patch: int | None = None, stride: int | None = None, batch_size: int | None = None, amp: bool = False
+        self,
+        model: nn.Module,
+        *,
+        patch: int | None = None,
+        stride: int | None = None,
+        batch_size: int | None = None,
+        amp: bool = False,
     ) -> None:
         super().__init__(model)
         self.amp = amp
@@ -47,7 +53,9 @@ class Occlusion(Explainer):
         if patch > min(h, w):
             raise ValueError(f"occlusion patch {patch} is larger than the image ({h}x{w})")
         if stride > patch:
-            raise ValueError(f"occlusion stride {stride} is larger than the patch {patch}: some pixels would never be occluded")
+            raise ValueError(
+                f"occlusion stride {stride} is larger than the patch {patch}: some pixels would never be occluded"
+            )
         targets, probs = self._top1_or_check(images, targets)
         clean = probs.gather(1, targets[:, None])[:, 0]
         dev = images.device
@@ -62,7 +70,9 @@ class Occlusion(Explainer):
             for chunk in pairs.split(self._rows(images)):
                 win, img = chunk[:, 0], chunk[:, 1]
                 y0, x0 = starts[win, 0, None], starts[win, 1, None]
-                inside = ((rows >= y0) & (rows < y0 + patch))[:, :, None] & ((cols >= x0) & (cols < x0 + patch))[:, None, :]
+                inside = ((rows >= y0) & (rows < y0 + patch))[:, :, None] & ((cols >= x0) & (cols < x0 + patch))[
+                    :, None, :
+                ]
                 occluded = images[img] * (~inside)[:, None]
                 with self._autocast(images):
                     drop = clean[img] - _target_probs(self.model, occluded, targets[img])
@@ -114,7 +124,12 @@ class RISE(Explainer):
         per_pass = max(1, self._rows(images) // b)
         with torch.inference_mode():
             for idx in torch.arange(self.n_masks, device=images.device).split(per_pass):
-                up = F.interpolate(cells[idx], size=((self.grid + 1) * cell_h, (self.grid + 1) * cell_w), mode="bilinear", align_corners=False)
+                up = F.interpolate(
+                    cells[idx],
+                    size=((self.grid + 1) * cell_h, (self.grid + 1) * cell_w),
+                    mode="bilinear",
+                    align_corners=False,
+                )
                 ry = (shifts_y[idx, None] + rows)[:, :, None]
                 rx = (shifts_x[idx, None] + cols)[:, None, :]
                 masks = up[torch.arange(len(idx), device=images.device)[:, None, None], 0, ry, rx]  # [n,H,W]

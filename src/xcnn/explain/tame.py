@@ -42,10 +42,20 @@ class TAMEHead(nn.Module):
     the residual ``+ F_i`` in each branch (an ablation). ``meta`` records what the head was trained for.
     """
 
-    def __init__(self, layers: Sequence[str], channels: Sequence[int], num_classes: int, *, skip: bool = True, meta: dict | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[str],
+        channels: Sequence[int],
+        num_classes: int,
+        *,
+        skip: bool = True,
+        meta: dict | None = None,
+    ) -> None:
         super().__init__()
         if not layers or len(layers) != len(channels):
-            raise ValueError(f"need one channel count per tapped layer, got layers={list(layers)} channels={list(channels)}")
+            raise ValueError(
+                f"need one channel count per tapped layer, got layers={list(layers)} channels={list(channels)}"
+            )
         if num_classes <= 0:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.layers, self.channels = list(layers), [int(c) for c in channels]
@@ -70,7 +80,7 @@ class TAMEHead(nn.Module):
         if len(features) != len(self.convs):
             raise ValueError(f"the head expects {len(self.convs)} feature maps ({self.layers}), got {len(features)}")
         start = 0
-        for feat, conv, norm, c in zip(features, self.convs, self.norms, self.channels):
+        for feat, conv, norm, c in zip(features, self.convs, self.norms, self.channels, strict=True):
             if feat.dim() != 4 or feat.shape[1] != c:
                 raise ValueError(f"a feature map of shape {list(feat.shape)} reached a branch built for {c} channels")
             out = norm(conv(feat))
@@ -80,7 +90,10 @@ class TAMEHead(nn.Module):
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         """Every class's logit map ``[B,K,h,w]``."""
         size = self.output_size(features)
-        branches = [b if b.shape[-2:] == size else F.interpolate(b, size=size, mode="bilinear", align_corners=False) for b, _ in self._branches(features)]
+        branches = [
+            b if b.shape[-2:] == size else F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+            for b, _ in self._branches(features)
+        ]
         return self.fuse(torch.cat(branches, dim=1))
 
     def class_maps(self, features: Sequence[Tensor], classes: Tensor) -> Tensor:
@@ -137,7 +150,7 @@ def tame_layers(model: nn.Module, n: int = 3) -> list[str]:
     stages = _stage_outputs(clf)
     final_hw = _layer_shapes(clf, [last])[0][-2:]
     earlier = [name for name, hw, _ in stages if hw[0] > final_hw[0] and hw[1] > final_hw[1]]
-    chosen = earlier[-(n - 1) :] + [last] if n > 1 else [last]
+    chosen = [*earlier[-(n - 1) :], last] if n > 1 else [last]
     if len(chosen) < n:
         raise ValueError(f"{type(backbone).__name__} has fewer than {n} spatial stages; pass layers= explicitly")
     return chosen
@@ -151,7 +164,7 @@ def _layer_shapes(clf: Classifier, layers: Sequence[str]) -> list[tuple[int, ...
     with frozen(clf), torch.no_grad(), Tap(clf.backbone, layers) as tap:
         clf(dummy)
         feats = [tap.get(name) for name in layers]
-    for name, f in zip(layers, feats):
+    for name, f in zip(layers, feats, strict=True):
         if f.dim() != 4:
             raise ValueError(f"TAME needs [B,C,H,W] feature maps; layer {name!r} outputs shape {list(f.shape)}")
     return [tuple(f.shape) for f in feats]
@@ -175,7 +188,9 @@ def _fingerprint(clf: Classifier) -> str:
     return digest.hexdigest()[:16]
 
 
-def tame_head(model: nn.Module, layers: Sequence[str] | None = None, *, skip: bool = True, seed: int | None = 0) -> TAMEHead:
+def tame_head(
+    model: nn.Module, layers: Sequence[str] | None = None, *, skip: bool = True, seed: int | None = 0
+) -> TAMEHead:
     """A new (untrained) head for ``model`` tapping ``layers`` (default :func:`tame_layers`)."""
     clf = as_classifier(model)
     layers = list(layers) if layers is not None else tame_layers(clf)
@@ -221,7 +236,9 @@ def load_tame_head(path: str | Path, model: nn.Module | None = None) -> TAMEHead
     meta_path = p / HEAD_JSON if p.is_dir() else p.with_suffix(".json") if p.suffix in (".json", ".safetensors") else p
     weights_path = meta_path.with_name(meta_path.stem + ".safetensors")
     if not meta_path.is_file() or not weights_path.is_file():
-        raise FileNotFoundError(f"no TAME head at {path} (expected {HEAD_JSON} and {HEAD_WEIGHTS}; train one with `xcnn train tame`)")
+        raise FileNotFoundError(
+            f"no TAME head at {path} (expected {HEAD_JSON} and {HEAD_WEIGHTS}; train one with `xcnn train tame`)"
+        )
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -229,7 +246,13 @@ def load_tame_head(path: str | Path, model: nn.Module | None = None) -> TAMEHead
     if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
         raise ValueError(f"{meta_path} is not a TAME head description (format {HEAD_FORMAT!r})")
     keep = {"format", "layers", "channels", "num_classes", "skip", "max_side"}
-    head = TAMEHead(meta["layers"], meta["channels"], meta["num_classes"], skip=meta.get("skip", True), meta={k: v for k, v in meta.items() if k not in keep})
+    head = TAMEHead(
+        meta["layers"],
+        meta["channels"],
+        meta["num_classes"],
+        skip=meta.get("skip", True),
+        meta={k: v for k, v in meta.items() if k not in keep},
+    )
     try:
         head.load_state_dict(load_file(str(weights_path)))
     except Exception as err:
@@ -253,7 +276,9 @@ def check_head(head: TAMEHead, clf: Classifier) -> None:
         raise ValueError(f"this TAME head taps layers {head.layers}, but {missing} are not in the model {clf.name!r}")
     channels = _layer_channels(clf, head.layers)
     if channels != head.channels:
-        raise ValueError(f"this TAME head was trained on layers {head.layers} with {head.channels} channels; the model's have {channels}")
+        raise ValueError(
+            f"this TAME head was trained on layers {head.layers} with {head.channels} channels; the model's have {channels}"
+        )
     if clf.num_classes != head.num_classes:
         raise ValueError(f"this TAME head has {head.num_classes} classes; the model has {clf.num_classes}")
     fingerprint = head.meta.get("fingerprint")
@@ -278,7 +303,9 @@ class TAME(Explainer):
     :class:`TAMEHead`). One forward pass of the model plus the head; the map of class ``c`` is the head's
     pre-sigmoid logit map of ``c``."""
 
-    def __init__(self, model: nn.Module, *, head: str | Path | TAMEHead | None = None, batch_size: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, head: str | Path | TAMEHead | None = None, batch_size: int | None = None
+    ) -> None:
         super().__init__(model)
         if head is None:
             raise ValueError("the tame explainer needs head= (a folder written by `xcnn train tame`, or a TAMEHead)")
@@ -311,9 +338,13 @@ class TAME(Explainer):
                     if every:
                         maps.append(self.head(feats).float())
                     else:
-                        t = self._resolve_targets(out, None if targets is None else targets.split(self._rows(images))[i])
+                        t = self._resolve_targets(
+                            out, None if targets is None else targets.split(self._rows(images))[i]
+                        )
                         if bool((t >= self.head.num_classes).any()):
-                            raise ValueError(f"target class index out of range: the TAME head has {self.head.num_classes} classes, got {t.tolist()}")
+                            raise ValueError(
+                                f"target class index out of range: the TAME head has {self.head.num_classes} classes, got {t.tolist()}"
+                            )
                         maps.append(self.head.class_maps(feats, t).float())
         finally:
             self.head.train(mode)

@@ -18,7 +18,9 @@ def check_maps(maps: object, shape: tuple[int, ...] | None = None) -> Tensor:
     if maps.dim() != 3:
         raise ValueError(f"maps must have shape [B,H,W], got {list(maps.shape)}")
     if shape is not None and tuple(maps.shape) != tuple(shape):
-        raise ValueError(f"maps have shape {list(maps.shape)} but the images need {list(shape)} (one [H,W] map per image)")
+        raise ValueError(
+            f"maps have shape {list(maps.shape)} but the images need {list(shape)} (one [H,W] map per image)"
+        )
     if maps.shape[0] == 0:
         raise ValueError("maps is an empty batch")
     if not maps.is_floating_point():
@@ -41,7 +43,9 @@ def check_masks(masks: object, shape: tuple[int, ...], name: str = "masks") -> T
     return masks
 
 
-def prepare(model: nn.Module, images: Tensor, maps: Tensor, targets) -> tuple[Classifier, Tensor, Tensor, Tensor | None]:
+def prepare(
+    model: nn.Module, images: Tensor, maps: Tensor, targets
+) -> tuple[Classifier, Tensor, Tensor, Tensor | None]:
     """Validated ``(classifier, images, maps, targets)``; targets stay None for "top-1" (see ``resolve``)."""
     clf = as_classifier(model)
     images = check_images(images)
@@ -52,7 +56,10 @@ def prepare(model: nn.Module, images: Tensor, maps: Tensor, targets) -> tuple[Cl
 def target_probs(clf: Classifier, inputs: Tensor, targets: Tensor, batch_size: int) -> Tensor:
     """``p(target | input)`` for each row, in forward passes of ``batch_size`` (call under no_grad/frozen)."""
     return torch.cat(
-        [clf(x).float().softmax(1).gather(1, t[:, None])[:, 0] for x, t in zip(inputs.split(batch_size), targets.split(batch_size))]
+        [
+            clf(x).float().softmax(1).gather(1, t[:, None])[:, 0]
+            for x, t in zip(inputs.split(batch_size), targets.split(batch_size), strict=True)
+        ]
     )
 
 

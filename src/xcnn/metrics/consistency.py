@@ -33,12 +33,16 @@ class CropFlip:
         """Apply to ``[...,H,W]`` (images ``[B,3,H,W]`` or maps ``[B,H,W]``), bilinear, same size out."""
         size = list(x.shape[-2:])
         squeeze = x.dim() == 3
-        out = resized_crop(x[:, None] if squeeze else x, self.top, self.left, self.height, self.width, size, antialias=True)
+        out = resized_crop(
+            x[:, None] if squeeze else x, self.top, self.left, self.height, self.width, size, antialias=True
+        )
         out = hflip(out) if self.flip else out
         return out[:, 0] if squeeze else out
 
 
-def random_crop_flips(n: int, size: tuple[int, int], generator: torch.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)) -> list[CropFlip]:
+def random_crop_flips(
+    n: int, size: tuple[int, int], generator: torch.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)
+) -> list[CropFlip]:
     """``n`` random CropFlips: area fraction in ``scale``, aspect ratio in ``ratio`` (log-uniform)."""
     h, w = size
     out = []

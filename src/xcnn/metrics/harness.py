@@ -72,7 +72,10 @@ class Evaluation:
         writer.writerows(self.rows)
         paths = {"csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json", "md": folder / f"{stem}.md"}
         atomic_write(paths["csv"], lambda tmp: tmp.write_text(buf.getvalue()))
-        atomic_write(paths["json"], lambda tmp: tmp.write_text(json.dumps({"rows": self.rows, "curves": self.curves}, indent=2) + "\n"))
+        atomic_write(
+            paths["json"],
+            lambda tmp: tmp.write_text(json.dumps({"rows": self.rows, "curves": self.curves}, indent=2) + "\n"),
+        )
         atomic_write(paths["md"], lambda tmp: tmp.write_text(self.markdown() + "\n"))
         return paths
 
@@ -85,7 +88,12 @@ def _spec(method: str | tuple) -> tuple[str, str, dict]:
     """``(label, name, options)`` from ``name``, ``(name, options)`` or ``(name, options, label)``."""
     if isinstance(method, str):
         return method, method, {}
-    if isinstance(method, tuple) and len(method) in (2, 3) and isinstance(method[0], str) and isinstance(method[1], Mapping):
+    if (
+        isinstance(method, tuple)
+        and len(method) in (2, 3)
+        and isinstance(method[0], str)
+        and isinstance(method[1], Mapping)
+    ):
         return (method[2] if len(method) == 3 else method[0]), method[0], dict(method[1])
     raise TypeError(f"a method is a name, (name, options) or (name, options, label); got {method!r}")
 
@@ -139,7 +147,9 @@ def evaluate(
         raise ValueError("no methods to evaluate")
     labels = [label for label, _, _ in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"two methods share a label in {labels}; give variants their own label: (name, options, label)")
+        raise ValueError(
+            f"two methods share a label in {labels}; give variants their own label: (name, options, label)"
+        )
 
     def build(name: str, options: dict, net: nn.Module):
         return make_explainer(name, net, layer=layer if explainer_class(name).uses_layer else None, **options)
@@ -148,7 +158,7 @@ def evaluate(
     mbs = metric_batch_size or batch_size
     sums: dict[tuple[str, str], float] = {}
     counts: dict[tuple[str, str], int] = {}
-    seconds = {name: 0.0 for name in explainers}
+    seconds = dict.fromkeys(explainers, 0.0)
     curve_sums: dict[str, dict[str, Tensor]] = {}
     slow_done = 0
     samples: dict[str, list[Tensor]] = {}

@@ -44,7 +44,10 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, per_image: bo
         raise ValueError(f"tolerance must be a non-negative integer (pixels), got {tolerance!r}")
     empty = ~masks.flatten(1).any(1)
     if bool(empty.any()):
-        warnings.warn(f"pointing game: {int(empty.sum())} of {len(masks)} images have an empty mask; counted as misses", stacklevel=2)
+        warnings.warn(
+            f"pointing game: {int(empty.sum())} of {len(masks)} images have an empty mask; counted as misses",
+            stacklevel=2,
+        )
     if tolerance > 0:  # grow the mask by a disk of radius `tolerance`
         r = torch.arange(-tolerance, tolerance + 1, device=maps.device, dtype=torch.float32)
         disk = ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= tolerance**2).float()[None, None]

@@ -30,7 +30,9 @@ def average_ranks(x: Tensor) -> Tensor:
     new_group[:, 1:] = (values[:, 1:] != values[:, :-1]).long()
     group = new_group.cumsum(1) - 1 + torch.arange(b, device=x.device)[:, None] * n  # ids unique across rows
     position = torch.arange(n, device=x.device, dtype=torch.float32).expand(b, n).reshape(-1)
-    mean_rank = torch.zeros(b * n, device=x.device).scatter_reduce(0, group.reshape(-1), position, reduce="mean", include_self=False)
+    mean_rank = torch.zeros(b * n, device=x.device).scatter_reduce(
+        0, group.reshape(-1), position, reduce="mean", include_self=False
+    )
     ranks = torch.empty(b, n, device=x.device)
     ranks.scatter_(1, order, mean_rank[group.reshape(-1)].view(b, n))
     return ranks

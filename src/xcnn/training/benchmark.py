@@ -78,20 +78,39 @@ def fit_benchmark(
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     if arch.startswith("vit") and size % VIT["patch_size"]:
-        raise ValueError(f"the benchmark ViT cuts {VIT['patch_size']}x{VIT['patch_size']} patches: size must be a multiple of {VIT['patch_size']}, got {size}")
+        raise ValueError(
+            f"the benchmark ViT cuts {VIT['patch_size']}x{VIT['patch_size']} patches: size must be a multiple of {VIT['patch_size']}, got {size}"
+        )
     out = prepare_out_dir(out_dir)
     data = {"size": size, "seed": seed, "shortcut_prob": shortcut_prob}
     train = InMemory(Shapes("train", n_train, **data))
     val = InMemory(Shapes("val", n_val, **data))
     torch.manual_seed(seed)
     if arch.startswith("vit"):
-        kwargs = {"num_classes": len(CLASSES), "img_size": size, **VIT, "stem": "patch" if arch == "vit_patch" else "conv"}
+        kwargs = {
+            "num_classes": len(CLASSES),
+            "img_size": size,
+            **VIT,
+            "stem": "patch" if arch == "vit_patch" else "conv",
+        }
         backbone, mean, std, _ = _build_arch("shapes_vit", kwargs)
-        model = Classifier(backbone, mean, std, name=arch, input_size=(size, size), class_names=CLASSES, spec={"arch": "shapes_vit", "kwargs": kwargs})
+        model = Classifier(
+            backbone,
+            mean,
+            std,
+            name=arch,
+            input_size=(size, size),
+            class_names=CLASSES,
+            spec={"arch": "shapes_vit", "kwargs": kwargs},
+        )
     else:
         kwargs = {"num_classes": len(CLASSES), "widths": list(widths), "strides": list(strides)}
         model = Classifier(
-            ShapesNet(**kwargs), name="shapesnet", input_size=(size, size), class_names=CLASSES, spec={"arch": "shapesnet", "kwargs": kwargs}
+            ShapesNet(**kwargs),
+            name="shapesnet",
+            input_size=(size, size),
+            class_names=CLASSES,
+            spec={"arch": "shapesnet", "kwargs": kwargs},
         )
     history = fit(
         model, train, epochs=epochs, val_data=val, batch_size=batch_size, out_dir=out, resume=resume, seed=seed,

@@ -40,15 +40,27 @@ def tv_loss(maps: Tensor, border: float = 0.3) -> Tensor:
     the squared values on the map's edge, divided by ``2 B``."""
     dx = (maps[:, :, 1:] - maps[:, :, :-1]).pow(2).sum()
     dy = (maps[:, 1:, :] - maps[:, :-1, :]).pow(2).sum()
-    edge = maps[:, 0, :].pow(2).sum() + maps[:, -1, :].pow(2).sum() + maps[:, :, 0].pow(2).sum() + maps[:, :, -1].pow(2).sum()
+    edge = (
+        maps[:, 0, :].pow(2).sum()
+        + maps[:, -1, :].pow(2).sum()
+        + maps[:, :, 0].pow(2).sum()
+        + maps[:, :, -1].pow(2).sum()
+    )
     return (dx + dy + border * edge) / (2 * maps.shape[0])
 
 
 class TAMELoss:
     """The weighted TAME loss; ``__call__`` returns the total and each term (as floats, for logging)."""
 
-    def __init__(self, ce_weight: float = 1.5, area_weight: float = 2.0, area_power: float = 0.3, tv_weight: float = 0.01) -> None:
-        self.ce_weight, self.area_weight, self.area_power, self.tv_weight = ce_weight, area_weight, area_power, tv_weight
+    def __init__(
+        self, ce_weight: float = 1.5, area_weight: float = 2.0, area_power: float = 0.3, tv_weight: float = 0.01
+    ) -> None:
+        self.ce_weight, self.area_weight, self.area_power, self.tv_weight = (
+            ce_weight,
+            area_weight,
+            area_power,
+            tv_weight,
+        )
 
     def __call__(self, masked_logits: Tensor, attention: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, float]]:
         ce = F.cross_entropy(masked_logits.float(), labels)
@@ -168,10 +180,14 @@ def fit_tame(
     """
     clf = as_classifier(model)
     if len(data) < batch_size:
-        raise ValueError(f"the training data has {len(data)} images, fewer than one batch ({batch_size}); add images or lower the batch size")
+        raise ValueError(
+            f"the training data has {len(data)} images, fewer than one batch ({batch_size}); add images or lower the batch size"
+        )
     out = prepare_out_dir(out_dir) if out_dir is not None else None
     # the backbone must sit where the trainer will put the head (cuda:LOCAL_RANK under torchrun)
-    dev = training_device(device if device is not None else (None if torch.cuda.is_available() else next(clf.parameters()).device))
+    dev = training_device(
+        device if device is not None else (None if torch.cuda.is_available() else next(clf.parameters()).device)
+    )
     clf.to(dev)
     head = tame_head(clf, layers, skip=skip, seed=seed)
     net = TAMETraining(clf, head)
@@ -207,7 +223,10 @@ def fit_tame(
             "images": len(data), "seed": seed,
         }  # fmt: skip
         save_tame_head(head, out, training=settings)
-        atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps({"training": settings, "final": history[-1]}, indent=2) + "\n"))
+        atomic_write(
+            out / "results.json",
+            lambda tmp: tmp.write_text(json.dumps({"training": settings, "final": history[-1]}, indent=2) + "\n"),
+        )
     return head, history
 
 

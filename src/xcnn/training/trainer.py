@@ -41,7 +41,7 @@ Evaluate = Callable[[nn.Module, DataLoader, torch.device], dict[str, float]]
 def to_device(batch: object, device: torch.device) -> Batch:
     """A batch as a dict of tensors on ``device``; ``(image, label)`` tuples become ``{"image", "label"}``."""
     if isinstance(batch, (tuple, list)):
-        batch = dict(zip(("image", "label"), batch))
+        batch = dict(zip(("image", "label"), batch, strict=False))
     if not isinstance(batch, dict):
         raise TypeError(f"a batch must be a dict or an (image, label) tuple, got {type(batch).__name__}")
     return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -76,7 +76,12 @@ def _rng_state() -> dict:
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64), "gauss": py_state[2]},
     }
     if torch.cuda.is_available():
@@ -113,7 +118,9 @@ def _setup_distributed(device: torch.device | None) -> tuple[int, int, torch.dev
     world = int(os.environ.get("WORLD_SIZE", "1"))
     started = False
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda") else "gloo"
+        backend = (
+            "nccl" if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda") else "gloo"
+        )
         dist.init_process_group(backend=backend)
         started = True
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -188,7 +195,11 @@ def fit(
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
     opt = optimizer(params) if optimizer is not None else torch.optim.AdamW(params, lr=1e-3)
-    sampler = DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True) if world > 1 else None
+    sampler = (
+        DistributedSampler(train_data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        if world > 1
+        else None
+    )
     loader = DataLoader(
         train_data, batch_size=batch_size // world if world > 1 else batch_size, sampler=sampler,
         shuffle=sampler is None, drop_last=True, num_workers=num_workers, generator=torch.Generator(),
@@ -197,7 +208,11 @@ def fit(
     sched = scheduler(opt, epochs * steps_per_epoch) if scheduler is not None else None
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    net = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world > 1
+        else model
+    )
 
     history: list[dict] = []
     start_epoch = 0
@@ -205,7 +220,9 @@ def fit(
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
         if state.get("epochs") != epochs:
-            raise ValueError(f"checkpoint {ckpt_path} was made for {state.get('epochs')} epochs, not {epochs}; resume with the same schedule")
+            raise ValueError(
+                f"checkpoint {ckpt_path} was made for {state.get('epochs')} epochs, not {epochs}; resume with the same schedule"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
@@ -266,7 +283,7 @@ def fit(
                         "scaler": scaler.state_dict() if use_amp else None, "epoch": epoch, "epochs": epochs,
                         "history": history, "rng": _rng_state(),
                     }  # fmt: skip
-                    atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+                    atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
                     atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
             if world > 1:
                 dist.barrier()
@@ -285,7 +302,9 @@ def _bar(loader: DataLoader, epoch: int, epochs: int, main: bool, progress: bool
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if progress is None else not progress)
+    return tqdm(
+        loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=None if progress is None else not progress
+    )
 
 
 def _tensorboard(out: Path):

@@ -28,7 +28,11 @@ def _image_array(image: Tensor | np.ndarray) -> np.ndarray:
 
 
 def _map_array(saliency: Tensor | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    arr = saliency.detach().float().cpu().numpy() if isinstance(saliency, Tensor) else np.asarray(saliency, dtype=np.float32)
+    arr = (
+        saliency.detach().float().cpu().numpy()
+        if isinstance(saliency, Tensor)
+        else np.asarray(saliency, dtype=np.float32)
+    )
     if arr.shape != shape:
         raise ValueError(f"map shape {list(arr.shape)} does not match the image's {list(shape)}")
     if not np.isfinite(arr).all():
@@ -38,7 +42,9 @@ def _map_array(saliency: Tensor | np.ndarray, shape: tuple[int, int]) -> np.ndar
     return arr
 
 
-def overlay(image: Tensor | np.ndarray, saliency: Tensor | np.ndarray, *, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+def overlay(
+    image: Tensor | np.ndarray, saliency: Tensor | np.ndarray, *, alpha: float = 0.5, cmap: str = "jet"
+) -> np.ndarray:
     """Blend a [0,1] map (coloured with ``cmap``) over the image: uint8 ``[H,W,3]``."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0,1], got {alpha}")

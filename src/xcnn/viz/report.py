@@ -62,7 +62,9 @@ def _curves_png(path: Path, curves: Mapping[str, Mapping[str, Sequence[float]]])
     return f"{path.parent.name}/{path.name}"
 
 
-def write_report(path: str | Path, sections: Sequence[ReportSection], *, title: str = "xcnn report", intro: str = "") -> Path:
+def write_report(
+    path: str | Path, sections: Sequence[ReportSection], *, title: str = "xcnn report", intro: str = ""
+) -> Path:
     """Write ``path`` (an .html file) and its images in ``<stem>_files/`` beside it."""
     from .. import __version__
 
@@ -77,9 +79,17 @@ def write_report(path: str | Path, sections: Sequence[ReportSection], *, title: 
         images = ev.samples.get("image")
         grid = []
         for i in range(0 if images is None else len(images)):
-            row = {"image": _png(assets / f"{slug}-img{i}.png", (images[i].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"))}
+            row = {
+                "image": _png(
+                    assets / f"{slug}-img{i}.png",
+                    (images[i].permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8"),
+                )
+            }
             row["caption"] = section.captions[i] if i < len(section.captions) else f"image {i}"
-            row["maps"] = [_png(assets / f"{slug}-img{i}-{_slug(m)}.png", overlay(images[i], ev.sample_maps[m][i])) for m in methods]
+            row["maps"] = [
+                _png(assets / f"{slug}-img{i}-{_slug(m)}.png", overlay(images[i], ev.sample_maps[m][i]))
+                for m in methods
+            ]
             grid.append(row)
         metrics = list(dict.fromkeys(r["metric"] for r in ev.rows))
         cell = {(r["method"], r["metric"]): r for r in ev.rows}
@@ -97,6 +107,10 @@ def write_report(path: str | Path, sections: Sequence[ReportSection], *, title: 
         })  # fmt: skip
     env = Environment(loader=PackageLoader("xcnn.viz", "templates"), autoescape=select_autoescape(["html", "j2"]))
     html = env.get_template("report.html.j2").render(
-        title=title, intro=intro, sections=rendered, version=__version__, created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+        title=title,
+        intro=intro,
+        sections=rendered,
+        version=__version__,
+        created=_dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )
     return atomic_write(path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
