@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.set_defaults(func=cmd_train_benchmark)
     tt = tr_sub.add_parser(
         "tame", help="train a TAME attention head for a frozen model",
-        description="Trains a TAME head (shared/specs/tame.md) on the model's own predictions; writes tame.safetensors + "
+        description="Trains a TAME head (docs/methods.md#tame) on the model's own predictions; writes tame.safetensors + "
         "tame.json (use with --method tame --tame-head DIR), checkpoint.pt, history.json, TensorBoard scalars, results.json.",
     )  # fmt: skip
     tt.add_argument("--model", required=True, help="a model name or a folder saved by `xcnn train benchmark`")

@@ -5,7 +5,7 @@ Sample ``i`` of a split with a seed is always the same image (its random stream 
 ``label`` (the shape), ``mask [S,S]`` bool (the object's pixels), ``box`` (x0, y0, x1, y1; inclusive
 pixel bounds of the mask) and ``shortcut_mask [S,S]`` bool (the planted patch, if any).
 
-Design (shared/specs/benchmark.md): smooth colour background with low-frequency noise and thin lines; one
+Design (docs/methods.md#the-shapes-benchmark): smooth colour background with low-frequency noise and thin lines; one
 class object of random position, scale (15-40 % of S), rotation and colour; 0-3 distractor blobs and
 strokes drawn *under* the object, placed away from it; optionally a small corner patch whose colour
 encodes the label (the planted shortcut, "Clever Hans" test).

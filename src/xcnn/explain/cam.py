@@ -1,5 +1,5 @@
 """The CAM family: Grad-CAM, Grad-CAM++, XGrad-CAM, Layer-CAM, HiResCAM (one gradient at the layer) and
-Score-CAM (forward passes only). Formulas: shared/specs/posthoc.md.
+Score-CAM (forward passes only). Formulas: docs/methods.md#the-cam-family.
 
 Notation: ``A`` activations ``[B,K,h,w]`` of the tapped layer, ``G = d y_c / d A`` (``y_c`` = target
 logit). The gradient CAMs run the model once per batch and back-propagate only from the logits down to

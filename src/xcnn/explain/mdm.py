@@ -1,4 +1,4 @@
-"""MDM, Multiple Dynamic Masks (Peng et al. 2022, shared/specs/mdm.md): learned per-image masks at several
+"""MDM, Multiple Dynamic Masks (Peng et al. 2022, docs/methods.md#mdm): learned per-image masks at several
 scales, stacked into one map. It needs only the model's output, so CNNs and token models work alike.
 
 Per batch of images (the model frozen, in eval mode), for each scale ``s`` (coarse to fine):
@@ -20,7 +20,7 @@ images for the top-1 class when no targets are given, and one more with ``consis
 
 Design choices where the paper is silent (ours, all options):
 
-* The deletion term is ``-log(1 - p(c|x_d))`` rather than the spec's ``+log p(c|x_d)``: both push the
+* The deletion term is ``-log(1 - p(c|x_d))`` rather than ``+log p(c|x_d)``: both push the
   deleted image's probability down, but ``log p`` keeps rewarding a class that is already gone (its
   gradient with respect to the logit never vanishes), which makes the mask grow against the area term
   forever; the binary cross-entropy form stops pushing once the decision is lost. It is computed as
@@ -50,7 +50,7 @@ from .base import Explainer, check_positive, register
 
 __all__ = ["DEFAULT_SCALES", "MDM", "gaussian_blur"]
 
-#: the spec's mask sides (7x7 to 56x56 cells)
+#: the default mask sides (7x7 to 56x56 cells)
 DEFAULT_SCALES = (7, 14, 28, 56)
 
 #: an image whose largest difference from its baseline is at most this (far below one 8-bit grey level)

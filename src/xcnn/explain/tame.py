@@ -1,4 +1,4 @@
-"""TAME: a trained attention head over several layers of a frozen CNN (shared/specs/tame.md).
+"""TAME: a trained attention head over several layers of a frozen CNN (docs/methods.md#tame).
 
 The head (:class:`TAMEHead`) turns the feature maps of ``L`` tapped layers into ``K`` class maps in one
 pass: per branch ``conv1x1 -> BatchNorm -> + features (skip) -> ReLU -> bilinear upsample`` to the size

@@ -1,4 +1,4 @@
-"""Metrics that explanations are judged by (shared/specs/metrics.md), batched and in pixel space."""
+"""Metrics that explanations are judged by (docs/methods.md#metrics), batched and in pixel space."""
 
 from .consistency import consistency
 from .faithfulness import average_drop_increase, insertion_deletion

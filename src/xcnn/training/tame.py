@@ -1,4 +1,4 @@
-"""Training a TAME head on a frozen classifier (shared/specs/tame.md), with the shared loop.
+"""Training a TAME head on a frozen classifier (docs/methods.md#training-xcnn-train-tame), with the shared loop.
 
 Each step: one forward pass of the frozen model with the head's layers tapped gives the model's own
 top-1 labels ``y`` and the feature maps; the head turns them into class maps; the attention of each
@@ -9,7 +9,7 @@ model classifies the masked image. Loss (paper defaults)::
 
 with ``TV(a) = (sum of squared neighbour differences + 0.3 * sum of squared border values) / (2 B)``.
 Area and TV use each image's own-label map (the authors' code mixes every label's map of the batch into
-them; see the spec). Only the head trains; the backbone stays in eval mode with ``requires_grad=False``,
+them; see docs/methods.md#tame). Only the head trains; the backbone stays in eval mode with ``requires_grad=False``,
 so its weights and BatchNorm statistics are untouched. SGD with Nesterov momentum, weight decay on
 weights only, twice the learning rate for biases, one-cycle schedule stepped per iteration.
 """
