@@ -1,4 +1,4 @@
-"""Input-gradient explainers: saliency, Integrated Gradients, SmoothGrad (shared/specs/posthoc.md).
+"""Input-gradient explainers: saliency, Integrated Gradients, SmoothGrad (docs/methods.md#input-gradients).
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the input only; the model's
 parameters do not require gradients during the call, so no weight gradients are formed or stored.
