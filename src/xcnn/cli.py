@@ -105,6 +105,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .explain import explainer_class
     from .models import default_layer
     from .viz.overlay import save_grid, save_overlay
+    from .viz.style import display_percentile
 
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     unknown = [m for m in methods if m not in list_explainers()]
@@ -139,13 +140,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 bar.update(len(parts[-1]))
             maps[method] = torch.cat(parts)
 
+    # sparse maps (input gradients) are displayed clipped, as in the report; --save-maps writes them unclipped
+    percentiles = {m: display_percentile(m) for m in methods}
     records = []
     for i, (src, label) in enumerate(zip(args.images, labels, strict=True)):
         top_p, top_i = probs[i].topk(min(5, probs.shape[1]))
         files = {}
         for method in methods:
             png = out / f"{label}_{_safe(method)}.png"
-            save_overlay(png, images[i].cpu(), maps[method][i], alpha=args.alpha)
+            save_overlay(png, images[i].cpu(), maps[method][i], alpha=args.alpha, percentile=percentiles[method])
             files[method] = {"overlay": png.name}
             if args.save_maps:
                 npy = out / f"{label}_{_safe(method)}.npy"
@@ -158,6 +161,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             images[i].cpu(),
             {m: maps[m][i] for m in methods},
             title=f"{label}: explaining {t} {model.class_name(t)}",
+            alpha=args.alpha,
+            percentiles=percentiles,
         )
         records.append(
             {

@@ -155,6 +155,11 @@ class Explainer:
     uses_layer: bool = False
     #: run the model's forward passes under bf16 autocast when the images are on CUDA
     amp: bool = False
+    #: for sparse maps (a few extreme pixels): displays (overlays, grids, reports) clip the map at this
+    #: percentile of its values and rescale to [0,1], so the rest is visible; the returned map is unchanged
+    display_percentile: float | None = None
+    #: a reference that ignores the model (random maps): tables never mark it best, plots draw it grey, dashed
+    baseline: bool = False
     #: rows per forward pass in inner loops; None = 64 on CUDA; on CPU 8 at 224x224 up to 64 at 64x64 and
     #: below (large activations make CPU time per image grow with the batch: ResNet-50 at 224x224 takes
     #: 152 ms/image at batch 8, 184 ms at 64; small images are bound by per-call overhead instead)

@@ -15,6 +15,8 @@ __all__ = ["IntegratedGradients", "Saliency", "SmoothGrad"]
 
 
 class _InputGradient(Explainer):
+    display_percentile = 99.0  # a few pixels carry most of the gradient: shown clipped, as captum does
+
     def __init__(self, model: nn.Module, *, batch_size: int | None = None) -> None:
         super().__init__(model)
         self._set_batch_size(batch_size)
@@ -36,6 +38,8 @@ class _InputGradient(Explainer):
 class Saliency(Explainer):
     """Saliency (Simonyan et al.): max over colour channels of |d y_c / d x|; one forward and one backward
     pass for the whole batch."""
+
+    display_percentile = 99.0
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         with torch.enable_grad():

@@ -145,6 +145,8 @@ class RandomMap(Explainer):
     """Baseline that ignores the model: a smooth random map (uniform ``grid`` x ``grid`` noise, upsampled
     bilinearly). Deterministic for a ``seed``; every metric table needs this floor."""
 
+    baseline = True
+
     def __init__(self, model: nn.Module, *, grid: int = 7, seed: int = 0) -> None:
         super().__init__(model)
         check_positive("grid", grid)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,12 +31,108 @@ from .faithfulness import average_drop_increase, insertion_deletion
 from .localization import energy_in_box, iou, pointing_game, shortcut_energy
 from .sanity import randomization_sanity
 
-__all__ = ["METRICS", "Evaluation", "evaluate"]
+__all__ = [
+    "METRICS",
+    "METRIC_DIRECTIONS",
+    "SPEED_COLUMN",
+    "Evaluation",
+    "MetricTable",
+    "column_decimals",
+    "evaluate",
+    "metric_direction",
+    "metric_table",
+]
 
 #: metric groups the harness knows; each produces one or more rows
 METRICS = ("adic", "insertion_deletion", "pointing", "energy", "iou", "shortcut", "consistency", "sanity")
 _NEEDS_MASK = {"pointing", "energy", "iou"}
 _SLOW = {"consistency", "sanity"}
+#: the explanation-time column that tables add after the metrics
+SPEED_COLUMN = "s / image"
+#: which way each row metric is better: +1 higher, -1 lower, 0 not ranked. A key ending in "@" or "_" is a
+#: prefix (AD@100, consistency_pearson). Sanity is Spearman/SSIM between the trained and the randomised
+#: model's maps: lower = the map depends more on what the model learned. The shortcut energy is not ranked:
+#: a high share is right for a model that uses the planted shortcut and wrong for one that does not.
+METRIC_DIRECTIONS: dict[str, int] = {
+    "AD@": -1, "IC@": 1, "insertion": 1, "deletion": -1, "pointing": 1, "pointing: empty masks": 0,
+    "energy_in_mask": 1, "iou@": 1, "shortcut_energy": 0, "consistency_": 1, "sanity_": -1, SPEED_COLUMN: -1,
+}  # fmt: skip
+
+
+def metric_direction(metric: str) -> int:
+    """+1 if higher values of the row metric (or table column) ``metric`` are better, -1 if lower, 0 if unranked."""
+    if metric in METRIC_DIRECTIONS:
+        return METRIC_DIRECTIONS[metric]
+    prefix = next((k for k in METRIC_DIRECTIONS if k.endswith(("@", "_")) and metric.startswith(k)), None)
+    return 0 if prefix is None else METRIC_DIRECTIONS[prefix]
+
+
+def column_decimals(values: Iterable[float | None], *, relative: bool = False) -> int:
+    """Decimals for one table column: 4 significant digits of its largest magnitude (at most 3 decimals); with
+    ``relative`` (timings, which span orders of magnitude) 2 significant digits of its smallest non-zero one
+    (at most 4)."""
+    finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+    if relative:
+        smallest = min((v for v in finite if v > 0), default=1.0)
+        return max(0, min(4, 1 - math.floor(math.log10(smallest))))
+    largest = max(finite, default=0.0)
+    return 3 if largest == 0 else max(0, min(3, 3 - math.floor(math.log10(largest))))
+
+
+@dataclass
+class MetricTable:
+    """Rows as a table: one line per method, one column per metric then :data:`SPEED_COLUMN`; ``text`` holds
+    the values at one precision per column ("" where not measured, "nan" where no image had a finite value)."""
+
+    methods: list[str]
+    columns: list[str]
+    values: list[list[float | None]]
+    text: list[list[str]]
+    decimals: list[int]
+
+    def rounded(self, i: int, j: int) -> float | None:
+        """The value at method ``i``, column ``j`` as the table shows it (None if missing or NaN)."""
+        v = self.values[i][j]
+        return None if v is None or not math.isfinite(v) else round(v, self.decimals[j])
+
+    def best(self, exclude: Collection[str] = ()) -> list[list[bool]]:
+        """``[method][column]``: whether the cell holds its column's best shown value by :func:`metric_direction`
+        among the methods not in ``exclude`` (baselines). Ties are all marked; a column where every method shows
+        the same value (or only one method has a value), and an unranked column, has no mark."""
+        marks = [[False] * len(self.columns) for _ in self.methods]
+        for j, column in enumerate(self.columns):
+            sign = metric_direction(column)
+            shown = {i: self.rounded(i, j) for i, m in enumerate(self.methods) if m not in exclude}
+            shown = {i: v for i, v in shown.items() if v is not None}
+            if sign == 0 or len(set(shown.values())) < 2:
+                continue
+            top = max(sign * v for v in shown.values())
+            for i, v in shown.items():
+                marks[i][j] = sign * v == top
+        return marks
+
+
+def metric_table(rows: Sequence[Mapping]) -> MetricTable:
+    """Harness rows -> :class:`MetricTable` (methods and metrics in first-seen order)."""
+    columns = list(dict.fromkeys(r["metric"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["metric"]): r["value"] for r in rows}
+    values = [[cell.get((m, k)) for k in columns] for m in methods]
+    for i, m in enumerate(methods):
+        first = next(r for r in rows if r["method"] == m)
+        values[i].append(first["seconds"] / max(first["n"], 1))
+    columns.append(SPEED_COLUMN)
+    decimals = [
+        column_decimals((row[j] for row in values), relative=column == SPEED_COLUMN) for j, column in enumerate(columns)
+    ]
+    text = [
+        [
+            "" if v is None else "nan" if not math.isfinite(v) else f"{v:.{d}f}"
+            for v, d in zip(row, decimals, strict=True)
+        ]
+        for row in values
+    ]
+    return MetricTable(methods, columns, values, text, decimals)
 
 
 @dataclass
@@ -47,20 +144,17 @@ class Evaluation:
     #: the first images' pixels, labels, targets and each method's maps (for reports)
     samples: dict[str, Tensor] = field(default_factory=dict)
     sample_maps: dict[str, Tensor] = field(default_factory=dict)
+    #: each method label's registered explainer name (``"ig, 8 steps"`` -> ``"integrated_gradients"``)
+    names: dict[str, str] = field(default_factory=dict)
 
     def value(self, method: str, metric: str) -> float:
         return next(r["value"] for r in self.rows if r["method"] == method and r["metric"] == metric)
 
     def markdown(self) -> str:
-        """Methods as rows, metrics as columns, plus the explanation speed."""
-        metrics = list(dict.fromkeys(r["metric"] for r in self.rows))
-        methods = list(dict.fromkeys(r["method"] for r in self.rows))
-        cell = {(r["method"], r["metric"]): r for r in self.rows}
-        lines = ["| method | " + " | ".join(metrics) + " | s / image |", "|---" * (len(metrics) + 2) + "|"]
-        for m in methods:
-            values = [_fmt(cell[(m, k)]["value"]) if (m, k) in cell else "" for k in metrics]
-            first = next(r for r in self.rows if r["method"] == m)
-            lines.append(f"| {m} | " + " | ".join(values) + f" | {first['seconds'] / max(first['n'], 1):.4f} |")
+        """Methods as rows, metrics as columns, plus the explanation speed; one precision per column."""
+        table = metric_table(self.rows)
+        lines = ["| method | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(text) + " |" for m, text in zip(table.methods, table.text, strict=True)]
         return "\n".join(lines)
 
     def save(self, folder: str | Path, stem: str = "metrics") -> dict[str, Path]:
@@ -78,10 +172,6 @@ class Evaluation:
         )
         atomic_write(paths["md"], lambda tmp: tmp.write_text(self.markdown() + "\n"))
         return paths
-
-
-def _fmt(value: float) -> str:
-    return "nan" if value != value else f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
 
 
 def _spec(method: str | tuple) -> tuple[str, str, dict]:
@@ -209,6 +299,8 @@ def evaluate(
 
     result = Evaluation()
     for (method, metric), total_value in sums.items():
+        if metric == "pointing: empty masks" and total_value == 0:
+            continue  # every image had an object: nothing to report
         n = counts[(method, metric)]
         result.rows.append({
             "method": method, "metric": metric, "value": total_value / n if n else float("nan"), "n": n,
@@ -218,6 +310,7 @@ def evaluate(
         result.curves[method] = {k: (v / counts[(method, k)]).tolist() for k, v in kinds.items()}
     result.samples = {k: torch.cat(v)[:keep_samples] for k, v in samples.items()}
     result.sample_maps = {k: torch.cat(v)[:keep_samples] for k, v in sample_maps.items() if v}
+    result.names = {label: name for label, name, _ in specs}
     return result
 
 
@@ -237,11 +330,11 @@ def _score(name, maps, images, t, mask, shortcut, metrics, clf, batch_size, add,
         if "pointing" in metrics:
             import warnings
 
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+            with warnings.catch_warnings():  # empty masks count as misses; their share is its own row
+                warnings.simplefilter("ignore")
                 add(name, "pointing", pointing_game(maps, mask, per_image=True))
-            if caught:
-                add(name, "pointing: empty masks", (~mask.flatten(1).any(1)).float() * 100)
+            # over every image (not only the batches that had one), so the share is of the whole data set
+            add(name, "pointing: empty masks", (~mask.flatten(1).any(1)).float() * 100)
         if "energy" in metrics:
             add(name, "energy_in_mask", energy_in_box(maps, mask, per_image=True))
         if "iou" in metrics:
