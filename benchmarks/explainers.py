@@ -68,7 +68,9 @@ class Bench:
     def __init__(self, name: str, args: argparse.Namespace, device: torch.device) -> None:
         torch.manual_seed(0)
         self.name, self.args, self.device = name, args, device
-        self.model = xcnn.load_model(name, device=device)
+        # random weights for ResNet-50 (as docs/performance.md records), the bundled model's own for Lite0
+        self.pretrained = name == xcnn.models.BUNDLED_MODEL
+        self.model = xcnn.load_model(name, pretrained=self.pretrained, device=device)
         self.layer = xcnn.default_layer(self.model)
         self.layer_module = dict(self.model.backbone.named_modules())[self.layer]
         self.x = torch.rand(args.batch, 3, *self.model.input_size, device=device)
@@ -373,7 +375,7 @@ class Bench:
         code = f"""
 import resource, torch, xcnn
 torch.manual_seed(0)
-model = xcnn.load_model({self.name!r}, device={str(self.device)!r})
+model = xcnn.load_model({self.name!r}, pretrained={self.pretrained}, device={str(self.device)!r})
 x = torch.rand(1, 3, *model.input_size, device={str(self.device)!r})
 xcnn.explainer({method!r}, model, steps={steps}, progress=False)(x)
 cuda = {self.device.type == "cuda"}

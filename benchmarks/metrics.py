@@ -50,7 +50,8 @@ def sync(device: torch.device) -> None:
 
 def run(name: str, n: int, batch_size: int, device: torch.device, loop_images: int) -> list[str]:
     torch.manual_seed(0)
-    model = xcnn.load_model(name, device=device).eval()
+    # random weights (the timings do not depend on them), except the bundled model's own
+    model = xcnn.load_model(name, pretrained=name == xcnn.models.BUNDLED_MODEL, device=device).eval()
     size = model.input_size
     images = torch.rand(n, 3, *size, device=device)
     maps = torch.rand(n, *size, device=device)

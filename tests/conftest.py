@@ -23,11 +23,33 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline(tmp_path_factory):
+    """No test touches the network or this machine's weight caches: torch.hub and the Hugging Face hub point
+    at empty folders, HF runs offline, and a torch.hub download fails at once (as with no internet)."""
+    import urllib.error
+
+    from huggingface_hub import constants
+
+    caches = tmp_path_factory.mktemp("weight-caches")
+
+    def no_download(url, *args, **kwargs):
+        raise urllib.error.URLError(f"the tests run offline (asked for {url})")
+
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in {"TORCH_HOME": caches / "torch", "HF_HOME": caches / "hf", "HF_HUB_OFFLINE": "1"}.items():
+            mp.setenv(var, str(value))
+        mp.setattr(constants, "HF_HUB_CACHE", str(caches / "hf" / "hub"))  # read from the environment at import
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(torch.hub, "download_url_to_file", no_download)
+        yield caches
+
+
 @pytest.fixture(scope="session")
 def resnet18() -> xcnn.Classifier:
     """torchvision ResNet-18 with fixed random weights (seed 0), ImageNet normalisation."""
     torch.manual_seed(0)
-    return xcnn.load_model("resnet18")
+    return xcnn.load_model("resnet18", pretrained=False)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +100,7 @@ def bench32(tmp_path_factory):
 @pytest.fixture
 def tiny() -> xcnn.Classifier:
     torch.manual_seed(0)
-    return xcnn.load_model(TinyCNN(), input_size=(32, 32))
+    return xcnn.load_model(TinyCNN(), raw_pixels=True, input_size=(32, 32))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from torch import nn
 
 import xcnn
 from xcnn.data.images import load_image
-from xcnn.models import load_state_dict_file
+from xcnn.models import UnnormalisedInputWarning, load_state_dict_file
 
 from .conftest import required_options
 from .test_explain_contract import FAST, hook_count
@@ -122,7 +122,7 @@ def test_layer_whose_output_is_not_a_tensor(images32):
         def forward(self, x):
             return self.fc(self.block(x)[0].mean((2, 3)))
 
-    model = xcnn.load_model(Net(), input_size=(32, 32))
+    model = xcnn.load_model(Net(), raw_pixels=True, input_size=(32, 32))
     with pytest.raises(TypeError, match="'block' returns tuple, not a tensor"):
         xcnn.explainer("gradcam", model, layer="block")(images32)
     assert hook_count(model) == 0
@@ -182,20 +182,23 @@ def test_options_for_an_existing_classifier_are_refused(tiny):
 def test_a_folder_named_like_a_model_does_not_hide_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "resnet18").mkdir()
-    assert type(xcnn.load_model("resnet18").backbone).__name__ == "ResNet"
+    assert type(xcnn.load_model("resnet18", pretrained=False).backbone).__name__ == "ResNet"
     with pytest.raises(FileNotFoundError, match="no saved xcnn model"):
         xcnn.load_model(str(tmp_path / "missing.safetensors"))
 
 
 def test_default_layer_hint_when_the_input_size_is_wrong():
     small = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))  # works at 32x32 only
-    with pytest.raises(ValueError, match=r"could not run Sequential on a 224x224 image.*input_size="):
+    with (
+        pytest.raises(ValueError, match=r"could not run Sequential on a 224x224 image.*input_size="),
+        pytest.warns(UnnormalisedInputWarning),  # a bare module: it would see unnormalised pixels
+    ):
         xcnn.explainer("gradcam", small)
-    assert xcnn.explainer("gradcam", xcnn.load_model(small, input_size=(32, 32))).layers == ["0"]
+    assert xcnn.explainer("gradcam", xcnn.load_model(small, raw_pixels=True, input_size=(32, 32))).layers == ["0"]
 
 
 def test_model_with_no_spatial_layer(images32):
-    mlp = xcnn.load_model(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), input_size=(32, 32))
+    mlp = xcnn.load_model(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4)), raw_pixels=True, input_size=(32, 32))
     with pytest.raises(ValueError, match=r"no spatial layer.*saliency"):
         xcnn.explainer("gradcam", mlp)
     assert make("saliency", mlp)(images32).shape == (3, 32, 32)  # input-space methods still work

@@ -104,7 +104,7 @@ class Explodes(nn.Module):
 @pytest.mark.parametrize("name", ALL)
 def test_hooks_removed_and_state_restored_when_the_model_raises(name, images32):
     inner = Explodes()
-    model = xcnn.load_model(inner, input_size=(32, 32))
+    model = xcnn.load_model(inner, raw_pixels=True, input_size=(32, 32))
     options = {"layer": "net.features"} if explainer_class(name).uses_layer else {}
     expl = make(name, model, **options)
     model.train()

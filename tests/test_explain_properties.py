@@ -52,7 +52,7 @@ REGION_EXACT = {
 @pytest.fixture(scope="module")
 def region_model():
     torch.manual_seed(0)
-    return xcnn.load_model(RegionModel(), input_size=(SIZE, SIZE))
+    return xcnn.load_model(RegionModel(), raw_pixels=True, input_size=(SIZE, SIZE))
 
 
 @pytest.mark.parametrize("name", sorted(REGION_EXACT))

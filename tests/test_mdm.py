@@ -42,7 +42,7 @@ class RegionModel(nn.Module):
 
 
 def region_model(kind: str, scale: float = 4.0) -> xcnn.Classifier:
-    return xcnn.load_model(RegionModel(kind, scale), input_size=(SIZE, SIZE))
+    return xcnn.load_model(RegionModel(kind, scale), raw_pixels=True, input_size=(SIZE, SIZE))
 
 
 def images(n: int = 4, seed: int = 2) -> torch.Tensor:

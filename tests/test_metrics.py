@@ -101,7 +101,7 @@ def test_shortcut_energy_counts_only_images_with_a_patch():
 
 def test_average_drop_of_an_all_ones_map_is_zero():
     torch.manual_seed(0)
-    model = xcnn.load_model(LooksAtRegion(object_masks(1)[0]), input_size=(S, S))
+    model = xcnn.load_model(LooksAtRegion(object_masks(1)[0]), raw_pixels=True, input_size=(S, S))
     images = torch.rand(4, 3, S, S)
     out = average_drop_increase(model, images, torch.ones(4, S, S))
     assert out["AD@100"] == pytest.approx(0.0, abs=1e-4) and out["IC@100"] == 0.0
@@ -112,7 +112,7 @@ def test_average_drop_by_hand():
     """Keeping 50 % of the pixels at value 1 leaves the region's brightness halved or kept, exactly."""
     region = torch.zeros(S, S, dtype=torch.bool)
     region[:, : S // 2] = True  # left half
-    model = xcnn.load_model(LooksAtRegion(region), input_size=(S, S))
+    model = xcnn.load_model(LooksAtRegion(region), raw_pixels=True, input_size=(S, S))
     images = torch.full((2, 3, S, S), 0.5)
     good = region.float().expand(2, S, S)  # keeps exactly the left half
     bad = (~region).float().expand(2, S, S)  # keeps exactly the right half: the region goes black
@@ -125,7 +125,7 @@ def test_average_drop_by_hand():
 
 
 def test_insertion_and_deletion_of_a_constant_classifier_equal_the_constant():
-    model = xcnn.load_model(Constant(), input_size=(S, S))
+    model = xcnn.load_model(Constant(), raw_pixels=True, input_size=(S, S))
     images, maps = torch.rand(3, 3, S, S), torch.rand(3, S, S)
     out = insertion_deletion(model, images, maps, targets=0, steps=8)
     assert out["insertion"] == pytest.approx(0.3, abs=1e-5) and out["deletion"] == pytest.approx(0.3, abs=1e-5)
@@ -134,7 +134,7 @@ def test_insertion_and_deletion_of_a_constant_classifier_equal_the_constant():
 
 def test_deletion_of_a_perfect_map_falls_fast():
     region = object_masks(1)[0]
-    model = xcnn.load_model(LooksAtRegion(region), input_size=(S, S))
+    model = xcnn.load_model(LooksAtRegion(region), raw_pixels=True, input_size=(S, S))
     images = torch.rand(4, 3, S, S, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.5
     perfect = region.float().expand(4, S, S) + 0.01 * torch.rand(4, S, S)
     random = torch.rand(4, S, S, generator=torch.Generator().manual_seed(1))
@@ -146,7 +146,7 @@ def test_deletion_of_a_perfect_map_falls_fast():
 
 def test_per_image_values_average_to_the_batched_ones():
     torch.manual_seed(0)
-    model = xcnn.load_model(LooksAtRegion(object_masks(1)[0]), input_size=(S, S))
+    model = xcnn.load_model(LooksAtRegion(object_masks(1)[0]), raw_pixels=True, input_size=(S, S))
     images, maps, masks = torch.rand(3, 3, S, S), torch.rand(3, S, S), object_masks()
     batched = average_drop_increase(model, images, maps)
     per = average_drop_increase(model, images, maps, per_image=True)
@@ -208,7 +208,7 @@ def test_consistency_of_an_equivariant_and_a_fixed_explainer():
     ],
 )
 def test_bad_metric_input(call, error, message):
-    model = xcnn.load_model(Constant(), input_size=(S, S))
+    model = xcnn.load_model(Constant(), raw_pixels=True, input_size=(S, S))
     with pytest.raises(error, match=message):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -17,7 +17,7 @@ from xcnn.nets import ShapesNet
 @pytest.fixture(scope="module")
 def untrained():
     torch.manual_seed(0)
-    return xcnn.load_model(ShapesNet(widths=(8, 8, 16, 16)), input_size=(32, 32))
+    return xcnn.load_model(ShapesNet(widths=(8, 8, 16, 16)), raw_pixels=True, input_size=(32, 32))
 
 
 def test_rows_files_and_samples(untrained, tmp_path):

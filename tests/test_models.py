@@ -20,7 +20,7 @@ def test_bundled_model_recognises_the_bundled_photos(lite0, photos):
     assert probs.argmax(1).tolist() == [285, 967]  # Egyptian cat, espresso
     assert lite0.class_name(285) == "Egyptian cat" and lite0.class_name(967) == "espresso"
     assert probs.max(1).values.min() > 0.4
-    assert not lite0.training and lite0.name == "efficientnet_lite0"
+    assert not lite0.training and lite0.name == "efficientnet_lite0" and lite0.weights == "bundled"
 
 
 def test_bundled_normalisation_matches_its_batchnorm_statistics(lite0):
@@ -59,17 +59,17 @@ def test_load_model_wraps_modules_names_and_timm():
     clf = load_model(net, mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5), input_size=(16, 16))
     assert clf.backbone is net and clf.num_classes == 5
     assert load_model(clf) is clf
-    tv = load_model("resnet18")
+    tv = load_model("resnet18", pretrained=False)
     assert type(tv.backbone).__module__.startswith("torchvision") and tv.class_names == list(imagenet_classes())
-    tm = load_model("timm:resnet18", num_classes=7)
+    tm = load_model("timm:resnet18", pretrained=False, num_classes=7)
     assert type(tm.backbone).__module__.startswith("timm") and tm.num_classes == 7 and tm.class_names is None
-    assert load_model("mobilenetv3_small_050").input_size == (224, 224)  # a timm-only name
+    assert load_model("mobilenetv3_small_050", pretrained=False).input_size == (224, 224)  # a timm-only name
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_weights_files_round_trip(suffix, tmp_path):
     torch.manual_seed(1)
-    src = load_model("resnet18")
+    src = load_model("resnet18", pretrained=False)
     path = tmp_path / f"w{suffix}"
     state = {k: v.contiguous() for k, v in src.backbone.state_dict().items()}
     if suffix == ".safetensors":
@@ -81,6 +81,7 @@ def test_weights_files_round_trip(suffix, tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(dst(x), src(x))
+    assert dst.weights == f"file:{path}" and src.weights is None
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,7 @@ def test_weights_files_round_trip(suffix, tmp_path):
     ],
 )
 def test_default_layer_is_the_last_spatial_map(name, layer):
-    model = load_model(name)
+    model = load_model(name, pretrained=name == "efficientnet_lite0")  # the bundled model has offline weights
     assert default_layer(model) == layer
     # and the CAM family runs there
     maps = xcnn.explainer("gradcam", model)(torch.rand(1, 3, *model.input_size))
@@ -112,11 +113,11 @@ def test_default_layer_of_a_plain_sequential():
         nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2),
     )  # fmt: skip
     # "3" (the in-place ReLU) returns the conv's tensor: the later, post-ReLU name wins; pools are skipped
-    assert default_layer(load_model(net, input_size=(32, 32))) == "3"
+    assert default_layer(load_model(net, raw_pixels=True, input_size=(32, 32))) == "3"
 
 
 def test_default_layer_does_not_touch_batchnorm_statistics():
-    model = load_model("resnet18")
+    model = load_model("resnet18", pretrained=False)
     model.train()
     before = model.backbone.bn1.running_mean.clone()
     default_layer(model)
@@ -128,7 +129,7 @@ def test_save_model_round_trip(tmp_path):
     from xcnn.models import save_model
 
     torch.manual_seed(3)
-    model = load_model("shapesnet", num_classes=6, class_names=list("abcdef"), input_size=(48, 48))
+    model = load_model("shapesnet", pretrained=False, num_classes=6, class_names=list("abcdef"), input_size=(48, 48))
     save_model(model, tmp_path / "m", note="hello")
     again = load_model(tmp_path / "m")
     x = torch.rand(2, 3, 48, 48)
@@ -139,4 +140,4 @@ def test_save_model_round_trip(tmp_path):
         assert load_model(path).input_size == (48, 48)
     assert json.loads((tmp_path / "m" / "model.json").read_text())["note"] == "hello"
     with pytest.raises(ValueError, match="built by name"):
-        save_model(load_model(nn.Linear(2, 2)), tmp_path / "x")
+        save_model(load_model(nn.Linear(2, 2), raw_pixels=True), tmp_path / "x")

@@ -80,7 +80,7 @@ def test_scorecam_matches_gradcam_on_bundled_model(lite0, photos):
 
 def test_gradcam_matches_gradcam_on_vit_tokens():
     torch.manual_seed(0)
-    vit = xcnn.load_model("vit_tiny_patch16_224")
+    vit = xcnn.load_model("vit_tiny_patch16_224", pretrained=False)
     assert xcnn.default_layer(vit) == "blocks.11.norm1"
     images = torch.rand(2, 3, 224, 224)
     with torch.no_grad():

@@ -50,7 +50,7 @@ def shapes32():
 )
 def test_layers_and_map_shapes_on_several_backbones(name, size, layers, grid):
     torch.manual_seed(0)
-    model = xcnn.load_model(name, input_size=(size, size))
+    model = xcnn.load_model(name, pretrained=False, input_size=(size, size))
     assert tame_layers(model) == layers
     head = tame_head(model)
     expl = xcnn.explainer("tame", model, head=head)
@@ -174,7 +174,7 @@ def test_a_head_for_another_backbone_is_refused(tmp_path):
     save_tame_head(tame_head(small_shapesnet()), tmp_path)
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="trained for the backbone 'shapesnet', not 'resnet18'"):
-        xcnn.explainer("tame", xcnn.load_model("resnet18", input_size=(32, 32)), head=tmp_path)
+        xcnn.explainer("tame", xcnn.load_model("resnet18", pretrained=False, input_size=(32, 32)), head=tmp_path)
     with pytest.raises(ValueError, match=r"\[16, 16, 32\] channels; the model's have \[16, 32, 64\]"):
         xcnn.explainer("tame", small_shapesnet(widths=[8, 16, 32, 64]), head=tmp_path)
     meta = json.loads((tmp_path / "tame.json").read_text())

@@ -30,7 +30,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def evaluation():
     torch.manual_seed(0)
     model = xcnn.load_model(
-        ShapesNet(widths=(8, 8, 16, 16)), input_size=(32, 32), class_names=[f"c{i}" for i in range(6)]
+        ShapesNet(widths=(8, 8, 16, 16)), raw_pixels=True, input_size=(32, 32), class_names=[f"c{i}" for i in range(6)]
     )
     ev = evaluate(
         model,

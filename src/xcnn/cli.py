@@ -99,7 +99,7 @@ def _method_options(methods: list[str], args: argparse.Namespace) -> dict[str, d
 def cmd_explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import explainer, list_explainers, load_model
+    from . import explainer, list_explainers
     from ._io import prepare_out_dir, write_json, write_npy
     from .data.images import load_image
     from .explain import explainer_class
@@ -115,7 +115,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise ValueError(f"--target must be 'auto' or a class index, got {args.target!r}")
     device = _device(args.device)
     out = prepare_out_dir(args.out)
-    model = load_model(args.model, weights=args.weights, device=device)
+    model = _load_model(args, device)
     layer_methods = [m for m in methods if explainer_class(m).uses_layer]
     if args.layer and not layer_methods:
         raise ValueError(f"--layer was given, but none of the methods {methods} uses a layer")
@@ -177,11 +177,24 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "maps": files,
             }
         )
-    write_json(out / "predictions.json", {"model": model.name, "layers": layer, "methods": methods, "images": records})
+    write_json(
+        out / "predictions.json",
+        {"model": model.name, "weights": model.weights_label, "layers": layer, "methods": methods, "images": records},
+    )
+    random = " [random weights]" if model.weights is None else ""
     for rec in records:
         best = rec["top5"][0]
-        print(f"{rec['label']}: {best['name']} ({best['probability']:.1%}) -> {out / rec['grid']}")
+        print(f"{rec['label']}: {best['name']} ({best['probability']:.1%}){random} -> {out / rec['grid']}")
     return 0
+
+
+def _load_model(args: argparse.Namespace, device: torch.device):
+    """``--model`` with ``--weights`` or ``--random-weights`` (named models are pretrained by default)."""
+    from .models import load_model
+
+    if args.weights is not None and args.random_weights:
+        raise ValueError("--weights and --random-weights contradict each other: pass one of them")
+    return load_model(args.model, weights=args.weights, pretrained=not args.random_weights, device=device)
 
 
 def _methods(text: str) -> list[str]:
@@ -196,7 +209,6 @@ def _methods(text: str) -> list[str]:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics.harness import METRICS
-    from .models import load_model
     from .pipelines import run_evaluation
 
     methods = _methods(args.methods)
@@ -206,13 +218,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(METRICS)}")
     if args.data != "synthetic" and not Path(args.data).is_dir():
         raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
-    model = load_model(args.model, weights=args.weights, device=_device(args.device))
+    model = _load_model(args, _device(args.device))
     options = _method_options(methods, args)
     specs = [(m, options[m]) for m in methods]
     ev = run_evaluation(
         model, args.data, args.out, specs, metrics, n=args.n, shortcut_prob=args.shortcut, targets=args.targets,
         batch_size=args.image_batch, slow_images=args.slow_images, report=not args.no_report,
     )  # fmt: skip
+    print(f"{model.name} ({model.weights_label})\n")
     print(ev.markdown())
     print(
         f"\nwritten to {Path(args.out) / 'metrics.md'}"
@@ -237,11 +250,10 @@ def cmd_train_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_train_tame(args: argparse.Namespace) -> int:
-    from .models import load_model
     from .training.tame import fit_tame, folder_data
 
     device = _device(args.device)
-    model = load_model(args.model, weights=args.weights, device=device)
+    model = _load_model(args, device)
     layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
     val = None
     if args.data == "synthetic":
@@ -260,7 +272,10 @@ def cmd_train_tame(args: argparse.Namespace) -> int:
         val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed, device=device,
     )  # fmt: skip
     print(json.dumps(history[-1], indent=2))
-    print(f"TAME head ({', '.join(head.layers)}) saved in {args.out} (use it as --method tame --tame-head {args.out})")
+    print(
+        f"TAME head for {model.name} ({model.weights_label}), layers {', '.join(head.layers)}, saved in {args.out} "
+        f"(use it as --method tame --tame-head {args.out})"
+    )
     return 0
 
 
@@ -276,6 +291,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _safe(name: str) -> str:
     return name.replace("+", "p").replace("/", "_")
+
+
+RANDOM_WEIGHTS_HELP = (
+    "random weights for a named torchvision/timm model instead of its pretrained ones (every output then says "
+    "'random weights')"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,11 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--model",
         default="efficientnet_lite0",
-        help="efficientnet_lite0 (bundled ImageNet weights), or a torchvision/timm name (default: %(default)s)",
+        help="efficientnet_lite0 (bundled ImageNet weights, offline), a torchvision or timm name (their pretrained "
+        "ImageNet weights, downloaded once into torch's or Hugging Face's cache), or a folder saved by `xcnn train` "
+        "(default: %(default)s)",
     )
     ex.add_argument(
         "--weights", default=None, help="weights for --model: .safetensors or a weights-only PyTorch state dict"
     )
+    ex.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     ex.add_argument(
         "--method",
         default="gradcam",
@@ -356,9 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model",
         default="efficientnet_lite0",
-        help="a model name, or a folder saved by `xcnn train` (default: %(default)s)",
+        help="a model name (torchvision and timm names load their pretrained ImageNet weights), or a folder saved "
+        "by `xcnn train` (default: %(default)s)",
     )
     ev.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    ev.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     ev.add_argument(
         "--data",
         default="synthetic",
@@ -452,8 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a TAME head (docs/methods.md#tame) on the model's own predictions; writes tame.safetensors + "
         "tame.json (use with --method tame --tame-head DIR), checkpoint.pt, history.json, TensorBoard scalars, results.json.",
     )  # fmt: skip
-    tt.add_argument("--model", required=True, help="a model name or a folder saved by `xcnn train benchmark`")
+    tt.add_argument(
+        "--model",
+        required=True,
+        help="a model name (torchvision and timm names load their pretrained ImageNet weights) or a folder saved by "
+        "`xcnn train benchmark`",
+    )
     tt.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    tt.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
     tt.add_argument(
         "--data",
         default="synthetic",

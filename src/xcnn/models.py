@@ -10,6 +10,9 @@ import functools
 import itertools
 import math
 import pickle
+import re
+import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +23,11 @@ from .hooks import frozen, trace_outputs
 
 __all__ = [
     "BUNDLED_MODEL",
+    "TRAINED_BY_XCNN",
     "Classifier",
+    "MissingWeightsError",
+    "UnnormalisedInputWarning",
+    "XcnnWarning",
     "as_classifier",
     "default_layer",
     "imagenet_classes",
@@ -38,6 +45,22 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LITE_MEAN = (127 / 255,) * 3
 LITE_STD = (128 / 255,) * 3
 BUNDLED_MODEL = "efficientnet_lite0"
+#: :attr:`Classifier.weights` of a backbone xcnn trained itself (``xcnn train benchmark``)
+TRAINED_BY_XCNN = "trained by xcnn"
+#: :attr:`Classifier.weights` of a module handed to xcnn with whatever weights it had
+AS_GIVEN = "as given"
+
+
+class XcnnWarning(UserWarning):
+    """Base class of the warnings xcnn emits (filter them all with ``warnings.filterwarnings``)."""
+
+
+class UnnormalisedInputWarning(XcnnWarning):
+    """A bare ``nn.Module`` was wrapped without ``mean``/``std``: it receives [0,1] pixels unnormalised."""
+
+
+class MissingWeightsError(ValueError):
+    """Pretrained weights are neither in the local cache nor downloadable (the message says where they go)."""
 
 
 class Classifier(nn.Module):
@@ -56,6 +79,7 @@ class Classifier(nn.Module):
         input_size: tuple[int, int] = (224, 224),
         class_names: Sequence[str] | None = None,
         spec: dict | None = None,
+        weights: str | None = AS_GIVEN,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, nn.Module):
@@ -76,6 +100,15 @@ class Classifier(nn.Module):
         self.class_names = list(class_names) if class_names is not None else None
         #: how to rebuild the backbone by name (``{"arch": ..., "kwargs": {...}}``), for :func:`save_model`
         self.spec = spec
+        #: where the backbone's weights came from: ``"torchvision:ResNet50_Weights.IMAGENET1K_V2"``,
+        #: ``"timm:resnet18.a1_in1k"``, ``"bundled"``, ``"file:PATH"``, ``"trained by xcnn"``, ``"as given"``
+        #: (a module handed to xcnn), or None for random weights
+        self.weights = weights
+
+    @property
+    def weights_label(self) -> str:
+        """:attr:`weights` for people: ``"random weights"`` when the backbone is randomly initialised."""
+        return "random weights" if self.weights is None else self.weights
 
     def forward(self, images: Tensor) -> Tensor:
         return self.backbone((images - self.mean) / self.std)
@@ -97,14 +130,34 @@ class Classifier(nn.Module):
         return f"class {index}"
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, input_size={self.input_size}"
+        weights = "random weights" if self.weights is None else f"weights={self.weights!r}"
+        return f"name={self.name!r}, input_size={self.input_size}, {weights}"
+
+
+#: modules already warned about (once per module object, however often they are wrapped)
+_WARNED_UNNORMALISED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _warn_unnormalised(module: nn.Module) -> None:
+    if module in _WARNED_UNNORMALISED:
+        return
+    _WARNED_UNNORMALISED.add(module)
+    warnings.warn(
+        f"{type(module).__name__} is wrapped without mean/std, so it receives [0,1] pixels as they are; torchvision "
+        f"and timm networks expect ImageNet normalisation: load_model(net, mean={IMAGENET_MEAN}, std={IMAGENET_STD}). "
+        "If the network takes [0,1] pixels, say so: load_model(net, raw_pixels=True).",
+        UnnormalisedInputWarning,
+        stacklevel=4,
+    )
 
 
 def as_classifier(model: nn.Module) -> Classifier:
-    """``model`` itself if it is a :class:`Classifier`, else a wrapper that feeds it [0,1] pixels as-is."""
+    """``model`` itself if it is a :class:`Classifier`, else a wrapper that feeds it [0,1] pixels as-is
+    (with an :class:`UnnormalisedInputWarning`, once per module: use :func:`load_model` to say how)."""
     if isinstance(model, Classifier):
         return model
     if isinstance(model, nn.Module):
+        _warn_unnormalised(model)
         return Classifier(model, name=type(model).__name__)
     raise TypeError(f"expected an nn.Module classifier, got {type(model).__name__}")
 
@@ -191,9 +244,11 @@ def _bundled_efficientnet_lite0() -> nn.Module:
 def load_model(
     model: str | Path | nn.Module = BUNDLED_MODEL,
     *,
+    pretrained: bool = True,
     weights: str | Path | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    raw_pixels: bool = False,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     input_size: tuple[int, int] | None = None,
@@ -204,10 +259,23 @@ def load_model(
     ``model`` is ``"efficientnet_lite0"`` (bundled ImageNet weights, offline); a model saved by
     :func:`save_model` (its folder, ``.safetensors`` or ``.json``); any torchvision model name; any timm
     name (``"timm:resnet50"`` forces timm where both libraries know the name); an xcnn architecture
-    (``"shapesnet"``); or an ``nn.Module`` that classifies images (it then receives ``(x - mean) / std``;
-    without ``mean``/``std`` it receives [0,1] pixels unchanged). Named models have random weights
-    unless ``weights`` gives a ``.safetensors`` or weights-only PyTorch file.
+    (``"shapesnet"``, random weights only: pretrained=False); or an ``nn.Module`` that classifies images
+    (it then receives ``(x - mean) / std``; without ``mean``/``std`` it receives [0,1] pixels unchanged,
+    with an :class:`UnnormalisedInputWarning` unless ``raw_pixels=True`` says that is intended).
+
+    Named models load their library's pretrained ImageNet weights (torchvision's weights enum, timm's
+    pretrained config), downloaded once into torch's or Hugging Face's cache and read from there; a
+    :class:`MissingWeightsError` says which file is missing offline. ``weights`` loads a ``.safetensors``
+    or weights-only PyTorch file instead; ``pretrained=False`` gives random weights
+    (:attr:`Classifier.weights` is then None). A ``num_classes`` other than the pretrained head's is an
+    error unless ``pretrained=False`` or ``weights`` is given.
     """
+    if weights is not None and not pretrained:
+        raise ValueError("weights= loads a weights file and pretrained=False asks for random weights; pass one of them")
+    if raw_pixels and (mean is not None or std is not None):
+        raise ValueError("raw_pixels=True means no normalisation; it cannot be combined with mean= or std=")
+    if raw_pixels and not isinstance(model, nn.Module):
+        raise ValueError("raw_pixels= applies to an nn.Module; named and saved models bring their normalisation")
     if isinstance(model, Classifier):
         given = {
             k
@@ -218,6 +286,8 @@ def load_model(
                 "num_classes": num_classes,
                 "class_names": class_names,
                 "input_size": input_size,
+                "pretrained": None if pretrained else False,
+                "raw_pixels": raw_pixels or None,
             }.items()
             if v is not None
         }
@@ -225,8 +295,12 @@ def load_model(
             raise ValueError(f"{sorted(given)} cannot be applied to an existing Classifier; pass its backbone instead")
         net = model
     elif isinstance(model, nn.Module):
+        if not pretrained:
+            raise ValueError("pretrained=False applies to model names; an nn.Module keeps the weights it has")
         if weights is not None:
             _load_weights(model, weights)
+        if mean is None and std is None and not raw_pixels:
+            _warn_unnormalised(model)
         net = Classifier(
             model,
             mean if mean is not None else (0.0, 0.0, 0.0),
@@ -234,17 +308,42 @@ def load_model(
             name=type(model).__name__,
             input_size=input_size or (224, 224),
             class_names=class_names,
+            weights=f"file:{weights}" if weights is not None else AS_GIVEN,
         )
     elif isinstance(model, (str, Path)) and _saved_model_json(model) is not None:
+        if not pretrained:
+            raise ValueError(
+                f"{model} is a saved model with its own weights; pretrained=False (--random-weights) applies to "
+                "model names"
+            )
         net = _saved_model(_saved_model_json(model))
     elif isinstance(model, str):
-        net = _named_model(model, weights, num_classes, class_names, mean, std, input_size)
+        net = _named_model(model, pretrained, weights, num_classes, class_names, mean, std, input_size)
     else:
         raise TypeError(f"model must be a name, a saved model's path or an nn.Module, got {type(model).__name__}")
     net.eval()
     if device is not None:
         net.to(device)
     return net
+
+
+def _library(arch: str) -> str:
+    """Which library builds ``arch``: ``"xcnn"``, ``"torchvision"`` or ``"timm"`` (ValueError if none)."""
+    import timm
+    import torchvision
+
+    from .nets import ARCHITECTURES
+
+    if arch in ARCHITECTURES:
+        return "xcnn"
+    if not arch.startswith("timm:") and arch in torchvision.models.list_models(module=torchvision.models):
+        return "torchvision"
+    if timm.is_model(arch.removeprefix("timm:")):
+        return "timm"
+    raise ValueError(
+        f"unknown model {arch!r}: not the bundled {BUNDLED_MODEL!r}, not a saved model, not an xcnn "
+        "architecture, not a torchvision or timm model (see torchvision.models.list_models(), timm.list_models())"
+    )
 
 
 def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple[int, int]]:
@@ -254,16 +353,11 @@ def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple
 
     from .nets import ARCHITECTURES
 
-    if arch in ARCHITECTURES:
+    library = _library(arch)
+    if library == "xcnn":
         return ARCHITECTURES[arch](**kwargs), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (64, 64)
-    if arch.startswith("timm:") or arch not in torchvision.models.list_models(module=torchvision.models):
-        name = arch.removeprefix("timm:")
-        if not timm.is_model(name):
-            raise ValueError(
-                f"unknown model {arch!r}: not the bundled {BUNDLED_MODEL!r}, not a saved model, not an xcnn "
-                "architecture, not a torchvision or timm model (see torchvision.models.list_models(), timm.list_models())"
-            )
-        backbone = timm.create_model(name, pretrained=False, **kwargs)
+    if library == "timm":
+        backbone = timm.create_model(arch.removeprefix("timm:"), pretrained=False, **kwargs)
         cfg = backbone.pretrained_cfg
         return (
             backbone,
@@ -274,16 +368,35 @@ def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple
     return torchvision.models.get_model(arch, weights=None, **kwargs), IMAGENET_MEAN, IMAGENET_STD, (224, 224)
 
 
-def _named_model(name, weights, num_classes, class_names, mean, std, input_size) -> Classifier:
+def _named_model(name, pretrained, weights, num_classes, class_names, mean, std, input_size) -> Classifier:
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    if name == BUNDLED_MODEL and weights is None and num_classes in (None, 1000):
-        backbone, cfg_mean, cfg_std, size = _bundled_efficientnet_lite0(), LITE_MEAN, LITE_STD, (224, 224)
-    else:
+    default_names = None
+    if weights is not None:
         backbone, cfg_mean, cfg_std, size = _build_arch(name, kwargs)
-        if weights is not None:
-            _load_weights(backbone, weights)
-    if class_names is None and (num_classes or getattr(backbone, "num_classes", 1000)) == 1000:
-        class_names = imagenet_classes()
+        _load_weights(backbone, weights)
+        origin = f"file:{weights}"
+    elif not pretrained:
+        backbone, cfg_mean, cfg_std, size = _build_arch(name, kwargs)
+        origin = None
+    elif name == BUNDLED_MODEL:
+        _check_head(name, "the bundled weights", num_classes, 1000)
+        backbone, cfg_mean, cfg_std, size = _bundled_efficientnet_lite0(), LITE_MEAN, LITE_STD, (224, 224)
+        origin = "bundled"
+    else:
+        library = _library(name)
+        if library == "xcnn":
+            raise ValueError(
+                f"{name!r} is an xcnn architecture without pretrained weights: train it with `xcnn train benchmark "
+                "--out DIR` and load that folder, or ask for random weights with pretrained=False (--random-weights), "
+                "or load a weights file with weights=FILE (--weights FILE)"
+            )
+        pretrained_arch = _torchvision_pretrained if library == "torchvision" else _timm_pretrained
+        backbone, cfg_mean, cfg_std, size, origin, kwargs, default_names = pretrained_arch(name, num_classes)
+    if class_names is None:
+        if default_names is not None:
+            class_names = default_names
+        elif (num_classes or getattr(backbone, "num_classes", 1000)) == 1000:
+            class_names = imagenet_classes()
     return Classifier(
         backbone,
         mean if mean is not None else cfg_mean,
@@ -292,7 +405,178 @@ def _named_model(name, weights, num_classes, class_names, mean, std, input_size)
         input_size=input_size or size,
         class_names=class_names,
         spec={"arch": name, "kwargs": kwargs},
+        weights=origin,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# pretrained weights through torchvision's and timm's own mechanisms (weights enums, pretrained configs,
+# torch.hub's and Hugging Face's caches); cached files are read without unpickling code
+
+_ALTERNATIVES = (
+    "Alternatives: weights=FILE (--weights FILE) loads your own .safetensors or weights-only state dict; "
+    "pretrained=False (--random-weights) gives random weights."
+)
+
+
+def _check_head(name: str, what: str, num_classes: int | None, pretrained_classes: int) -> None:
+    if num_classes is not None and num_classes != pretrained_classes:
+        raise ValueError(
+            f"{name}: {what} have a {pretrained_classes}-class head, so num_classes={num_classes} does not fit; use "
+            "pretrained=False for random weights with that head (e.g. to train it), or weights=FILE with a state "
+            "dict of that shape"
+        )
+
+
+def _hub_checkpoint(url: str, name: str, what: str) -> Path:
+    """The file ``url`` names in ``torch.hub.get_dir()/checkpoints`` (torch.hub's cache), downloaded once."""
+    from urllib.parse import urlparse
+
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / Path(urlparse(url).path).name
+    if path.is_file():
+        return path
+    # torch.hub names its files <name>-<first hex digits of the SHA-256>.<ext>: check downloads against it
+    match = re.search(r"-([0-9a-f]{6,})\.", path.name)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
+    except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), HTTP errors, hash mismatch
+        raise MissingWeightsError(
+            f"{name}: {what} are not in torch's cache and could not be downloaded ({type(err).__name__}: {err}). "
+            f"The file needed is {path} . To use it offline, download {url} on a machine with internet (or run "
+            f"this once there and copy {folder}) and put it at that path, or set TORCH_HOME to a folder whose "
+            f"hub/checkpoints/ holds {path.name}. {_ALTERNATIVES}"
+        ) from err
+    return path
+
+
+def _torchvision_pretrained(name: str, num_classes: int | None):
+    """torchvision ``name`` with its weights enum's DEFAULT weights, read from torch.hub's cache (downloaded
+    there once); mean/std and the crop size from the weights' transforms, class names from their metadata."""
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    entry = torchvision.models.get_model_weights(name).DEFAULT
+    categories = list(entry.meta["categories"])
+    origin = f"torchvision:{entry}"
+    _check_head(name, f"torchvision's {entry} weights", num_classes, len(categories))
+    # the arguments torchvision's own builders set when they are given weights
+    kwargs: dict = {"num_classes": len(categories)}
+    family = builder.__module__.rsplit(".", 1)[-1]
+    if family in ("googlenet", "inception"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    elif family == "vision_transformer":
+        kwargs["image_size"] = entry.meta["min_size"][0]
+    elif family == "maxvit":
+        kwargs["input_size"] = entry.meta["min_size"]
+    path = _hub_checkpoint(entry.url, name, f"torchvision's pretrained weights {entry}")
+    state = load_state_dict_file(path)
+    if family == "densenet":  # its published files still use the old layer names norm.1, conv.2, ...
+        old = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$")
+        state = {old.sub(r"\1\2", key): value for key, value in state.items()}
+    backbone = builder(weights=None, **kwargs)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{name}: the cached file {path} does not fit torchvision's {name} ({str(err)[:300]}); delete it to "
+            f"download it again. {_ALTERNATIVES}"
+        ) from err
+    if family == "googlenet":  # as torchvision does: the auxiliary heads are not pretrained, drop them
+        backbone.aux_logits, backbone.aux1, backbone.aux2 = False, None, None
+        kwargs.pop("aux_logits")
+    preset = entry.transforms()
+    crop = int(preset.crop_size[0])
+    return backbone, tuple(preset.mean), tuple(preset.std), (crop, crop), origin, kwargs, categories
+
+
+def _timm_pretrained(name: str, num_classes: int | None):
+    """timm ``name`` with its default pretrained config's weights (Hugging Face Hub or URL, downloaded once
+    into that cache by timm); mean/std and input size from the pretrained config."""
+    import timm
+
+    arch = name.removeprefix("timm:")
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ValueError(f"{name}: timm has no pretrained weights for {arch!r}. {_ALTERNATIVES}")
+    tagged = f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture
+    if not cfg.num_classes:
+        raise ValueError(
+            f"{name}: timm's pretrained weights {tagged} have no classification head (a feature extractor); "
+            f"name a tag with one (timm.list_pretrained('{cfg.architecture}*')). {_ALTERNATIVES}"
+        )
+    _check_head(name, f"timm's pretrained weights {tagged}", num_classes, cfg.num_classes)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    # a file already in the Hugging Face cache is handed to timm as its source, so that loading it never
+    # waits on the network (without HF_HUB_OFFLINE, the hub client retries several times when offline)
+    cached = _hf_cached_file(cfg)
+    overlay = {"file": cached, "source": ""} if cached is not None else None
+    try:
+        backbone = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except OSError as err:  # not cached and not downloadable: offline, HTTP errors, a missing Hub entry
+        raise MissingWeightsError(_timm_missing(name, tagged, cfg, err)) from err
+    cfg_used = backbone.pretrained_cfg
+    size = tuple(cfg_used.get("input_size", (3, 224, 224))[1:])
+    default_names = imagenet_classes() if cfg.num_classes == 1000 else _timm_class_names(backbone)
+    return (
+        backbone,
+        tuple(cfg_used.get("mean", IMAGENET_MEAN)),
+        tuple(cfg_used.get("std", IMAGENET_STD)),
+        size,
+        f"timm:{tagged}",
+        kwargs,
+        default_names,
+    )
+
+
+def _hf_cached_file(cfg) -> str | None:
+    """The weights file timm would fetch for ``cfg`` from the Hugging Face Hub, if it is in the local cache."""
+    if not cfg.hf_hub_id or cfg.custom_load:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    # what timm asks the hub for, in its order: the named file, else safetensors before the pickle
+    for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _timm_missing(name: str, tagged: str, cfg, err: Exception) -> str:
+    why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        repo = cfg.hf_hub_id
+        filename = cfg.hf_hub_filename or "model.safetensors"
+        folder = "models--" + repo.replace("/", "--")
+        return (
+            f"{name}: timm's pretrained weights {tagged} are not in the Hugging Face cache and could not be "
+            f"downloaded ({why}). The file needed is {filename} of the Hugging Face Hub repository {repo}, in the "
+            f"cache {constants.HF_HUB_CACHE} (as {folder}/snapshots/<revision>/{filename}). To use it offline, "
+            f"run `hf download {repo} {filename}` (or this load) once on a machine with internet and copy "
+            f"{folder} into that cache, or point HF_HUB_CACHE at a cache that holds it; HF_HUB_OFFLINE=1 "
+            f"then skips the network. {_ALTERNATIVES}"
+        )
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+    return (
+        f"{name}: timm's pretrained weights {tagged} are not in torch's cache and could not be downloaded "
+        f"({why}). The file needed is {path} (download {cfg.url}). {_ALTERNATIVES}"
+    )
+
+
+def _timm_class_names(backbone: nn.Module) -> list[str] | None:
+    """Class names of a timm model trained on an ImageNet subset other than 1k (21k, 12k), if timm knows them."""
+    try:
+        from timm.data import ImageNetInfo, infer_imagenet_subset
+
+        subset = infer_imagenet_subset(backbone)
+        return list(ImageNetInfo(subset).label_descriptions(detailed=False)) if subset else None
+    except Exception:  # label files are optional metadata; the model works without names
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +587,8 @@ MODEL_FORMAT = "xcnn-model/1"
 
 def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model.json`` (architecture, normalisation, input
-    size, class names, plus ``extra`` metadata); :func:`load_model` reads the folder back."""
+    size, class names, where the weights came from, plus ``extra`` metadata); :func:`load_model` reads the
+    folder back."""
     import json
 
     from safetensors.torch import save_file
@@ -319,7 +604,7 @@ def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
     meta = {
         "format": MODEL_FORMAT, "name": model.name, "arch": model.spec["arch"], "kwargs": model.spec.get("kwargs", {}),
         "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-        "input_size": list(model.input_size), "class_names": model.class_names,
+        "input_size": list(model.input_size), "class_names": model.class_names, "weights": model.weights,
     }  # fmt: skip
     clash = sorted(set(extra) & set(meta))
     if clash:
@@ -354,10 +639,14 @@ def _saved_model(meta_path: Path) -> Classifier:
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{meta_path} is not an xcnn model description (format {MODEL_FORMAT!r})")
     backbone, _, _, _ = _build_arch(meta["arch"], meta.get("kwargs", {}))
-    _load_weights(backbone, meta_path.with_suffix(".safetensors"))
+    weights_path = meta_path.with_suffix(".safetensors")
+    _load_weights(backbone, weights_path)
+    # folders written before the origin was recorded: the weights are those of the file
+    origin = meta["weights"] if "weights" in meta else f"file:{weights_path}"
     return Classifier(
         backbone, meta["mean"], meta["std"], name=meta.get("name", meta["arch"]), input_size=tuple(meta["input_size"]),
         class_names=meta.get("class_names"), spec={"arch": meta["arch"], "kwargs": meta.get("kwargs", {})},
+        weights=origin,
     )  # fmt: skip
 
 

@@ -97,7 +97,8 @@ def model_summary(model: Classifier) -> dict[str, object]:
     except ValueError:
         layer = "(none)"
     return {
-        "model": model.name, "parameters": f"{params:,}", "input size": "x".join(map(str, model.input_size)),
+        "model": model.name, "weights": model.weights_label, "parameters": f"{params:,}",
+        "input size": "x".join(map(str, model.input_size)),
         "classes": model.num_classes, "explained layer (CAM family)": layer,
     }  # fmt: skip
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write, prepare_out_dir
 from ..data.synthetic import CLASSES, Shapes
-from ..models import Classifier, _build_arch, save_model
+from ..models import TRAINED_BY_XCNN, Classifier, _build_arch, save_model
 from ..nets import ShapesNet
 from .trainer import accuracy_eval, fit
 
@@ -119,6 +119,7 @@ def fit_benchmark(
         scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
     )  # fmt: skip
     model.eval()
+    model.weights = TRAINED_BY_XCNN
     dev = next(model.parameters()).device
     clean = Shapes("test", n_test, size=size, seed=seed)
     results = {
