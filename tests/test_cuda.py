@@ -16,8 +16,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @pytest.mark.parametrize("name", xcnn.list_explainers())
 def test_maps_on_cuda_match_cpu(name):
     torch.manual_seed(0)
-    cpu_model = xcnn.load_model("resnet18")
-    gpu_model = xcnn.load_model("resnet18")
+    cpu_model = xcnn.load_model("resnet18", pretrained=False)
+    gpu_model = xcnn.load_model("resnet18", pretrained=False)
     gpu_model.load_state_dict(cpu_model.state_dict())
     gpu_model.cuda()
     images = torch.rand(2, 3, 64, 64)
@@ -32,7 +32,7 @@ def test_maps_on_cuda_match_cpu(name):
 @pytest.mark.parametrize("name", ["gradcam", "scorecam", "rise"])
 def test_bf16_autocast_stays_close(name):
     torch.manual_seed(0)
-    model = xcnn.load_model("resnet18").cuda()
+    model = xcnn.load_model("resnet18", pretrained=False).cuda()
     images = torch.rand(2, 3, 64, 64, device="cuda")
     options = FAST.get(name, {})
     full = xcnn.explainer(name, model, **options)(images)
