@@ -209,7 +209,7 @@ def test_smooth_mask_of_one_cell_is_a_flat_disc_with_soft_edges():
 def test_extremal_is_not_drawn_to_the_image_border():
     """With a model that ignores the image, only the area regulariser acts: the canvas margin keeps it
     from favouring border pixels, so the kept area must not sit on the image's border."""
-    blind = xcnn.load_model(RegionModel("detail", 0.0), input_size=(SIZE, SIZE))
+    blind = xcnn.load_model(RegionModel("detail", 0.0), raw_pixels=True, input_size=(SIZE, SIZE))
     raw = xcnn.explainer("extremal", blind, steps=300, jitter=False, progress=False)._explain(
         images(1), torch.ones(1, dtype=torch.long)
     )

@@ -303,10 +303,12 @@ def test_a_bare_module_warns_once_with_the_fix():
         xcnn.explainer("gradcam", net)
     ours = [w for w in caught if issubclass(w.category, UnnormalisedInputWarning)]
     assert len(ours) == 1 and issubclass(UnnormalisedInputWarning, XcnnWarning)
+    assert ours[0].filename == __file__  # it points at the user's line
     assert "mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)" in str(ours[0].message)
     assert "raw_pixels=True" in str(ours[0].message)
-    with pytest.warns(UnnormalisedInputWarning):  # another module object warns again
-        xcnn.explainer("gradcam", small_net())
+    with pytest.warns(UnnormalisedInputWarning) as caught:  # another module object warns again
+        xcnn.explainer("gradcam", small_net())  # (deep inside xcnn: still the user's line)
+    assert [w.filename for w in caught if issubclass(w.category, UnnormalisedInputWarning)] == [__file__]
 
 
 def test_saying_how_the_module_takes_pixels_silences_the_warning():

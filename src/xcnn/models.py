@@ -11,6 +11,7 @@ import itertools
 import math
 import pickle
 import re
+import sys
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -138,6 +139,16 @@ class Classifier(nn.Module):
 _WARNED_UNNORMALISED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+def _outside_xcnn_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised by this function's caller at the first frame outside
+    xcnn (the user's line, however deep inside xcnn the warning is raised)."""
+    package = str(Path(__file__).parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_unnormalised(module: nn.Module) -> None:
     if module in _WARNED_UNNORMALISED:
         return
@@ -147,7 +158,7 @@ def _warn_unnormalised(module: nn.Module) -> None:
         f"and timm networks expect ImageNet normalisation: load_model(net, mean={IMAGENET_MEAN}, std={IMAGENET_STD}). "
         "If the network takes [0,1] pixels, say so: load_model(net, raw_pixels=True).",
         UnnormalisedInputWarning,
-        stacklevel=4,
+        stacklevel=_outside_xcnn_stacklevel(),
     )
 
 
