@@ -108,6 +108,55 @@ def images32() -> torch.Tensor:
     return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture
+def sharp() -> xcnn.Classifier:
+    """TinyCNN with its head scaled 30x: confident, image-dependent logits, so every explainer's raw map has
+    a span well above float rounding (the plain ``tiny`` is near-uniform: occlusion's probability drops are
+    ~1e-4 there, and stretching them to [0,1] magnifies rounding into the map)."""
+    torch.manual_seed(0)
+    model = xcnn.load_model(TinyCNN(), input_size=(32, 32), raw_pixels=True)
+    with torch.no_grad():
+        model.backbone.fc.weight.mul_(30)
+    return model
+
+
+#: Float rounding allowance. The same image can give logits that differ by ~1e-6 relatively when the batch
+#: size, the thread count or the device changes (kernels block and sum in a different order). That error is
+#: relative to the quantities a map is built from, so the allowance is 1e-5 (~100 float32 epsilons) of their
+#: scale; min-max normalisation divides it by the raw map's span. Maps whose span is below 1e-3 of their
+#: scale are refused: there rounding decides the picture and no tolerance is meaningful.
+ROUNDING = 1e-5
+#: raw maps that are differences of probabilities (p_clean - p_occluded): their scale is 1, not the difference
+PROBABILITY_DIFFERENCES = {"occlusion"}
+
+
+def raw_maps(expl, images: torch.Tensor, targets=None) -> torch.Tensor:
+    """The explainer's raw (unnormalised) maps ``[B,h,w]`` of its first layer, as ``__call__`` computes them."""
+    from xcnn.explain.base import check_images, check_targets
+    from xcnn.hooks import frozen
+
+    images = check_images(images)
+    with frozen(expl.model):
+        raw = expl._explain(images, check_targets(targets, len(images), images.device))
+    return (raw[0] if isinstance(raw, list) else raw).detach().float()
+
+
+def assert_equal_up_to_rounding(
+    name: str, expl, images: torch.Tensor, maps: torch.Tensor, other: torch.Tensor, targets=None
+) -> None:
+    """``maps`` and ``other`` (normalised maps of ``images``, computed two ways) agree within
+    :data:`ROUNDING` of the raw maps' scale, over each raw map's span."""
+    raw = raw_maps(expl, images, targets).cpu()
+    span = raw.amax(dim=(1, 2)) - raw.amin(dim=(1, 2))
+    scale = torch.ones_like(span) if name in PROBABILITY_DIFFERENCES else raw.abs().amax(dim=(1, 2))
+    assert bool((span > 1e-3 * scale).all()), (
+        f"{name}: raw maps too flat for a rounding check (span/scale {(span / scale).tolist()})"
+    )
+    allowed = ROUNDING * scale / span
+    gap = (maps.cpu() - other.cpu()).abs().amax(dim=(1, 2))
+    assert bool((gap <= allowed).all()), f"{name}: maps differ by {gap.tolist()}, rounding allows {allowed.tolist()}"
+
+
 def required_options(name: str, model: nn.Module) -> dict:
     """Options an explainer cannot run without: TAME needs a head (an untrained one, seeded, on the
     model's last spatial layer, serves the contract tests)."""

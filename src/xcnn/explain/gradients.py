@@ -80,7 +80,9 @@ class IntegratedGradients(_InputGradient):
 @register("smoothgrad")
 class SmoothGrad(_InputGradient):
     """SmoothGrad: mean of saliency maps over ``samples`` noisy copies, noise sigma = ``noise`` * (max - min)
-    of each image. Deterministic for a ``seed``."""
+    of each image. The ``samples`` noise images are drawn once per call from ``seed`` on the CPU and shared
+    by every image of the batch (each scaled by its own sigma), so an image's map depends only on the image,
+    the seed and the options: not on its batch, the batch size or the device."""
 
     def __init__(
         self, model: nn.Module, *, samples: int = 25, noise: float = 0.15, batch_size: int | None = None, seed: int = 0
@@ -92,15 +94,14 @@ class SmoothGrad(_InputGradient):
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         targets = self._targets(images, targets)
-        gen = torch.Generator(device=images.device).manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         span = images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))
         sigma = (self.noise * span).view(-1, 1, 1, 1)
         total = torch.zeros_like(images[:, 0])
         for samples in self._step_groups(self.samples, images):
-            # one noise draw per sample, in order: the result does not depend on batch_size
-            noisy = torch.stack(
-                [images + sigma * torch.randn(images.shape, generator=gen, device=images.device) for _ in samples]
-            )
+            # one [3,H,W] draw per sample, in order: the noise does not depend on batch_size either
+            noise = torch.stack([torch.randn(images.shape[1:], generator=gen) for _ in samples]).to(images.device)
+            noisy = images[None] + sigma[None] * noise[:, None]  # [s,B,3,H,W]
             grads = self._input_grad(noisy.flatten(0, 1), targets.repeat(len(samples)))
             total += grads.abs().amax(1).view(len(samples), *total.shape).sum(0)
         return total / self.samples

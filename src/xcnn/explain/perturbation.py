@@ -6,6 +6,7 @@ of about ``batch_size`` rows. Perturbations happen in pixel space; "removed" mea
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -143,7 +144,9 @@ class RISE(Explainer):
 @register("random")
 class RandomMap(Explainer):
     """Baseline that ignores the model: a smooth random map (uniform ``grid`` x ``grid`` noise, upsampled
-    bilinearly). Deterministic for a ``seed``; every metric table needs this floor."""
+    bilinearly); every metric table needs this floor. Each image's noise is drawn from a generator seeded
+    by ``seed`` and a hash of the image's pixels, so a map depends only on the image, the seed and the
+    options (not on the batch, its order or the device), and different images get different maps."""
 
     baseline = True
 
@@ -155,5 +158,12 @@ class RandomMap(Explainer):
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         if targets is not None:
             self._targets(images, targets)  # the range check: explaining class 5000 is an error here too
-        gen = torch.Generator().manual_seed(self.seed)
-        return torch.rand(images.shape[0], self.grid, self.grid, generator=gen).to(images.device)
+        pixels = images.detach().cpu().contiguous()
+        maps = []
+        for image in pixels:
+            digest = hashlib.blake2b(
+                image.numpy().tobytes(), digest_size=8, key=self.seed.to_bytes(8, "little", signed=True)
+            )
+            gen = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+            maps.append(torch.rand(self.grid, self.grid, generator=gen))
+        return torch.stack(maps).to(images.device)
