@@ -232,17 +232,27 @@ def test_unknown_sample():
 
 @pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "I;16", "CMYK"])
 def test_grayscale_rgba_and_other_modes_are_converted(mode, tmp_path):
-    rgb = Image.fromarray((np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8))
-    img = (
-        rgb.convert(mode)
-        if mode != "I;16"
-        else Image.fromarray((np.arange(600).reshape(20, 30) * 100).astype(np.uint16))
-    )
+    """Each mode's pixels arrive as the RGB values that mode stands for (within one 8-bit level)."""
+    rgb_array = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    rgb = Image.fromarray(rgb_array)
+    grey16 = (np.arange(600).reshape(20, 30) * 100).astype(np.uint16)
+    img = rgb.convert(mode) if mode != "I;16" else Image.fromarray(grey16)
     path = tmp_path / f"img.{'tiff' if mode in ('I;16', 'CMYK') else 'png'}"
     img.save(path)
-    x = load_image(path, size=16)
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
-    assert 0 <= x.min() and x.max() <= 1
+    luma = rgb_array.astype(np.float64) @ np.array([0.299, 0.587, 0.114])  # ITU-R 601 luma, as PIL's "L"
+    expected = {
+        "L": np.repeat(luma[..., None], 3, axis=2),
+        "LA": np.repeat(luma[..., None], 3, axis=2),  # opaque alpha: the grey itself
+        "RGBA": rgb_array,
+        "P": np.asarray(img.convert("RGB")),  # the palette's colours
+        "I;16": np.repeat((grey16 / 65535 * 255)[..., None], 3, axis=2),  # 65535 is full scale
+        "CMYK": rgb_array,  # PIL's CMYK of an RGB image converts back exactly
+    }[mode]
+    x = load_image(path)
+    assert x.shape == (3, 20, 30) and x.dtype == torch.float32
+    got = x.permute(1, 2, 0).numpy() * 255
+    assert np.abs(got - expected).max() <= 1.0 + 1e-4
+    assert load_image(path, size=16).shape == (3, 16, 16)
 
 
 def test_sixteen_bit_images_keep_their_scale(tmp_path):
@@ -250,12 +260,23 @@ def test_sixteen_bit_images_keep_their_scale(tmp_path):
     assert torch.allclose(load_image(tmp_path / "mid.png"), torch.full((3, 4, 4), 0.5), atol=1 / 255)
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    img = Image.new("RGB", (30, 10), (255, 0, 0))
+@pytest.mark.parametrize("orientation, corner", [(6, (0, -1)), (8, (-1, 0)), (3, (-1, -1))])
+def test_exif_orientation_is_applied(orientation, corner, tmp_path):
+    """A 30x10 photo with a green top-left block, stored with an EXIF orientation: 6 (shown rotated 90
+    degrees clockwise) puts the block top-right, 8 (counter-clockwise) bottom-left, 3 (180) bottom-right."""
+    pixels = np.zeros((10, 30, 3), dtype=np.uint8)
+    pixels[...] = (255, 0, 0)
+    pixels[:4, :4] = (0, 255, 0)
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90 degrees on display
-    img.save(tmp_path / "rot.jpg", exif=exif)
-    assert load_image(tmp_path / "rot.jpg").shape == (3, 30, 10)
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    x = load_image(tmp_path / "rot.jpg")
+    assert x.shape == ((3, 30, 10) if orientation in (6, 8) else (3, 10, 30))
+    green = x[1] > 0.7
+    assert int(green.sum()) == pytest.approx(16, abs=4)
+    rows, cols = green.nonzero(as_tuple=True)
+    h, w = x.shape[1:]
+    assert (rows.float().mean() < h / 2) == (corner[0] == 0) and (cols.float().mean() < w / 2) == (corner[1] == 0)
 
 
 def test_transparent_pixels_become_white(tmp_path):

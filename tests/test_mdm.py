@@ -13,6 +13,8 @@ from xcnn.explain.extremal import SmoothMaskGenerator, blur_pyramid, perturb
 from xcnn.explain.mdm import gaussian_blur
 from xcnn.metrics import pointing_game
 
+from .conftest import assert_equal_up_to_rounding
+
 SIZE = 32
 REGION = (slice(18, 28), slice(4, 14))
 INSIDE = torch.zeros(SIZE, SIZE, dtype=torch.bool)
@@ -91,10 +93,10 @@ def test_deterministic_and_batch_of_four_equals_four_singles(name, options):
     batch = xcnn.explainer(name, model, **options)(x, 1)
     torch.testing.assert_close(xcnn.explainer(name, model, **options)(x, 1), batch, rtol=0, atol=0)
     singles = torch.cat([xcnn.explainer(name, model, **options)(x[i : i + 1], 1) for i in range(4)])
-    torch.testing.assert_close(singles, batch, atol=1e-4, rtol=1e-4)
+    assert_equal_up_to_rounding(name, xcnn.explainer(name, model, **options), x, singles, batch, targets=1)
     # inner chunks (batch_size rows per pass) give the same maps as one pass
     chunked = xcnn.explainer(name, model, batch_size=2, **options)(x, 1)
-    torch.testing.assert_close(chunked, batch, atol=1e-4, rtol=1e-4)
+    assert_equal_up_to_rounding(name, xcnn.explainer(name, model, **options), x, chunked, batch, targets=1)
 
 
 def test_coarse_to_fine_and_scales_change_the_search():
@@ -208,14 +210,20 @@ def test_smooth_mask_of_one_cell_is_a_flat_disc_with_soft_edges():
 
 def test_extremal_is_not_drawn_to_the_image_border():
     """With a model that ignores the image, only the area regulariser acts: the canvas margin keeps it
-    from favouring border pixels, so the kept area must not sit on the image's border."""
-    blind = xcnn.load_model(RegionModel("detail", 0.0), raw_pixels=True, input_size=(SIZE, SIZE))
+    from favouring border pixels, so the border's share of the kept pixels stays near its share of the
+    image. Measured: the outer 1-px and 2-px rings hold 8 % and 28 % of the kept pixels (12 % and 23 % of
+    the area); without the margin (the bug) 42 % and 76 %."""
+    blind = xcnn.load_model(RegionModel("detail", 0.0), input_size=(SIZE, SIZE), raw_pixels=True)
     raw = xcnn.explainer("extremal", blind, steps=300, jitter=False, progress=False)._explain(
         images(1), torch.ones(1, dtype=torch.long)
     )
-    border = torch.zeros(SIZE, SIZE, dtype=torch.bool)
-    border[:3], border[-3:], border[:, :3], border[:, -3:] = True, True, True, True
-    assert raw[0][border].mean() < 0.5
+    kept = raw[0] > 0.5
+    assert 0.05 < kept.float().mean() < 0.2  # about the requested 10 %
+    for width in (1, 2):
+        ring = torch.ones(SIZE, SIZE, dtype=torch.bool)
+        ring[width:-width, width:-width] = False
+        share = (kept & ring).sum() / kept.sum()
+        assert share < 1.5 * ring.float().mean(), f"{share:.2f} of the kept pixels on the {width}-px border"
 
 
 def test_mdm_stays_informative_for_a_confident_model():

@@ -9,6 +9,9 @@ folder.
 from __future__ import annotations
 
 import json
+import resource
+import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -112,12 +115,14 @@ def fit_benchmark(
             class_names=CLASSES,
             spec={"arch": "shapesnet", "kwargs": kwargs},
         )
+    start = time.perf_counter()
     history = fit(
         model, train, epochs=epochs, val_data=val, batch_size=batch_size, out_dir=out, resume=resume, seed=seed,
         device=device, progress=progress, callbacks=callbacks,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4),
         scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
     )  # fmt: skip
+    train_seconds = time.perf_counter() - start
     model.eval()
     model.weights = TRAINED_BY_XCNN
     dev = next(model.parameters()).device
@@ -128,6 +133,10 @@ def fit_benchmark(
         "epochs": epochs,
         "val_acc": history[-1].get("val/acc"),
         "test_acc": accuracy_eval(model, DataLoader(clean, batch_size=256), dev)["acc"],
+        # wall time of this call's epochs (a resumed run counts only the epochs it ran) and the process's
+        # peak resident memory so far, as the OS reports it
+        "train_seconds": round(train_seconds, 1),
+        "peak_rss_mib": round(_peak_rss_mib()),
     }
     if shortcut_prob > 0:  # the same test images, with patches in random (misleading) colours
         shortcut = Shapes("test", n_test, size=size, seed=seed, shortcut_prob=shortcut_prob, shortcut_test="random")
@@ -135,3 +144,9 @@ def fit_benchmark(
     save_model(model.cpu(), out, **results)
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     return model, results
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
