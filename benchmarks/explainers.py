@@ -180,10 +180,30 @@ class Bench:
         }
         if args.gradcam_scorecam:
             contenders[("scorecam", "grad-cam")] = gradcam_lib
+        from xcnn.hooks import Tap
+
+        with torch.inference_mode(), Tap(model.backbone, [self.layer]) as tap:
+            model(xs)
+        flat = tap.get(self.layer).flatten(2)
+        constant = float((flat.amax(2) == flat.amin(2)).float().mean())  # masks to black: one shared forward
         for (method, impl), secs in timed(contenders, self.device, 1, warmup=0).items():
-            self.add(
-                method, impl, secs, len(xs), ref=None if impl == "xcnn" else method, note=f"batch {args.inner_batch}"
-            )
+            note = f"batch {args.inner_batch}"
+            if impl == "xcnn":
+                note += f"; {constant:.0%} of the {flat.shape[1]} `{self.layer}` channels are constant on these images"
+            self.add(method, impl, secs, len(xs), ref=None if impl == "xcnn" else method, note=note)
+
+    def batch_sizes(self) -> None:
+        """The model's inference forward per image at several batch sizes: what xcnn's default inner batch
+        (``Explainer._rows``) is chosen by."""
+        for rows in (1, 8, 64):
+            x = torch.rand(rows, 3, *self.model.input_size, device=self.device)
+
+            def run(x=x):
+                with torch.inference_mode():
+                    self.model(x)
+
+            secs = timed({("forward", "model"): plain(run)}, self.device, max(1, self.args.repeats // 3))
+            self.add(f"forward, batch {rows}", "model", secs[("forward", "model")], rows)
 
     def rise(self) -> None:
         args = self.args
@@ -238,13 +258,23 @@ class Bench:
             self.device, self.args.repeats,
         )  # fmt: skip
         fwd = found[("forward", "model")]
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.no_grad(), Tap(model.backbone, head.layers) as tap:
+            with FlopCounterMode(display=False) as backbone_flops:
+                model(x[:1])
+            feats = [tap.get(n) for n in head.layers]
+            with FlopCounterMode(display=False) as head_flops:
+                head.class_maps(feats, targets[:1])
+        flops = f"; per image the head counts {head_flops.get_total_flops() / 1e9:.2f} GFLOP against the model's {backbone_flops.get_total_flops() / 1e9:.2f} (torch.utils.flop_counter)"
         for key in [("tame", "xcnn"), ("tame, all classes", "xcnn")]:
             self.add(
                 key[0],
                 key[1],
                 found[key],
                 len(x),
-                note=f"{found[key] / fwd:.2f}x the forward timed alongside; layers {', '.join(head.layers)}",
+                note=f"{found[key] / fwd:.2f}x the forward timed alongside; layers {', '.join(head.layers)}"
+                + (flops if key[0] == "tame" else ""),
             )
 
         steps = args.tame_steps
@@ -408,7 +438,7 @@ print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(
     def run(self) -> list[dict]:
         sections = {
             "grad": self.gradient_cams, "inputgrad": self.input_gradients, "scorecam": self.scorecam, "rise": self.rise,
-            "tame": self.tame, "memory": self.memory, "mask": self.mask_search,
+            "tame": self.tame, "memory": self.memory, "mask": self.mask_search, "batch": self.batch_sizes,
         }  # fmt: skip
         if "grad" not in self.args.sections:
             self.add(
@@ -451,7 +481,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet50,efficientnet_lite0")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--sections", default="grad,inputgrad,scorecam,rise,tame,memory,mask", help="any of %(default)s"
+        "--sections", default="grad,inputgrad,scorecam,rise,tame,memory,mask,batch", help="any of %(default)s"
     )
     parser.add_argument("--batch", type=int, default=4, help="images per call (default %(default)s)")
     parser.add_argument(

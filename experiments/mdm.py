@@ -40,10 +40,11 @@ PHOTOS = ["chelsea", "coffee", "astronaut", "rocket", "camera"]
 QUIET = {"progress": False}
 
 
-def trained(folder: Path, **options) -> xcnn.Classifier:
+def trained(folder: Path, device: torch.device, **options) -> xcnn.Classifier:
+    """The benchmark model saved in ``folder`` (trained there first when missing), on ``device``."""
     if not (folder / "model.json").is_file():
-        fit_benchmark(folder, progress=False, **options)
-    return xcnn.load_model(folder)
+        fit_benchmark(folder, progress=False, device=device, **options)
+    return xcnn.load_model(folder, device=device)
 
 
 def resumable(parts: Path, model, data, methods, metrics, **options) -> Evaluation:
@@ -81,7 +82,8 @@ def per_photo(model, ev: Evaluation, names: list[str]) -> str:
     on one of them, so the table shows which photos carry it. Recomputed from the maps (same protocol and
     targets as the harness, so each row's mean equals the main table's). The first row is the model's own
     probability for each photo's target."""
-    images, targets = ev.samples["image"], ev.samples["target"]
+    device = next(model.parameters()).device
+    images, targets = ev.samples["image"].to(device), ev.samples["target"].to(device)
     with torch.no_grad():
         probs = model(images).softmax(1).gather(1, targets[:, None])[:, 0]
     head = "| method | " + " | ".join(f"{n} ins / del" for n in names) + " |"
@@ -92,7 +94,7 @@ def per_photo(model, ev: Evaluation, names: list[str]) -> str:
         + " |"
     )
     for label, maps in ev.sample_maps.items():
-        r = insertion_deletion(model, images, maps, targets, per_image=True)
+        r = insertion_deletion(model, images, maps.to(device), targets, per_image=True)
         cells = [f"{i:.3f} / {d:.3f}" for i, d in zip(r["insertion"].tolist(), r["deletion"].tolist(), strict=True)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -108,13 +110,15 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=64)
     parser.add_argument("--sanity-images", type=int, default=8)
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: benchmark,photos,vit")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where models train and explain")
     args = parser.parse_args()
+    device = torch.device(args.device)
     out = prepare_out_dir(args.out)
     skip = set(filter(None, args.skip.split(",")))
     sections = []
 
     if "benchmark" not in skip:
-        model = trained(Path(args.model) if args.model else out / "benchmark")
+        model = trained(Path(args.model) if args.model else out / "benchmark", device)
         size = model.input_size[0]
         methods = [
             "gradcam", "scorecam", "rise", ("extremal", QUIET), ("mdm", QUIET),
@@ -137,7 +141,7 @@ def main() -> None:
         )
 
     if "photos" not in skip:
-        lite = xcnn.load_model()
+        lite = xcnn.load_model(device=device)
         images = torch.stack([load_image(f"sample:{p}", lite.input_size) for p in PHOTOS])
         photos = resumable(
             out / "photos-parts", lite, {"image": images, "label": torch.full((len(PHOTOS),), -1)},
@@ -159,7 +163,7 @@ def main() -> None:
         )
 
     if "vit" not in skip:
-        vit = trained(Path(args.vit) if args.vit else out / "vit", arch="vit", lr=1e-3, epochs=20)
+        vit = trained(Path(args.vit) if args.vit else out / "vit", device, arch="vit", lr=1e-3, epochs=20)
         vit_ev = evaluate(
             vit, benchmark_data(args.n_test, vit.input_size[0]), ["gradcam", "gradcam++", "scorecam", "rise", ("mdm", QUIET), "random"],
             ["adic", "insertion_deletion", "pointing", "energy"], batch_size=args.n_test, progress=False,
