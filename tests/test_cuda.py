@@ -63,6 +63,7 @@ def test_bf16_autocast_stays_close(name):
     assert corr > 0.95
 
 
+@pytest.mark.filterwarnings("ignore::xcnn.models.UnnormalisedInputWarning")  # a bare module on purpose
 def test_a_plain_module_on_the_gpu():
     from .conftest import TinyCNN
 

@@ -202,7 +202,9 @@ class Extremal(MaskSearch):
                     if self.variant == "delete"
                     else scores[0] - scores[1]
                 )
-                regul = (canvas.flatten(1).sort(dim=1).values - ref).pow(2).mean(1)
+                # stable: tied mask values (all 1 at the start) keep their pixel order on every device, so the
+                # tie-break, which decides which of them the regulariser pushes down, is the same on CPU and GPU
+                regul = (canvas.flatten(1).sort(dim=1, stable=True).values - ref).pow(2).mean(1)
                 loss = (-reward + self.area_weight * 1.0035**t * regul).sum()
                 (grad,) = torch.autograd.grad(loss, params)
             params.grad = grad
