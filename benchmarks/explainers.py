@@ -416,6 +416,9 @@ print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(
 
     def memory(self) -> None:
         gc = xcnn.explainer("gradcam", self.model, layer=self.layer)
+        if self.device.type == "cuda":  # the peak of Grad-CAM's calls alone, not of the sections before
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         readings = []
         for i in range(self.args.memory_calls):
             gc(self.x, self.targets)
