@@ -44,6 +44,9 @@ def trained(folder: Path, device: torch.device, **options) -> xcnn.Classifier:
     """The benchmark model saved in ``folder`` (trained there first when missing), on ``device``."""
     if not (folder / "model.json").is_file():
         fit_benchmark(folder, progress=False, device=device, **options)
+    if (folder / "results.json").is_file():  # its accuracy, for the tables' captions
+        results = json.loads((folder / "results.json").read_text())
+        print(f"{folder}: {results['architecture']}, test accuracy {results['test_acc']:.1%}", flush=True)
     return xcnn.load_model(folder, device=device)
 
 

@@ -141,8 +141,8 @@ class MDM(MaskSearch):
     ``scales`` increasing mask sides, each at most the image side (default ``(7, 14, 28, 56)``, less those
     larger than the image); ``steps=100`` Adam iterations per scale at ``lr=0.1``; ``baseline="blur"``
     (Gaussian, ``blur_sigma`` pixels, default 1/20 of the shorter image side, 11 px at 224) or ``"zero"``;
-    ``area_weight=2.0``, ``binary_weight=0.5``, ``tv_weight=0.25`` the regulariser weights (chosen on the
-    benchmark, docs/results.md; ``binary_weight`` must stay below ``area_weight``, or a saturated cell that
+    ``area_weight=1.0``, ``binary_weight=0.5``, ``tv_weight=0.25`` the regulariser weights (chosen on the
+    benchmark's validation images, docs/results.md; ``binary_weight`` must stay below ``area_weight``, or a saturated cell that
     the decision does not need is held at 1: the two gradients cancel there); ``consistency_weight=1.0``
     applies only with ``consistency_layer`` (a backbone layer name); ``scale_weights`` (default equal) for
     the stacked map; ``coarse_to_fine=True``; ``batch_size`` forward rows per pass (at least 2: each image
@@ -160,7 +160,7 @@ class MDM(MaskSearch):
         lr: float = 0.1,
         baseline: Literal["blur", "zero"] = "blur",
         blur_sigma: float | None = None,
-        area_weight: float = 2.0,
+        area_weight: float = 1.0,
         binary_weight: float = 0.5,
         tv_weight: float = 0.25,
         consistency_weight: float = 1.0,
