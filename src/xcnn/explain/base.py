@@ -162,7 +162,8 @@ class Explainer:
     baseline: bool = False
     #: rows per forward pass in inner loops; None = 64 on CUDA; on CPU 8 at 224x224 up to 64 at 64x64 and
     #: below (large activations make CPU time per image grow with the batch: ResNet-50 at 224x224 takes
-    #: 152 ms/image at batch 8, 184 ms at 64; small images are bound by per-call overhead instead)
+    #: 99 ms/image at batch 8, 153 ms at 64, docs/performance.md; small images are bound by per-call
+    #: overhead instead)
     batch_size: int | None = None
 
     def __init__(self, model: nn.Module, layer: str | Sequence[str] | None = None) -> None:
