@@ -2,8 +2,11 @@
 
 * :class:`Tap` records the outputs of named layers during forward passes (optionally as
   differentiable tensors so that gradients can be taken *at the layer only*).
-* :func:`trace_outputs` records every module's output once, in execution order (layer discovery).
+* :func:`trace_outputs` records every module's output once, in execution order (layer discovery);
+  :func:`input_shapes` the shape of the first input of named modules.
 * :func:`frozen` puts a model in eval mode with ``requires_grad=False`` and restores both on exit.
+* :func:`replace_module` swaps a named submodule for another (architecture edits such as LAP);
+  :func:`replaced` does it for the length of a ``with`` block.
 
 All hooks are removed when the ``with`` block ends, also when it ends with an exception.
 """
@@ -16,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Tap", "frozen", "named_layer", "trace_outputs"]
+__all__ = ["Tap", "frozen", "input_shapes", "named_layer", "replace_module", "replaced", "trace_outputs"]
 
 
 def named_layer(model: nn.Module, name: str) -> nn.Module:
@@ -119,6 +122,33 @@ def trace_outputs(model: nn.Module, *inputs: Tensor) -> list[tuple[str, nn.Modul
     return records
 
 
+def input_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dict[str, torch.Size]:
+    """Run ``model(*inputs)`` once (no grad) and return the shape of the first positional input each named
+    module receives (its first call); a module the forward never calls is an error."""
+    shapes: dict[str, torch.Size] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(module, args):
+            if name not in shapes and args and isinstance(args[0], Tensor):
+                shapes[name] = args[0].shape
+
+        return hook
+
+    try:
+        for name in names:
+            handles.append(named_layer(model, name).register_forward_pre_hook(make_hook(name)))
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in shapes]
+    if missing:
+        raise ValueError(f"{missing[0]!r} is never called with a tensor in {type(model).__name__}'s forward pass")
+    return shapes
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and ``requires_grad=False`` on every parameter while the block runs; both restored after.
@@ -138,3 +168,31 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             module.training = mode
         for param, flag in flags:
             param.requires_grad_(flag)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where ``model``'s submodule ``name`` (a ``named_modules()`` name) is; return the old one.
+
+    The swap is in place: forward passes, ``named_modules()`` and the state dict see ``new`` under ``name``.
+    """
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"the replacement for {name!r} must be an nn.Module, got {type(new).__name__}")
+    old = named_layer(model, name)
+    parent_name, _, child = name.rpartition(".")
+    parent = named_layer(model, parent_name) if parent_name else model
+    setattr(parent, child, new)  # nn.Sequential and nn.ModuleList children are named "0", "1", ...: setattr works
+    return old
+
+
+@contextlib.contextmanager
+def replaced(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[nn.Module]:
+    """``model`` with the named submodules swapped for the given ones while the block runs; the originals
+    are put back on exit, also when the block raises."""
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for name, new in replacements.items():
+            done.append((name, replace_module(model, name, new)))
+        yield model
+    finally:
+        for name, old in reversed(done):
+            replace_module(model, name, old)

@@ -14,7 +14,7 @@ import re
 import sys
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -596,6 +596,38 @@ def _timm_class_names(backbone: nn.Module) -> list[str] | None:
 MODEL_FORMAT = "xcnn-model/1"
 
 
+#: architecture edits that a saved model records and :func:`load_model` replays: op name -> function
+#: ``(backbone, where, **args)`` that edits the freshly built backbone in place, before its weights load
+ARCHITECTURE_EDITS: dict[str, Callable[..., None]] = {}
+#: modules that register edit ops when imported (so a saved model can name an op before its module is used)
+_EDIT_PROVIDERS = {"lap": "xcnn.interpretable.lap"}
+
+
+def register_edit(op: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: make ``fn(backbone, where, **args)`` the architecture edit called ``op``."""
+
+    def add(fn: Callable[..., None]) -> Callable[..., None]:
+        ARCHITECTURE_EDITS[op] = fn
+        return fn
+
+    return add
+
+
+def apply_edits(backbone: nn.Module, edits: Sequence[dict]) -> None:
+    """Replay recorded architecture edits (``{"op": ..., "where": ..., "args": {...}}``) on ``backbone``."""
+    import importlib
+
+    for edit in edits:
+        op = edit.get("op") if isinstance(edit, dict) else None
+        if op not in ARCHITECTURE_EDITS and op in _EDIT_PROVIDERS:
+            importlib.import_module(_EDIT_PROVIDERS[op])
+        if op not in ARCHITECTURE_EDITS:
+            raise ValueError(
+                f"unknown architecture edit {edit!r} (known ops: {sorted(set(ARCHITECTURE_EDITS) | set(_EDIT_PROVIDERS))})"
+            )
+        ARCHITECTURE_EDITS[op](backbone, edit["where"], **edit.get("args", {}))
+
+
 def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model.json`` (architecture, normalisation, input
     size, class names, where the weights came from, plus ``extra`` metadata); :func:`load_model` reads the
@@ -616,6 +648,7 @@ def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
         "format": MODEL_FORMAT, "name": model.name, "arch": model.spec["arch"], "kwargs": model.spec.get("kwargs", {}),
         "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
         "input_size": list(model.input_size), "class_names": model.class_names, "weights": model.weights,
+        "edits": list(model.spec.get("edits", [])),
     }  # fmt: skip
     clash = sorted(set(extra) & set(meta))
     if clash:
@@ -650,13 +683,16 @@ def _saved_model(meta_path: Path) -> Classifier:
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{meta_path} is not an xcnn model description (format {MODEL_FORMAT!r})")
     backbone, _, _, _ = _build_arch(meta["arch"], meta.get("kwargs", {}))
+    edits = meta.get("edits", [])
+    apply_edits(backbone, edits)  # the modified architecture first, then its weights
     weights_path = meta_path.with_suffix(".safetensors")
     _load_weights(backbone, weights_path)
     # folders written before the origin was recorded: the weights are those of the file
     origin = meta["weights"] if "weights" in meta else f"file:{weights_path}"
     return Classifier(
         backbone, meta["mean"], meta["std"], name=meta.get("name", meta["arch"]), input_size=tuple(meta["input_size"]),
-        class_names=meta.get("class_names"), spec={"arch": meta["arch"], "kwargs": meta.get("kwargs", {})},
+        class_names=meta.get("class_names"),
+        spec={"arch": meta["arch"], "kwargs": meta.get("kwargs", {}), **({"edits": edits} if edits else {})},
         weights=origin,
     )  # fmt: skip
 

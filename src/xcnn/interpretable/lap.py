@@ -1,0 +1,222 @@
+"""Local Attention Pooling (LAP; Modegh et al. 2022, arXiv 2201.11808): a pooling layer that weights each
+position by a learnt attention before averaging, so its attention map is the model's own explanation.
+
+* :class:`LocalAttentionPooling` pools windows (``kernel_size`` x ``kernel_size``, like ``nn.AvgPool2d``)
+  or, with ``global_pool=True``, the whole map (like global average pooling before a classifier).
+* :func:`insert_lap` puts LAP layers in place of a model's average-pooling modules. A new layer starts as
+  exactly the pooling it replaces (constant attention), so a trained model keeps its predictions.
+
+The attention of the last forward pass is the output of the layer's ``attention`` submodule: read it
+with :class:`xcnn.hooks.Tap` at ``"<layer name>.attention"``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..hooks import frozen, input_shapes, named_layer, replace_module
+from ..models import Classifier, as_classifier, register_edit
+
+__all__ = ["LocalAttentionPooling", "insert_lap", "lap_layers"]
+
+
+class LocalAttentionPooling(nn.Module):
+    """Attention-weighted average pooling.
+
+    The attention ``a = sigmoid(g(X))`` has one map per head (``g``: 3x3 conv, ReLU, 1x1 conv; ``hidden``
+    channels in between, default ``max(8, in_channels // 4)``); the input's channels are split evenly
+    among the heads. Each output is ``sum_p a(p) X_c(p) / sum_p a(p)`` over its window (written with window
+    means, the same ratio; the denominator is kept above ``eps`` for attention that underflows to 0). Windows follow ``nn.AvgPool2d`` with ``kernel_size``,
+    ``stride`` (default ``kernel_size``), ``padding`` and ``ceil_mode``; padded positions do not count.
+    ``global_pool=True`` pools the whole map to ``[B, C, 1, 1]`` (``[B, C]`` with ``flatten=True``).
+
+    ``g``'s last convolution starts at zero, so the attention starts at the constant 0.5 and the layer is
+    plain average pooling (exactly: halving is exact in floating point) until it is trained.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int = 2,
+        stride: int | None = None,
+        padding: int = 0,
+        heads: int = 1,
+        *,
+        global_pool: bool = False,
+        flatten: bool = False,
+        ceil_mode: bool = False,
+        hidden: int | None = None,
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        for what, value in (("in_channels", in_channels), ("heads", heads), ("kernel_size", kernel_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LocalAttentionPooling: {what} must be a positive integer, got {value!r}")
+        if in_channels % heads:
+            raise ValueError(
+                f"LocalAttentionPooling: {in_channels} channels cannot be split evenly among {heads} heads"
+            )
+        if flatten and not global_pool:
+            raise ValueError("LocalAttentionPooling: flatten=True only applies to the global form (global_pool=True)")
+        hidden = hidden or max(8, in_channels // 4)
+        self.in_channels, self.heads, self.hidden, self.eps = in_channels, heads, hidden, float(eps)
+        self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
+        self.global_pool, self.flatten, self.ceil_mode = global_pool, flatten, ceil_mode
+        self.attention = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, heads, 1), nn.Sigmoid()
+        )
+        self.reset_attention()
+
+    def reset_attention(self) -> None:
+        """Constant attention (the layer becomes average pooling); ``g``'s first conv keeps its weights."""
+        nn.init.zeros_(self.attention[2].weight)
+        nn.init.zeros_(self.attention[2].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"LocalAttentionPooling expects [B, {self.in_channels}, H, W] feature maps, got {tuple(x.shape)}"
+            )
+        a = self.attention(x)  # [B, heads, H, W]
+        b, c, h, w = x.shape
+        weighted = (x.view(b, self.heads, c // self.heads, h, w) * a[:, :, None]).view(b, c, h, w)
+        if self.global_pool:
+            num, den = weighted.mean((2, 3), keepdim=True), a.mean((2, 3), keepdim=True)
+        else:
+            pool = {
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "ceil_mode": self.ceil_mode, "count_include_pad": False,
+            }  # fmt: skip
+            num, den = F.avg_pool2d(weighted, **pool), F.avg_pool2d(a, **pool)
+        den = den.repeat_interleave(c // self.heads, dim=1)
+        out = num / den.clamp_min(self.eps)  # exact average pooling while the attention is constant
+        return out.flatten(1) if self.flatten else out
+
+    def extra_repr(self) -> str:
+        where = (
+            "global"
+            if self.global_pool
+            else f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+        )
+        return f"{self.in_channels}, {where}, heads={self.heads}, hidden={self.hidden}"
+
+    def config(self) -> dict:
+        """The constructor arguments, as recorded in a saved model's architecture edits."""
+        return {
+            "in_channels": self.in_channels, "kernel_size": self.kernel_size, "stride": self.stride,
+            "padding": self.padding, "heads": self.heads, "global_pool": self.global_pool,
+            "flatten": self.flatten, "ceil_mode": self.ceil_mode, "hidden": self.hidden, "eps": self.eps,
+        }  # fmt: skip
+
+
+def _global_avg_pool(module: nn.Module) -> bool | None:
+    """True/False: ``module`` is a global average pool that does / does not flatten; None: it is not one."""
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        size = module.output_size
+        return False if size in (1, (1, 1)) else None
+    # timm's SelectAdaptivePool2d (and its flatten option), recognised by its attributes, not imported
+    if type(module).__name__ == "SelectAdaptivePool2d" and getattr(module, "pool_type", None) == "avg":
+        return isinstance(getattr(module, "flatten", None), nn.Flatten)
+    return None
+
+
+def _check_replaceable(name: str, module: nn.Module) -> None:
+    """Clear error unless LAP can start as exactly what ``module`` computes."""
+    if isinstance(module, LocalAttentionPooling):
+        raise ValueError(f"insert_lap: {name!r} is already a LAP layer (a second insertion at the same place)")
+    if _global_avg_pool(module) is not None:
+        return
+    if isinstance(module, nn.AvgPool2d):
+        square = all(isinstance(v, int) or v[0] == v[1] for v in (module.kernel_size, module.stride, module.padding))
+        padding = module.padding if isinstance(module.padding, int) else module.padding[0]
+        if not square or (padding and module.count_include_pad) or module.divisor_override:
+            raise ValueError(
+                f"insert_lap: {name!r} ({module}) averages in a way LAP cannot start from exactly "
+                "(non-square windows, padding counted in the mean, or a divisor override)"
+            )
+        return
+    if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Conv2d)):
+        raise ValueError(
+            f"insert_lap: {name!r} is {type(module).__name__}; LAP starts as average pooling, so replacing "
+            "it would change the trained model's predictions. Name an average-pooling module."
+        )
+    raise ValueError(f"insert_lap: {name!r} is {type(module).__name__}, not a pooling module")
+
+
+def _lap_args(module: nn.Module, channels: int, heads: int, hidden: int | None) -> dict:
+    """Constructor arguments of the LAP layer that starts as ``module`` (checked by _check_replaceable)."""
+    flatten = _global_avg_pool(module)
+    if flatten is not None:
+        layer = LocalAttentionPooling(channels, heads=heads, global_pool=True, flatten=flatten, hidden=hidden)
+    else:
+        k, s, p = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride, module.padding))
+        layer = LocalAttentionPooling(channels, k, s, p, heads, ceil_mode=module.ceil_mode, hidden=hidden)
+    return layer.config()
+
+
+def lap_layers(model: nn.Module) -> list[str]:
+    """Names (as in ``named_modules()``) of the LAP layers in ``model``, in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, LocalAttentionPooling)]
+
+
+def insert_lap(
+    model: nn.Module, where: str | Sequence[str] | None = None, heads: int = 1, hidden: int | None = None
+) -> Classifier:
+    """A copy of ``model`` (the caller's model is untouched) with LAP layers in place of the average-pooling
+    modules named in ``where`` (backbone ``named_modules()`` names); ``where=None`` replaces the global
+    average pooling before the classifier. Each new layer starts as the pooling it replaces: the copy
+    predicts what ``model`` predicts until it is trained (see ``fit_lap``).
+
+    The edit is recorded in the returned Classifier's ``spec``, so :func:`xcnn.save_model` /
+    :func:`xcnn.load_model` rebuild the LAP model without code.
+    """
+    clf = as_classifier(model)
+    backbone = clf.backbone
+    if where is None:
+        found = [name for name, module in backbone.named_modules() if name and _global_avg_pool(module) is not None]
+        if not found:
+            already = lap_layers(backbone)
+            hint = f" (it already has LAP layers: {already})" if already else ""
+            raise ValueError(
+                f"insert_lap: {type(backbone).__name__} has no global average-pooling module{hint}; name the "
+                "pooling modules to replace with where=[...] (a model that pools with a function call has none)"
+            )
+        names = [found[-1]]  # the last one is the pool before the classifier
+    else:
+        names = [where] if isinstance(where, str) else list(where)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"insert_lap: where must name distinct modules, got {where!r}")
+    for name in names:  # every error before the traced forward
+        _check_replaceable(name, named_layer(backbone, name))
+    ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+    dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None)
+    with frozen(backbone):  # eval: the traced forward must not update batch-norm statistics
+        shapes = input_shapes(backbone, names, (dummy - clf.mean) / clf.std)
+    edits = []
+    new_backbone = copy.deepcopy(backbone)
+    for name in names:
+        args = _lap_args(named_layer(backbone, name), int(shapes[name][1]), heads, hidden)
+        edits.append({"op": "lap", "where": name, "args": args})
+        _replace_with_lap(new_backbone, name, **args)
+    spec = None
+    if clf.spec is not None:
+        spec = {**clf.spec, "edits": [*clf.spec.get("edits", []), *edits]}
+    out = Classifier(
+        new_backbone, clf.mean.flatten().tolist(), clf.std.flatten().tolist(), name=clf.name,
+        input_size=clf.input_size, class_names=clf.class_names, spec=spec, weights=clf.weights,
+    )  # fmt: skip
+    return out.train(clf.training)
+
+
+@register_edit("lap")
+def _replace_with_lap(backbone: nn.Module, where: str, **args) -> None:
+    """The recorded edit: a fresh LAP layer (constant attention) at ``where``, on the backbone's device."""
+    layer = LocalAttentionPooling(**args)
+    ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+    replace_module(backbone, where, layer.to(ref.device) if ref is not None else layer)

@@ -1,0 +1,215 @@
+"""LAP (Local Attention Pooling): the layer's arithmetic against a direct computation, identity at
+insertion on several backbones, the caller's model untouched, saved LAP models rebuilt without code, the
+attention readable through Tap, and clear errors for places LAP cannot go."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import xcnn
+from xcnn.hooks import Tap, replace_module, replaced
+from xcnn.interpretable import LocalAttentionPooling, insert_lap, lap_layers
+from xcnn.models import Classifier, save_model
+from xcnn.nets import ShapesNet
+
+
+def shapesnet() -> Classifier:
+    torch.manual_seed(0)
+    arch = {"num_classes": 6, "widths": [8, 16, 16, 32], "strides": [1, 1, 2, 2, 1]}
+    return Classifier(
+        ShapesNet(**arch), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": arch}
+    ).eval()
+
+
+def random_attention(layer: LocalAttentionPooling, seed: int = 1) -> None:
+    """Non-constant attention: random weights in the attention net's last convolution."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        last = layer.attention[2]
+        last.weight.copy_(torch.randn(last.weight.shape, generator=gen))
+        last.bias.copy_(torch.randn(last.bias.shape, generator=gen))
+
+
+def direct(x: torch.Tensor, a: torch.Tensor, k: int, s: int, heads: int) -> torch.Tensor:
+    """sum a*x / sum a over each k x k window (stride s, no padding), by loops."""
+    b, c, h, w = x.shape
+    oh, ow = (h - k) // s + 1, (w - k) // s + 1
+    out = torch.zeros(b, c, oh, ow, dtype=torch.float64)
+    x, a = x.double(), a.double()
+    for ch in range(c):
+        head = ch // (c // heads)
+        for i in range(oh):
+            for j in range(ow):
+                xs = x[:, ch, i * s : i * s + k, j * s : j * s + k]
+                ws = a[:, head, i * s : i * s + k, j * s : j * s + k]
+                out[:, ch, i, j] = (xs * ws).sum((1, 2)) / ws.sum((1, 2))
+    return out
+
+
+@pytest.mark.parametrize(("k", "s", "heads"), [(2, 2, 1), (3, 2, 2), (3, 1, 4)])
+def test_local_pooling_is_the_attention_weighted_window_mean(k, s, heads):
+    torch.manual_seed(0)
+    layer = LocalAttentionPooling(8, k, s, heads=heads)
+    random_attention(layer)
+    x = torch.randn(2, 8, 7, 7)
+    with torch.no_grad():
+        a = layer.attention(x)
+    assert a.shape == (2, heads, 7, 7) and float(a.std()) > 0.05  # the attention really varies
+    torch.testing.assert_close(layer(x).double(), direct(x, a, k, s, heads), rtol=1e-5, atol=1e-6)
+
+
+def test_global_pooling_is_the_attention_weighted_mean_and_flattens_on_request():
+    torch.manual_seed(0)
+    layer = LocalAttentionPooling(6, heads=3, global_pool=True)
+    random_attention(layer)
+    x = torch.randn(2, 6, 5, 4)
+    a = layer.attention(x).double()
+    expected = torch.stack(
+        [(x[:, ch].double() * a[:, ch // 2]).sum((1, 2)) / a[:, ch // 2].sum((1, 2)) for ch in range(6)], 1
+    )
+    out = layer(x)
+    assert out.shape == (2, 6, 1, 1)
+    torch.testing.assert_close(out.flatten(1).double(), expected, rtol=1e-5, atol=1e-6)
+    flat = LocalAttentionPooling(6, heads=3, global_pool=True, flatten=True)
+    flat.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(flat(x), out.flatten(1))
+
+
+def test_a_new_layer_is_exactly_average_pooling():
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.equal(LocalAttentionPooling(8, 2)(x), nn.AvgPool2d(2)(x))
+    assert torch.equal(LocalAttentionPooling(8, 3, 2, padding=1)(x), nn.AvgPool2d(3, 2, 1, count_include_pad=False)(x))
+    assert torch.equal(LocalAttentionPooling(8, 2, ceil_mode=True)(x), nn.AvgPool2d(2, ceil_mode=True)(x))
+    assert torch.equal(LocalAttentionPooling(8, global_pool=True)(x), nn.AdaptiveAvgPool2d(1)(x))
+
+
+def _identity_on(clf: Classifier, where=None, atol: float = 1e-5) -> Classifier:
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    types = [type(m) for m in clf.modules()]
+    lap = insert_lap(clf, where=where)
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, *clf.input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(lap.eval()(x), clf.eval()(x), rtol=0, atol=atol)
+    # the caller's model is untouched: same modules, same tensors
+    assert [type(m) for m in clf.modules()] == types and not lap_layers(clf.backbone)
+    assert all(torch.equal(before[k], v) for k, v in clf.state_dict().items())
+    return lap
+
+
+def test_identity_at_insertion_on_shapesnet():
+    lap = _identity_on(shapesnet())
+    assert lap_layers(lap.backbone) == ["pool"]
+    assert lap.spec["edits"] == [{"op": "lap", "where": "pool", "args": lap.backbone.pool.config()}]
+
+
+def test_identity_at_insertion_on_resnet18(resnet18):
+    assert lap_layers(_identity_on(resnet18).backbone) == ["avgpool"]
+
+
+@pytest.mark.slow
+def test_identity_at_insertion_on_lite0(lite0):
+    lap = _identity_on(lite0)
+    assert lap_layers(lap.backbone) == ["global_pool.pool"]
+
+
+def test_identity_at_insertion_of_local_layers_in_a_plain_sequential():
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AvgPool2d(3, 2, 1, count_include_pad=False), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )  # fmt: skip
+    clf = Classifier(seq, input_size=(16, 16), weights=None)
+    lap = _identity_on(clf, where=["2", "5", "6"])
+    assert lap_layers(lap.backbone) == ["2", "5", "6"]
+    assert lap.backbone[2].kernel_size == 2 and (lap.backbone[5].kernel_size, lap.backbone[5].stride) == (3, 2)
+
+
+def test_saved_lap_model_rebuilds_to_identical_logits_without_code(tmp_path):
+    lap = insert_lap(shapesnet())
+    random_attention(lap.backbone.pool)  # a LAP model that has moved away from its initial state
+    folder = save_model(lap, tmp_path / "lap")
+    meta = json.loads((folder / "model.json").read_text())
+    assert meta["edits"][0]["op"] == "lap" and meta["edits"][0]["where"] == "pool"
+    back = xcnn.load_model(folder)
+    assert lap_layers(back.backbone) == ["pool"] and back.spec["edits"] == meta["edits"]
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back.eval()(x), lap.eval()(x))
+        assert not torch.equal(lap(x), shapesnet()(x))  # the attention changed the logits
+
+
+def test_unknown_edit_in_a_saved_model_is_a_clear_error(tmp_path):
+    folder = save_model(insert_lap(shapesnet()), tmp_path / "lap")
+    meta = json.loads((folder / "model.json").read_text())
+    meta["edits"][0]["op"] = "prune"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="unknown architecture edit"):
+        xcnn.load_model(folder)
+
+
+def test_attention_of_the_last_forward_is_readable_with_tap():
+    lap = insert_lap(shapesnet())
+    random_attention(lap.backbone.pool)
+    x = torch.rand(2, 3, 32, 32)
+    with Tap(lap.backbone, ["pool.attention", "layer4"]) as tap, torch.no_grad():
+        lap(x)
+    a, feats = tap.get("pool.attention"), tap.get("layer4")
+    assert a.shape == (2, 1, *feats.shape[-2:])
+    assert torch.equal(a, lap.backbone.pool.attention(feats))
+
+
+def test_attention_is_trainable_from_the_classification_loss():
+    lap = insert_lap(shapesnet()).train()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 6, (8,))
+    nn.functional.cross_entropy(lap(x), y).backward()
+    assert float(lap.backbone.pool.attention[2].weight.grad.abs().sum()) > 0
+
+
+def test_where_errors_name_the_problem():
+    clf = shapesnet()
+    with pytest.raises(ValueError, match="not a pooling module"):
+        insert_lap(clf, where="layer4")
+    with pytest.raises(ValueError, match="is not in the model"):
+        insert_lap(clf, where="poool")
+    with pytest.raises(ValueError, match="already a LAP layer"):
+        insert_lap(insert_lap(clf), where="pool")
+    with pytest.raises(ValueError, match="already has LAP layers"):
+        insert_lap(insert_lap(clf))
+    with pytest.raises(ValueError, match="distinct"):
+        insert_lap(clf, where=["pool", "pool"])
+    maxpool = Classifier(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.LazyLinear(2)), input_size=(8, 8)
+    )
+    with pytest.raises(ValueError, match="MaxPool2d; LAP starts as average pooling"):
+        insert_lap(maxpool, where="1")
+    with pytest.raises(ValueError, match="no global average-pooling module"):
+        insert_lap(maxpool)
+    counted = Classifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(3, 2, 1)), input_size=(8, 8))
+    with pytest.raises(ValueError, match="padding counted in the mean"):
+        insert_lap(counted, where="1")
+    with pytest.raises(ValueError, match="split evenly among 3 heads"):
+        LocalAttentionPooling(8, heads=3)
+    with pytest.raises(ValueError, match=r"expects \[B, 8, H, W\]"):
+        LocalAttentionPooling(8)(torch.rand(1, 4, 4, 4))
+
+
+def test_replace_module_and_replaced_restore_the_original_even_on_error():
+    net = shapesnet().backbone
+    original = net.pool
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        replaced(net, {"pool": nn.Identity(), "layer1.conv1": nn.Identity()}),
+    ):
+        assert isinstance(net.pool, nn.Identity)
+        raise RuntimeError("boom")
+    assert net.pool is original and isinstance(net.layer1.conv1, nn.Conv2d)
+    seq = nn.Sequential(nn.ReLU(), nn.ReLU())
+    old = replace_module(seq, "1", nn.Tanh())
+    assert isinstance(old, nn.ReLU) and isinstance(seq[1], nn.Tanh)
+    with pytest.raises(TypeError, match=r"must be an nn\.Module"):
+        replace_module(seq, "0", "relu")
