@@ -115,6 +115,13 @@ def test_identity_at_insertion_on_resnet18(resnet18):
 def test_identity_at_insertion_on_lite0(lite0):
     lap = _identity_on(lite0)
     assert lap_layers(lap.backbone) == ["global_pool.pool"]
+    # timm's pooling wrapper still looks like a global average pool around the new layer: not a second place
+    with pytest.raises(ValueError, match="already has a global LAP layer"):
+        insert_lap(lap)
+    with pytest.raises(ValueError, match="already holds LAP layers"):
+        insert_lap(lap, where="global_pool")
+    outer = _identity_on(lite0, where="global_pool")  # the wrapper itself (it flattens): also exact
+    assert lap_layers(outer.backbone) == ["global_pool"] and outer.backbone.global_pool.flatten
 
 
 def test_identity_at_insertion_of_local_layers_in_a_plain_sequential():
@@ -178,8 +185,10 @@ def test_where_errors_name_the_problem():
         insert_lap(clf, where="poool")
     with pytest.raises(ValueError, match="already a LAP layer"):
         insert_lap(insert_lap(clf), where="pool")
-    with pytest.raises(ValueError, match="already has LAP layers"):
+    with pytest.raises(ValueError, match="already has a global LAP layer"):
         insert_lap(insert_lap(clf))
+    with pytest.raises(ValueError, match="pools to a grid"):
+        insert_lap(Classifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2)), input_size=(8, 8)), "1")
     with pytest.raises(ValueError, match="distinct"):
         insert_lap(clf, where=["pool", "pool"])
     maxpool = Classifier(

@@ -130,6 +130,13 @@ def _check_replaceable(name: str, module: nn.Module) -> None:
     """Clear error unless LAP can start as exactly what ``module`` computes."""
     if isinstance(module, LocalAttentionPooling):
         raise ValueError(f"insert_lap: {name!r} is already a LAP layer (a second insertion at the same place)")
+    if lap_layers(module):
+        raise ValueError(f"insert_lap: {name!r} already holds LAP layers {lap_layers(module)}")
+    if isinstance(module, nn.AdaptiveAvgPool2d) and _global_avg_pool(module) is None:
+        raise ValueError(
+            f"insert_lap: {name!r} ({module}) pools to a grid, not to one value per channel; LAP replaces "
+            "global average pooling or fixed-window average pooling (nn.AvgPool2d)"
+        )
     if _global_avg_pool(module) is not None:
         return
     if isinstance(module, nn.AvgPool2d):
@@ -171,14 +178,17 @@ def insert_lap(
     """A copy of ``model`` (the caller's model is untouched) with LAP layers in place of the average-pooling
     modules named in ``where`` (backbone ``named_modules()`` names); ``where=None`` replaces the global
     average pooling before the classifier. Each new layer starts as the pooling it replaces: the copy
-    predicts what ``model`` predicts until it is trained (see ``fit_lap``).
+    predicts what ``model`` predicts until it is trained.
 
-    The edit is recorded in the returned Classifier's ``spec``, so :func:`xcnn.save_model` /
+    The edit is recorded in the returned Classifier's ``spec``, so :func:`xcnn.models.save_model` and
     :func:`xcnn.load_model` rebuild the LAP model without code.
     """
     clf = as_classifier(model)
     backbone = clf.backbone
     if where is None:
+        already = [n for n in lap_layers(backbone) if named_layer(backbone, n).global_pool]
+        if already:
+            raise ValueError(f"insert_lap: {type(backbone).__name__} already has a global LAP layer: {already}")
         found = [name for name, module in backbone.named_modules() if name and _global_avg_pool(module) is not None]
         if not found:
             already = lap_layers(backbone)
