@@ -157,6 +157,29 @@ def assert_equal_up_to_rounding(
     assert bool((gap <= allowed).all()), f"{name}: maps differ by {gap.tolist()}, rounding allows {allowed.tolist()}"
 
 
+def prepared_model(name: str, model: nn.Module) -> nn.Module:
+    """The model an explainer can explain: ``lap`` reads a LAP layer, so it gets a copy of ``model`` with a
+    2-head global LAP layer (heads make its maps depend on the target) whose attention is random (seeded,
+    built on the CPU, then moved to ``model``'s device) instead of the constant it starts with; every other
+    method gets ``model`` itself."""
+    if name != "lap":
+        return model
+    import copy
+
+    from xcnn.interpretable import insert_lap, lap_layers
+
+    device = next(model.parameters()).device
+    # a test may build its explainer inside torch.inference_mode(): the copy's parameters must stay trainable
+    with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        lap = insert_lap(copy.deepcopy(model).cpu(), heads=2)
+        layer = lap.backbone.get_submodule(lap_layers(lap.backbone)[-1])
+        with torch.no_grad():
+            for param in layer.attention[2].parameters():
+                param.normal_()
+        return lap.to(device)
+
+
 def required_options(name: str, model: nn.Module) -> dict:
     """Options an explainer cannot run without: TAME needs a head (an untrained one, seeded, on the
     model's last spatial layer, serves the contract tests)."""

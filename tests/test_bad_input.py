@@ -14,13 +14,14 @@ import xcnn
 from xcnn.data.images import load_image
 from xcnn.models import UnnormalisedInputWarning, load_state_dict_file
 
-from .conftest import required_options
+from .conftest import prepared_model, required_options
 from .test_explain_contract import FAST, hook_count
 
 NAMES = xcnn.list_explainers()
 
 
 def make(name, model, **extra):
+    model = prepared_model(name, model)
     return xcnn.explainer(name, model, **{**required_options(name, model), **FAST.get(name, {}), **extra})
 
 

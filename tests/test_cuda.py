@@ -9,7 +9,7 @@ import torch
 
 import xcnn
 
-from .conftest import assert_equal_up_to_rounding, required_options
+from .conftest import assert_equal_up_to_rounding, prepared_model, required_options
 from .test_explain_contract import FAST
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -30,6 +30,7 @@ def test_maps_on_cuda_match_cpu(name, sharp, images32, full_float32):
     """Every method, stochastic ones included (their noise and masks are drawn on the CPU), gives the CPU's
     maps on the GPU up to float rounding: the same rule and model as the CPU batch-independence test."""
     options = {**FAST.get(name, {}), **({"steps": 20} if name == "mdm" else {})}
+    sharp = prepared_model(name, sharp)
     on_cpu = xcnn.explainer(name, sharp, **options, **required_options(name, sharp))(images32)
     gpu_model = copy.deepcopy(sharp).cuda()
     gpu = xcnn.explainer(name, gpu_model, **options, **required_options(name, gpu_model))

@@ -10,7 +10,7 @@ from torch import nn
 import xcnn
 from xcnn.explain import explainer_class
 
-from .conftest import TinyCNN, assert_equal_up_to_rounding, required_options
+from .conftest import TinyCNN, assert_equal_up_to_rounding, prepared_model, required_options
 
 # small settings so the whole matrix runs in seconds; defaults are exercised elsewhere
 FAST = {
@@ -22,6 +22,7 @@ ALL = xcnn.list_explainers()
 
 
 def make(name, model, **extra):
+    model = prepared_model(name, model)
     return xcnn.explainer(name, model, **{**required_options(name, model), **FAST.get(name, {}), **extra})
 
 
@@ -80,17 +81,19 @@ def test_another_seed_another_map(name, tiny, images32):
 
 @pytest.mark.parametrize("name", ALL)
 def test_model_state_restored_and_no_hooks_left(name, tiny, images32):
-    tiny.train()
-    frozen_param = tiny.backbone.features[0].bias
+    expl = make(name, tiny)
+    model = expl.model  # the model the explainer holds (for `lap`, a LAP copy of tiny)
+    model.train()
+    frozen_param = model.backbone.features[0].bias
     frozen_param.requires_grad_(False)
-    before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    make(name, tiny)(images32)
-    assert all(m.training for m in tiny.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expl(images32)
+    assert all(m.training for m in model.modules())
     assert frozen_param.requires_grad is False
-    assert all(p.requires_grad for n, p in tiny.named_parameters() if p is not frozen_param)
-    assert all(p.grad is None for p in tiny.parameters())
-    assert hook_count(tiny) == 0
-    for k, v in tiny.state_dict().items():  # BatchNorm statistics untouched (eval mode during the call)
+    assert all(p.requires_grad for n, p in model.named_parameters() if p is not frozen_param)
+    assert all(p.grad is None for p in model.parameters())
+    assert hook_count(model) == 0
+    for k, v in model.state_dict().items():  # BatchNorm statistics untouched (eval mode during the call)
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
 
@@ -115,8 +118,9 @@ def test_hooks_removed_and_state_restored_when_the_model_raises(name, images32):
     model = xcnn.load_model(inner, raw_pixels=True, input_size=(32, 32))
     options = {"layer": "net.features"} if explainer_class(name).uses_layer else {}
     expl = make(name, model, **options)
+    model = expl.model  # the model the explainer holds (for `lap`, a LAP copy of the one above)
     model.train()
-    inner.fire = True
+    model.backbone.fire = True
     if name == "random":  # ignores the model: nothing can raise
         expl(images32)
     else:

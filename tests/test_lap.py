@@ -222,3 +222,83 @@ def test_replace_module_and_replaced_restore_the_original_even_on_error():
     assert isinstance(old, nn.ReLU) and isinstance(seq[1], nn.Tanh)
     with pytest.raises(TypeError, match=r"must be an nn\.Module"):
         replace_module(seq, "0", "relu")
+
+
+# the explainer ---------------------------------------------------------------------------------------
+
+
+def _normalised(maps: torch.Tensor, size) -> torch.Tensor:
+    from xcnn.explain import normalize_maps
+
+    return normalize_maps(maps, size)
+
+
+def test_one_head_map_is_the_attention_for_every_class_from_one_forward():
+    lap = insert_lap(shapesnet())
+    random_attention(lap.backbone.pool)
+    x = torch.rand(3, 3, 32, 32)
+    calls = []
+    handle = lap.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        maps = xcnn.explainer("lap", lap)(x, torch.tensor([0, 1, 2]))
+    finally:
+        handle.remove()
+    assert len(calls) == 1 and all(p.grad is None for p in lap.parameters())
+    with torch.no_grad():
+        a = lap.backbone.pool.attention(lap.backbone.layer4(lap.backbone.layer3(lap.backbone.layer2(
+            lap.backbone.layer1(lap.backbone.stem(x))))))[:, 0]  # fmt: skip
+    torch.testing.assert_close(maps, _normalised(a, (32, 32)))
+    torch.testing.assert_close(xcnn.explainer("lap", lap)(x, torch.tensor([5, 4, 3])), maps)
+
+
+def test_several_heads_are_weighted_by_their_contribution_to_the_target_logit():
+    lap = insert_lap(shapesnet(), heads=2)
+    random_attention(lap.backbone.pool)
+    x = torch.rand(2, 3, 32, 32)
+    targets = torch.tensor([1, 4])
+    with Tap(lap.backbone, ["pool", "pool.attention"]) as tap, torch.no_grad():
+        lap.eval()(x)
+    pooled, a = tap.get("pool").flatten(1), tap.get("pool.attention")  # [2, 32], [2, 2, h, w]
+    w = lap.backbone.fc.weight[targets] * pooled  # each channel's term of the target logit
+    contrib = torch.stack([w[:, :16].sum(1), w[:, 16:].sum(1)], 1)
+    # the contributions are the logit (minus the bias): the weighting is exact for a linear head
+    torch.testing.assert_close(contrib.sum(1), lap(x)[torch.arange(2), targets] - lap.backbone.fc.bias[targets])
+    expected = (contrib[:, :, None, None] * a).sum(1)
+    maps = xcnn.explainer("lap", lap)(x, targets)
+    torch.testing.assert_close(maps, _normalised(expected, (32, 32)))
+    assert not torch.allclose(maps, xcnn.explainer("lap", lap)(x, torch.tensor([2, 0])))
+
+
+def test_all_layers_multiply_their_upsampled_attentions():
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    lap = insert_lap(Classifier(seq, input_size=(16, 16), weights=None), where=["2", "4"])
+    for name in ("2", "4"):
+        random_attention(lap.backbone.get_submodule(name), seed=int(name))
+    x = torch.rand(2, 3, 16, 16)
+    with Tap(lap.backbone, ["2.attention", "4.attention"]) as tap, torch.no_grad():
+        lap.eval()(x)
+    up = [
+        nn.functional.interpolate(tap.get(n), size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+        for n in ("2.attention", "4.attention")
+    ]
+    both = xcnn.explainer("lap", lap, layers="all")(x)
+    torch.testing.assert_close(both, _normalised(up[0] * up[1], (16, 16)))
+    last = xcnn.explainer("lap", lap)(x)
+    torch.testing.assert_close(last, _normalised(tap.get("4.attention")[:, 0], (16, 16)))
+
+
+def test_a_fresh_lap_layer_explains_nothing_and_a_model_without_one_is_an_error():
+    clf = shapesnet()
+    assert float(xcnn.explainer("lap", insert_lap(clf))(torch.rand(2, 3, 32, 32)).abs().max()) == 0.0
+    with pytest.raises(ValueError, match=r"has no LAP layer.*insert_lap"):
+        xcnn.explainer("lap", clf)
+    with pytest.raises(ValueError, match="'last' or 'all'"):
+        xcnn.explainer("lap", insert_lap(clf), layers="first")
+    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    local = insert_lap(Classifier(seq, input_size=(8, 8)), where="1", heads=2)
+    with pytest.raises(ValueError, match="local LAP layer with 2 heads"):
+        xcnn.explainer("lap", local)

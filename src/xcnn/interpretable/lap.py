@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..hooks import frozen, input_shapes, named_layer, replace_module
+from ..explain.base import Explainer, register
+from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module
 from ..models import Classifier, as_classifier, register_edit
 
-__all__ = ["LocalAttentionPooling", "insert_lap", "lap_layers"]
+__all__ = ["LAP", "LocalAttentionPooling", "insert_lap", "lap_layers"]
 
 
 class LocalAttentionPooling(nn.Module):
@@ -183,7 +184,11 @@ def insert_lap(
     The edit is recorded in the returned Classifier's ``spec``, so :func:`xcnn.models.save_model` and
     :func:`xcnn.load_model` rebuild the LAP model without code.
     """
-    clf = as_classifier(model)
+    with torch.inference_mode(False):  # new parameters must be trainable even when called in inference mode
+        return _insert_lap(as_classifier(model), where, heads, hidden)
+
+
+def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, hidden: int | None) -> Classifier:
     backbone = clf.backbone
     if where is None:
         already = [n for n in lap_layers(backbone) if named_layer(backbone, n).global_pool]
@@ -230,3 +235,79 @@ def _replace_with_lap(backbone: nn.Module, where: str, **args) -> None:
     layer = LocalAttentionPooling(**args)
     ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
     replace_module(backbone, where, layer.to(ref.device) if ref is not None else layer)
+
+
+def _linear_after(backbone: nn.Module, name: str, channels: int) -> nn.Linear:
+    """The classifier that reads the global LAP layer ``name``: the first ``nn.Linear`` after it in module
+    order with ``channels`` inputs (ShapesNet's ``fc``, torchvision's ``fc``, timm's ``classifier``)."""
+    names = [n for n, _ in backbone.named_modules()]
+    for later in names[names.index(name) + 1 :]:
+        module = named_layer(backbone, later)
+        if isinstance(module, nn.Linear) and module.in_features == channels:
+            return module
+    raise ValueError(
+        f"lap: the LAP layer {name!r} has several heads but no nn.Linear with {channels} inputs follows it, "
+        "so the heads cannot be weighted by their contribution to a class (use heads=1)"
+    )
+
+
+@register("lap")
+class LAP(Explainer):
+    """LAP's own explanation, read from one forward pass (no gradients): the attention of the model's last
+    LAP layer (``layers="last"``), or the product over all its LAP layers, each upsampled to the image
+    (``layers="all"``). A model without LAP layers is an error: build one with :func:`insert_lap`.
+
+    With one head the map is the attention itself, the same for every class. With several heads (global
+    LAP layer followed by a linear classifier) the map of class ``c`` is ``sum_h w_h a_h``, where ``w_h =
+    sum_{k in head h} W[c, k] y_k`` is head ``h``'s contribution to the logit of ``c`` (``y`` the layer's
+    pooled output, ``W`` the classifier's weights), so the map depends on the target."""
+
+    def __init__(self, model: nn.Module, *, layers: str = "last", batch_size: int | None = None) -> None:
+        super().__init__(model)
+        names = lap_layers(self.model.backbone)
+        if not names:
+            raise ValueError(
+                f"lap: the model {self.model.name!r} has no LAP layer; build one with "
+                "xcnn.interpretable.insert_lap(model) and fine-tune it"
+            )
+        if layers not in ("last", "all"):
+            raise ValueError(f"lap: layers must be 'last' or 'all', got {layers!r}")
+        self.lap_names = names[-1:] if layers == "last" else names
+        self.classifiers: dict[str, nn.Linear] = {}
+        for name in self.lap_names:
+            layer = named_layer(self.model.backbone, name)
+            if layer.heads > 1:
+                if not layer.global_pool:
+                    raise ValueError(
+                        f"lap: {name!r} is a local LAP layer with {layer.heads} heads; only a global layer's heads "
+                        "can be weighted by their contribution to a class"
+                    )
+                self.classifiers[name] = _linear_after(self.model.backbone, name, layer.in_channels)
+        self._set_batch_size(batch_size)
+
+    def __repr__(self) -> str:
+        return f"LAP(model={self.model.name!r}, layers={self.lap_names})"
+
+    def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
+        taps = [f"{name}.attention" for name in self.lap_names] + list(self.classifiers)
+        rows = self._rows(images)
+        chunks = []
+        with torch.no_grad():
+            for i, chunk in enumerate(images.split(rows)):
+                with Tap(self.model.backbone, taps) as tap:
+                    logits = self.model(chunk)
+                t = self._resolve_targets(logits, None if targets is None else targets.split(rows)[i])
+                product = None
+                for name in self.lap_names:
+                    a = tap.get(f"{name}.attention").float()  # [B, heads, h, w]
+                    if name in self.classifiers:
+                        pooled = tap.get(name).flatten(1).float()  # [B, C]
+                        contrib = self.classifiers[name].weight.float()[t] * pooled
+                        a = (contrib.view(len(chunk), a.shape[1], -1).sum(2)[:, :, None, None] * a).sum(1)
+                    else:
+                        a = a[:, 0]
+                    if len(self.lap_names) > 1:
+                        a = F.interpolate(a[:, None], size=chunk.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                    product = a if product is None else product * a
+                chunks.append(product)
+        return torch.cat(chunks)

@@ -29,6 +29,7 @@ _FIXED: dict[str, tuple[str, object]] = {
     "hirescam": ("#9467bd", "-"),
     "scorecam": ("#8c564b", "-"),
     "tame": ("#01665e", "-"),
+    "lap": ("#7f3b08", "-"),
     "saliency": ("#e377c2", "-."),
     "integrated_gradients": ("#17becf", "-."),
     "smoothgrad": ("#bcbd22", "-."),
