@@ -162,11 +162,11 @@ def prepared_model(name: str, model: nn.Module) -> nn.Module:
     2-head global LAP layer (heads make its maps depend on the target) whose attention is random (seeded,
     built on the CPU, then moved to ``model``'s device) instead of the constant it starts with; every other
     method gets ``model`` itself."""
-    if name != "lap":
+    from xcnn.interpretable import insert_lap, lap_layers
+
+    if name != "lap" or lap_layers(model):
         return model
     import copy
-
-    from xcnn.interpretable import insert_lap, lap_layers
 
     device = next(model.parameters()).device
     # a test may build its explainer inside torch.inference_mode(): the copy's parameters must stay trainable

@@ -81,12 +81,13 @@ def test_another_seed_another_map(name, tiny, images32):
 
 @pytest.mark.parametrize("name", ALL)
 def test_model_state_restored_and_no_hooks_left(name, tiny, images32):
-    expl = make(name, tiny)
-    model = expl.model  # the model the explainer holds (for `lap`, a LAP copy of tiny)
+    model = prepared_model(name, tiny)  # tiny itself, except for `lap` (a LAP copy of it)
     model.train()
     frozen_param = model.backbone.features[0].bias
     frozen_param.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    expl = make(name, model)  # construction is checked too: it must not change the model's state
+    assert expl.model is model
     expl(images32)
     assert all(m.training for m in model.modules())
     assert frozen_param.requires_grad is False

@@ -302,3 +302,43 @@ def test_a_fresh_lap_layer_explains_nothing_and_a_model_without_one_is_an_error(
     local = insert_lap(Classifier(seq, input_size=(8, 8)), where="1", heads=2)
     with pytest.raises(ValueError, match="local LAP layer with 2 heads"):
         xcnn.explainer("lap", local)
+
+
+class SqueezeNet(nn.Module):
+    """A squeeze-and-excitation block (its own global average pool) and a final pool reused twice."""
+
+    def __init__(self, reuse: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.se_pool, self.se_fc = nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1)
+        self.down = nn.AvgPool2d(2)
+        self.reuse = reuse
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = x * torch.sigmoid(self.se_fc(self.se_pool(x)))
+        x = self.down(self.down(x)) if self.reuse else self.down(x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+def test_ambiguous_or_shared_places_are_refused():
+    clf = Classifier(SqueezeNet(), input_size=(16, 16), weights=None)
+    with pytest.raises(ValueError, match=r"several global average pools \['se_pool', 'pool'\]"):
+        insert_lap(clf)
+    assert lap_layers(_identity_on(clf, where="pool").backbone) == ["pool"]
+    twice = Classifier(SqueezeNet(reuse=True), input_size=(16, 16), weights=None)
+    with pytest.raises(ValueError, match="called 2 times in one forward pass"):
+        insert_lap(twice, where="down")
+
+
+def test_heads_are_not_weighted_through_a_hidden_layer():
+    torch.manual_seed(0)
+    seq = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(),
+        nn.Linear(8, 3),
+    )  # fmt: skip
+    lap = insert_lap(Classifier(seq, input_size=(8, 8), weights=None), heads=2)
+    random_attention(lap.backbone[1])
+    with pytest.raises(ValueError, match="not Linear\\(8, 8\\) applied to the output of the LAP layer '1'"):
+        xcnn.explainer("lap", lap)(torch.rand(2, 3, 8, 8))

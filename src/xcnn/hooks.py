@@ -122,16 +122,17 @@ def trace_outputs(model: nn.Module, *inputs: Tensor) -> list[tuple[str, nn.Modul
     return records
 
 
-def input_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dict[str, torch.Size]:
-    """Run ``model(*inputs)`` once (no grad) and return the shape of the first positional input each named
-    module receives (its first call); a module the forward never calls is an error."""
-    shapes: dict[str, torch.Size] = {}
+def input_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dict[str, list[torch.Size]]:
+    """Run ``model(*inputs)`` once (no grad) and return, for each named module, the shape of the first
+    positional input of every call it receives, in call order; a module the forward never calls is an
+    error."""
+    shapes: dict[str, list[torch.Size]] = {name: [] for name in names}
     handles = []
 
     def make_hook(name: str):
         def hook(module, args):
-            if name not in shapes and args and isinstance(args[0], Tensor):
-                shapes[name] = args[0].shape
+            if args and isinstance(args[0], Tensor):
+                shapes[name].append(args[0].shape)
 
         return hook
 
@@ -143,7 +144,7 @@ def input_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dic
     finally:
         for handle in handles:
             handle.remove()
-    missing = [name for name in names if name not in shapes]
+    missing = [name for name in names if not shapes[name]]
     if missing:
         raise ValueError(f"{missing[0]!r} is never called with a tensor in {type(model).__name__}'s forward pass")
     return shapes

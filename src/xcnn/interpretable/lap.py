@@ -96,7 +96,8 @@ class LocalAttentionPooling(nn.Module):
             }  # fmt: skip
             num, den = F.avg_pool2d(weighted, **pool), F.avg_pool2d(a, **pool)
         den = den.repeat_interleave(c // self.heads, dim=1)
-        out = num / den.clamp_min(self.eps)  # exact average pooling while the attention is constant
+        # exact average pooling while the attention is constant; the floor only guards underflow to 0
+        out = num / den.clamp_min(max(self.eps, torch.finfo(den.dtype).tiny))
         return out.flatten(1) if self.flatten else out
 
     def extra_repr(self) -> str:
@@ -202,7 +203,14 @@ def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, 
                 f"insert_lap: {type(backbone).__name__} has no global average-pooling module{hint}; name the "
                 "pooling modules to replace with where=[...] (a model that pools with a function call has none)"
             )
-        names = [found[-1]]  # the last one is the pool before the classifier
+        # timm's pooling wrapper holds an average pool: one place, the innermost module
+        places = [n for n in found if not any(other.startswith(n + ".") for other in found)]
+        if len(places) > 1:
+            raise ValueError(
+                f"insert_lap: {type(backbone).__name__} has several global average pools {places} (squeeze-and-"
+                "excitation blocks have their own); name the one before the classifier with where=..."
+            )
+        names = places
     else:
         names = [where] if isinstance(where, str) else list(where)
         if not names or len(set(names)) != len(names):
@@ -210,13 +218,19 @@ def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, 
     for name in names:  # every error before the traced forward
         _check_replaceable(name, named_layer(backbone, name))
     ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
-    dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+    dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None, dtype=dtype)
     with frozen(backbone):  # eval: the traced forward must not update batch-norm statistics
         shapes = input_shapes(backbone, names, (dummy - clf.mean) / clf.std)
     edits = []
     new_backbone = copy.deepcopy(backbone)
     for name in names:
-        args = _lap_args(named_layer(backbone, name), int(shapes[name][1]), heads, hidden)
+        if len(shapes[name]) > 1:
+            raise ValueError(
+                f"insert_lap: {name!r} is called {len(shapes[name])} times in one forward pass; one LAP layer "
+                "cannot stand in for several places (give each place its own pooling module)"
+            )
+        args = _lap_args(named_layer(backbone, name), int(shapes[name][0][1]), heads, hidden)
         edits.append({"op": "lap", "where": name, "args": args})
         _replace_with_lap(new_backbone, name, **args)
     spec = None
@@ -234,7 +248,9 @@ def _replace_with_lap(backbone: nn.Module, where: str, **args) -> None:
     """The recorded edit: a fresh LAP layer (constant attention) at ``where``, on the backbone's device."""
     layer = LocalAttentionPooling(**args)
     ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
-    replace_module(backbone, where, layer.to(ref.device) if ref is not None else layer)
+    if ref is not None:
+        layer = layer.to(ref.device, ref.dtype) if ref.is_floating_point() else layer.to(ref.device)
+    replace_module(backbone, where, layer)
 
 
 def _linear_after(backbone: nn.Module, name: str, channels: int) -> nn.Linear:
@@ -288,6 +304,19 @@ class LAP(Explainer):
     def __repr__(self) -> str:
         return f"LAP(model={self.model.name!r}, layers={self.lap_names})"
 
+    def _check_linear_head(self, name: str, pooled: Tensor, logits: Tensor) -> None:
+        """The head weighting is exact only if the logits are this linear layer applied to the LAP output."""
+        linear = self.classifiers[name]
+        again = F.linear(pooled, linear.weight.float(), None if linear.bias is None else linear.bias.float())
+        logits = logits.float()
+        scale = float(logits.abs().amax()) + 1.0
+        if again.shape != logits.shape or float((again - logits).abs().amax()) > 1e-3 * scale:
+            raise ValueError(
+                f"lap: the logits are not {type(linear).__name__}({linear.in_features}, {linear.out_features}) applied "
+                f"to the output of the LAP layer {name!r} (a hidden layer or a normalisation lies between), so its "
+                "heads cannot be weighted by their contribution to a class; use heads=1"
+            )
+
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         taps = [f"{name}.attention" for name in self.lap_names] + list(self.classifiers)
         rows = self._rows(images)
@@ -302,6 +331,7 @@ class LAP(Explainer):
                     a = tap.get(f"{name}.attention").float()  # [B, heads, h, w]
                     if name in self.classifiers:
                         pooled = tap.get(name).flatten(1).float()  # [B, C]
+                        self._check_linear_head(name, pooled, logits)
                         contrib = self.classifiers[name].weight.float()[t] * pooled
                         a = (contrib.view(len(chunk), a.shape[1], -1).sum(2)[:, :, None, None] * a).sum(1)
                     else:
