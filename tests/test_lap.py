@@ -101,6 +101,17 @@ def _identity_on(clf: Classifier, where=None, atol: float = 1e-5) -> Classifier:
     return lap
 
 
+def test_modes_and_weights_label_of_the_copy():
+    clf = shapesnet().train()
+    clf.backbone.layer1.eval()  # a user's frozen block stays frozen in the copy
+    lap = insert_lap(clf)
+    assert lap.training and lap.backbone.pool.training and not lap.backbone.layer1.training
+    assert insert_lap(clf.eval()).backbone.pool.training is False
+    assert lap.weights == "as given + new LAP layers ['pool']"
+    clf.weights = None  # random weights stay random weights
+    assert insert_lap(clf).weights is None and insert_lap(clf).weights_label == "random weights"
+
+
 def test_identity_at_insertion_on_shapesnet():
     lap = _identity_on(shapesnet())
     assert lap_layers(lap.backbone) == ["pool"]
@@ -156,6 +167,10 @@ def test_unknown_edit_in_a_saved_model_is_a_clear_error(tmp_path):
     meta["edits"][0]["op"] = "prune"
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="unknown architecture edit"):
+        xcnn.load_model(folder)
+    meta["edits"][0] = {"op": "lap", "where": "pool", "args": {"channels": 32}}
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="cannot be replayed"):
         xcnn.load_model(folder)
 
 

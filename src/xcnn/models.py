@@ -625,7 +625,10 @@ def apply_edits(backbone: nn.Module, edits: Sequence[dict]) -> None:
             raise ValueError(
                 f"unknown architecture edit {edit!r} (known ops: {sorted(set(ARCHITECTURE_EDITS) | set(_EDIT_PROVIDERS))})"
             )
-        ARCHITECTURE_EDITS[op](backbone, edit["where"], **edit.get("args", {}))
+        try:
+            ARCHITECTURE_EDITS[op](backbone, edit["where"], **edit.get("args", {}))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"architecture edit {edit!r} cannot be replayed: {err}") from err
 
 
 def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:

@@ -233,14 +233,17 @@ def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, 
         args = _lap_args(named_layer(backbone, name), int(shapes[name][0][1]), heads, hidden)
         edits.append({"op": "lap", "where": name, "args": args})
         _replace_with_lap(new_backbone, name, **args)
+        named_layer(new_backbone, name).train(named_layer(backbone, name).training)  # the mode of the place
     spec = None
     if clf.spec is not None:
         spec = {**clf.spec, "edits": [*clf.spec.get("edits", []), *edits]}
     out = Classifier(
         new_backbone, clf.mean.flatten().tolist(), clf.std.flatten().tolist(), name=clf.name,
-        input_size=clf.input_size, class_names=clf.class_names, spec=spec, weights=clf.weights,
+        input_size=clf.input_size, class_names=clf.class_names, spec=spec,
+        weights=None if clf.weights is None else f"{clf.weights} + new LAP layers {names}",
     )  # fmt: skip
-    return out.train(clf.training)
+    out.training = clf.training  # the wrapper's own flag; every submodule kept its mode in the copy
+    return out
 
 
 @register_edit("lap")
