@@ -3,7 +3,7 @@
 * :class:`Tap` records the outputs of named layers during forward passes (optionally as
   differentiable tensors so that gradients can be taken *at the layer only*).
 * :func:`trace_outputs` records every module's output once, in execution order (layer discovery);
-  :func:`input_shapes` the shape of the first input of named modules.
+  :func:`input_shapes` the input shape of every call of named modules.
 * :func:`frozen` puts a model in eval mode with ``requires_grad=False`` and restores both on exit.
 * :func:`replace_module` swaps a named submodule for another (architecture edits such as LAP);
   :func:`replaced` does it for the length of a ``with`` block.

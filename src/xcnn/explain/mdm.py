@@ -142,8 +142,8 @@ class MDM(MaskSearch):
     larger than the image); ``steps=100`` Adam iterations per scale at ``lr=0.1``; ``baseline="blur"``
     (Gaussian, ``blur_sigma`` pixels, default 1/20 of the shorter image side, 11 px at 224) or ``"zero"``;
     ``area_weight=1.0``, ``binary_weight=0.5``, ``tv_weight=0.25`` the regulariser weights (chosen on the
-    benchmark's validation images, docs/results.md; ``binary_weight`` must stay below ``area_weight``, or a saturated cell that
-    the decision does not need is held at 1: the two gradients cancel there); ``consistency_weight=1.0``
+    benchmark's validation images, docs/results.md; ``binary_weight`` must stay below ``area_weight``, or a
+    saturated cell that the decision does not need is held at 1: the two gradients cancel there); ``consistency_weight=1.0``
     applies only with ``consistency_layer`` (a backbone layer name); ``scale_weights`` (default equal) for
     the stacked map; ``coarse_to_fine=True``; ``batch_size`` forward rows per pass (at least 2: each image
     uses 2); ``progress`` a tqdm bar (None: on a terminal only); ``amp`` bf16 autocast on CUDA.

@@ -38,7 +38,7 @@ class LocalAttentionPooling(nn.Module):
     ``global_pool=True`` pools the whole map to ``[B, C, 1, 1]`` (``[B, C]`` with ``flatten=True``).
 
     ``g``'s last convolution starts at zero, so the attention starts at the constant 0.5 and the layer is
-    plain average pooling (exactly: halving is exact in floating point) until it is trained.
+    plain average pooling (halving is exact in floating point) until it is trained.
     """
 
     def __init__(
@@ -88,7 +88,8 @@ class LocalAttentionPooling(nn.Module):
         b, c, h, w = x.shape
         weighted = (x.view(b, self.heads, c // self.heads, h, w) * a[:, :, None]).view(b, c, h, w)
         if self.global_pool:
-            num, den = weighted.mean((2, 3), keepdim=True), a.mean((2, 3), keepdim=True)
+            # the kernel of nn.AdaptiveAvgPool2d(1) itself, so a new layer equals the pool it replaces exactly
+            num, den = F.adaptive_avg_pool2d(weighted, 1), F.adaptive_avg_pool2d(a, 1)
         else:
             pool = {
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,

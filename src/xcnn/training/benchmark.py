@@ -9,7 +9,6 @@ folder.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -148,5 +147,7 @@ def fit_benchmark(
 
 def _peak_rss_mib() -> float:
     """Peak resident set size of this process in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    import resource  # Unix only: imported where it is used, so the module still imports elsewhere
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
