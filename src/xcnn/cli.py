@@ -1,4 +1,4 @@
-"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark|tame``, ``demo``."""
+"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark|tame|lap``, ``demo``."""
 
 from __future__ import annotations
 
@@ -279,6 +279,72 @@ def cmd_train_tame(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lap(args: argparse.Namespace) -> int:
+    from ._io import atomic_write
+    from .training.knowledge import Knowledge
+    from .training.lap import fit_lap
+
+    if not 0.0 <= args.shortcut <= 1.0:
+        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
+    if args.boxes_fraction is not None and not 0.0 <= args.boxes_fraction <= 1.0:
+        raise ValueError(f"--boxes-fraction must be in [0, 1], got {args.boxes_fraction}")
+    if args.forbid_shortcut and (args.data != "synthetic" or args.shortcut == 0):
+        raise ValueError("--forbid-shortcut needs --data synthetic with a planted shortcut (--shortcut P > 0)")
+    device = _device(args.device)
+    model = _load_model(args, device)
+    where = [w.strip() for w in args.where.split(",") if w.strip()] if args.where else None
+    val = names = None
+    if args.data == "synthetic":
+        from .data.synthetic import Shapes
+        from .training.benchmark import InMemory
+
+        size = model.input_size[0]
+        data = InMemory(Shapes("train", args.n_train, size=size, seed=args.seed, shortcut_prob=args.shortcut))
+        val = InMemory(Shapes("val", args.n_val, size=size, seed=args.seed))  # clean: is the model right for shapes?
+        fraction = 0.1 if args.boxes_fraction is None else args.boxes_fraction
+        look, forbid = (None, "shortcut_mask") if args.forbid_shortcut else ("box", None)
+    elif Path(args.data).is_dir():
+        from .data.images import ImageFolder
+
+        data = ImageFolder(args.data, model.input_size)
+        names = [str(Path(data.name(i)).relative_to(args.data)) for i in range(len(data))]
+        fraction = 1.0 if args.boxes_fraction is None else args.boxes_fraction
+        look, forbid = ("mask" if data.has_ground_truth else None), None
+    else:
+        raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
+    if args.knowledge:
+        knowledge = Knowledge.load(args.knowledge, model.input_size, names=names)
+    elif fraction > 0 and (look or forbid):
+        knowledge = Knowledge.from_samples(data, fraction, look=look, forbid=forbid, seed=args.seed)
+    else:
+        knowledge = None
+    trained, history = fit_lap(
+        model, data, epochs=args.epochs, knowledge=knowledge, injection=args.injection, where=where, heads=args.heads,
+        train=args.train, scratch=args.scratch, lr=args.lr, batch_size=args.batch_size, beta_look=args.beta_look,
+        beta_forbid=args.beta_forbid, beta_area=args.beta_area, rrr_weight=args.rrr_weight, cam_weight=args.cam_weight,
+        cam_layer=args.cam_layer, val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed,
+        device=device,
+    )  # fmt: skip
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    if args.data == "synthetic":
+        from torch.utils.data import DataLoader
+
+        from .data.synthetic import Shapes
+        from .training.trainer import accuracy_eval
+
+        size = model.input_size[0]
+        dev = next(trained.parameters()).device
+        clean = Shapes("test", args.n_test, size=size, seed=args.seed)
+        results["test_acc"] = accuracy_eval(trained, DataLoader(clean, batch_size=256), dev)["acc"]
+        if args.shortcut > 0:
+            patched = Shapes("test", args.n_test, size=size, seed=args.seed, shortcut_prob=args.shortcut)
+            results["test_acc_random_patch"] = accuracy_eval(trained, DataLoader(patched, batch_size=256), dev)["acc"]
+        atomic_write(Path(args.out) / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    print(json.dumps({k: v for k, v in results.items() if k != "training"} | {"final": history[-1]}, indent=2))
+    print(f"model saved in {args.out} (use it as --model {args.out}; explain it with --method lap)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .pipelines import run_demo
 
@@ -515,6 +581,100 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tt.add_argument("--device", default="auto")
     tt.set_defaults(func=cmd_train_tame)
+
+    tl = tr_sub.add_parser(
+        "lap", help="fine-tune a model with LAP layers, injecting where its evidence may or may not lie",
+        description="Inserts a LAP layer (docs/methods.md#lap-local-attention-pooling-lap) where the model has none "
+        "and trains with knowledge injection (docs/methods.md#knowledge-injection), or injects the same knowledge "
+        "with RRR or Grad-CAM supervision. Writes model.safetensors + model.json (use as --model DIR), checkpoint.pt, "
+        "history.json, TensorBoard scalars (one per loss term) and results.json.",
+    )  # fmt: skip
+    tl.add_argument("--model", required=True, help="a folder saved by `xcnn train`, or a model name")
+    tl.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    tl.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
+    tl.add_argument(
+        "--data", default="synthetic",
+        help="'synthetic' (the shapes benchmark's train split) or an image folder (root/<class>/<image>; "
+        "<stem>.mask.png / <stem>.box.json files beside images are the 'look here' knowledge) (default: %(default)s)",
+    )  # fmt: skip
+    tl.add_argument("--out", required=True, help="output folder")
+    tl.add_argument(
+        "--where", default=None, help="comma-separated average-pooling modules to replace (default: the global pool)"
+    )
+    tl.add_argument(
+        "--heads", type=_positive_int, default=1, help="attention heads per new LAP layer (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--injection", choices=["lap", "rrr", "gradcam", "none"], default="lap",
+        help="how knowledge enters the loss: LAP's attention, Right for the Right Reasons, Grad-CAM supervision, "
+        "or not at all (cross-entropy only) (default: %(default)s)",
+    )  # fmt: skip
+    tl.add_argument(
+        "--train", choices=["all", "attention"], default="all",
+        help="train every weight, or only the LAP attention nets and the classifier (default: %(default)s)",
+    )  # fmt: skip
+    tl.add_argument("--scratch", action="store_true", help="re-initialise every weight first (same architecture)")
+    tl.add_argument(
+        "--shortcut", type=float, default=0.0,
+        help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
+    )  # fmt: skip
+    tl.add_argument(
+        "--boxes-fraction", type=float, default=None,
+        help="share of training images that carry knowledge (synthetic default 0.1: their object boxes; folders "
+        "default 1: every image with a mask or box file)",
+    )  # fmt: skip
+    tl.add_argument(
+        "--forbid-shortcut", action="store_true",
+        help="synthetic: the knowledge images carry the patch as a forbidden region instead of their object box",
+    )  # fmt: skip
+    tl.add_argument(
+        "--knowledge", default=None, metavar="FILE",
+        help='JSON {"look": {KEY: [[x0, y0, x1, y1], ...]}, "forbid": {...}}; KEY = image index, or a file path '
+        "relative to the folder; boxes in the pixels of the model's input size. Replaces the automatic knowledge.",
+    )  # fmt: skip
+    tl.add_argument("--epochs", type=_positive_int, default=10, help="(default: %(default)s, the benchmark recipe's)")
+    tl.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="one-cycle peak AdamW learning rate (default: %(default)s)"
+    )
+    tl.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    tl.add_argument(
+        "--n-train", type=_positive_int, default=6000, help="synthetic training images (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--n-val", type=_positive_int, default=500, help="synthetic clean validation images (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--beta-look", type=float, default=1.0, help="LAP: weight of the 'look here' term (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--beta-forbid", type=float, default=1.0, help="LAP: weight of the forbidden-region term (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--beta-area",
+        type=float,
+        default=0.1,
+        help="LAP: weight of the area prior on images without knowledge (default: %(default)s)",
+    )
+    tl.add_argument(
+        "--rrr-weight",
+        type=float,
+        default=10.0,
+        help="RRR: weight of the input-gradient penalty (default: %(default)s)",
+    )
+    tl.add_argument(
+        "--cam-weight", type=float, default=1.0, help="Grad-CAM supervision: weight of its terms (default: %(default)s)"
+    )
+    tl.add_argument(
+        "--cam-layer", default=None, help="Grad-CAM supervision: the layer (default: the model's default layer)"
+    )
+    tl.add_argument("--seed", type=int, default=0)
+    tl.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
+    tl.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    tl.add_argument("--device", default="auto")
+    tl.set_defaults(func=cmd_train_lap)
 
     de = sub.add_parser(
         "demo",

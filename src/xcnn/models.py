@@ -764,8 +764,11 @@ def default_layer(model: nn.Module) -> str:
             f"could not run {type(backbone).__name__} on a {clf.input_size[0]}x{clf.input_size[1]} image to find its "
             f"default layer ({type(err).__name__}: {err}); give load_model the right input_size=, or pass layer="
         ) from err
-    # outputs of pooling layers (and of containers that end in one) are not candidates
-    pooled = {id(out) for _, m, out in records if isinstance(m, _POOLS)}
+    # outputs of pooling layers (and of containers that end in one) are not candidates, nor is anything
+    # inside a pooling layer that has its own sub-network (LAP's attention net declares ``is_pooling``)
+    pools = [name for name, m, _ in records if isinstance(m, _POOLS) or getattr(m, "is_pooling", False)]
+    pooled = {id(out) for name, _, out in records if name in pools}
+    records = [r for r in records if not any(r[0].startswith(p + ".") for p in pools if p)]
     prefix = getattr(backbone, "num_prefix_tokens", None)
     # once a model has turned the image into tokens, a 4-D output is an attention tensor [B,heads,N,d]
     # (its N x d can look like a feature map: 17 x 32 in a 32x32 image), not a map of the image

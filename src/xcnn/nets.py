@@ -33,19 +33,23 @@ class _Block(nn.Module):
 class ShapesNet(nn.Module):
     """ResNet-style CNN for the shapes benchmark: a stem, four stages ``layer1``..``layer4``, global
     average pooling and a linear classifier. Default strides (stem, layer1..4) = 2/1/2/2/1: a 64x64 image
-    gives an 8x8 ``layer4`` map while the costly early stages run at 32x32."""
+    gives an 8x8 ``layer4`` map while the costly early stages run at 32x32. ``stem_pool=True`` adds a 2x2
+    average pool (``stem_pool``) after the stem: with a stride-1 stem the grids are the default's, and the
+    network has an early pooling layer that :func:`xcnn.interpretable.insert_lap` can replace."""
 
     def __init__(
         self,
         num_classes: int = 6,
         widths: tuple[int, int, int, int] = (16, 32, 64, 128),
         strides: tuple[int, int, int, int, int] = (2, 1, 2, 2, 1),
+        stem_pool: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes, self.widths, self.strides = num_classes, tuple(widths), tuple(strides)
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, strides[0], 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
+        self.stem_pool = nn.AvgPool2d(2) if stem_pool else None
         self.layer1 = _Block(widths[0], widths[0], strides[1])
         self.layer2 = _Block(widths[0], widths[1], strides[2])
         self.layer3 = _Block(widths[1], widths[2], strides[3])
@@ -54,7 +58,10 @@ class ShapesNet(nn.Module):
         self.fc = nn.Linear(widths[3], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        x = self.stem(x)
+        if self.stem_pool is not None:
+            x = self.stem_pool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(self.pool(x).flatten(1))
 
 

@@ -3,9 +3,11 @@
 from ..interpretable import lap as _lap  # noqa: F401  (registers the `lap` explainer)
 from . import cam, extremal, gradients, mdm, perturbation, tame  # noqa: F401  (registration side effect)
 from .base import Explainer, explainer, explainer_class, explainer_options, list_explainers, normalize_maps, register
+from .cam import cam_maps
 
 __all__ = [
     "Explainer",
+    "cam_maps",
     "explainer",
     "explainer_class",
     "explainer_options",

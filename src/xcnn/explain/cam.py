@@ -8,6 +8,7 @@ the tapped layer: nothing below the layer keeps an autograd graph, no weight gra
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -19,7 +20,7 @@ from ..hooks import Tap
 from ..models import token_grid
 from .base import Explainer, register
 
-__all__ = ["GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "ScoreCAM", "XGradCAM"]
+__all__ = ["CAM_COMBINE", "GradCAM", "GradCAMPlusPlus", "HiResCAM", "LayerCAM", "ScoreCAM", "XGradCAM", "cam_maps"]
 
 Reshape = Callable[[Tensor], Tensor]
 
@@ -56,74 +57,166 @@ class _LayerExplainer(Explainer):
         return t.float()
 
 
+# ---- the functional core: explainers and training losses call the same code ------------------------------
+
+
+def _gradcam(acts: Tensor, grads: Tensor) -> Tensor:
+    alpha = grads.mean(dim=(2, 3), keepdim=True)
+    return (alpha * acts).sum(1).relu()
+
+
+def _gradcampp(acts: Tensor, grads: Tensor) -> Tensor:
+    g2 = grads.pow(2)
+    denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g2 * grads
+    w = torch.where(denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+    alpha = (w * grads.relu()).sum(dim=(2, 3), keepdim=True)
+    return (alpha * acts).sum(1).relu()
+
+
+def _xgradcam(acts: Tensor, grads: Tensor) -> Tensor:
+    total = acts.sum(dim=(2, 3), keepdim=True)
+    share = torch.where(
+        total != 0, acts / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(acts)
+    )
+    alpha = (share * grads).sum(dim=(2, 3), keepdim=True)
+    return (alpha * acts).sum(1).relu()
+
+
+def _layercam(acts: Tensor, grads: Tensor) -> Tensor:
+    return (grads.relu() * acts).sum(1).relu()
+
+
+def _hirescam(acts: Tensor, grads: Tensor) -> Tensor:
+    return (grads * acts).sum(1).relu()
+
+
+#: ``[B,K,h,w]`` activations and gradients -> raw map ``[B,h,w]``, per gradient CAM (docs/methods.md#the-cam-family)
+CAM_COMBINE: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "gradcam": _gradcam, "gradcam++": _gradcampp, "xgradcam": _xgradcam, "layercam": _layercam, "hirescam": _hirescam,
+}  # fmt: skip
+
+
+def _gradient_cams(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | None,
+    layers: Sequence[str],
+    combine: Callable[[Tensor, Tensor], Tensor],
+    *,
+    grid: Callable[[Tensor], Tensor],
+    create_graph: bool,
+    resolve: Callable[[Tensor, Tensor | None], Tensor],
+    autocast: contextlib.AbstractContextManager | None = None,
+    logits_out: list[Tensor] | None = None,
+) -> list[Tensor]:
+    """One forward with ``layers`` tapped, one gradient of the summed target logits at the layers, then
+    ``combine``. Without ``create_graph`` nothing is kept for a later backward (the explainers' path); with
+    it the maps stay differentiable with respect to the model's parameters (the training losses' path)."""
+    with torch.enable_grad(), Tap(model.backbone, layers, differentiable=True) as tap:
+        with autocast or contextlib.nullcontext():
+            logits = model(images)
+        if logits_out is not None:
+            logits_out.append(logits)
+        targets = resolve(logits, targets)
+        score = logits.gather(1, targets[:, None]).sum()
+        acts = [tap.get(name) for name in layers]
+        grads = torch.autograd.grad(score, acts, create_graph=create_graph)
+    if not create_graph:
+        acts = [a.detach() for a in acts]
+    return [combine(grid(a), grid(g)) for a, g in zip(acts, grads, strict=True)]
+
+
+def cam_maps(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor | int | None,
+    layer: str | None = None,
+    method: str = "gradcam",
+    create_graph: bool = False,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Raw gradient-CAM maps ``[B,h,w]`` (non-negative, not normalised, at ``layer``'s resolution) of the
+    ``targets`` classes (None: each image's top-1). ``method``: one of :data:`CAM_COMBINE`.
+
+    With ``create_graph=True`` the maps are differentiable with respect to the model's parameters (a CAM
+    inside a training loss); the model's mode is left as it is. The explainers of this module compute the
+    same maps with ``create_graph=False``. ``return_logits=True`` also returns the logits of the forward
+    pass it ran (a training step computes its cross-entropy on them: one forward for both).
+    """
+    from ..models import as_classifier, default_layer
+
+    if method not in CAM_COMBINE:
+        raise ValueError(f"cam_maps: method must be one of {sorted(CAM_COMBINE)}, got {method!r}")
+    clf = as_classifier(model)
+    layer = layer or default_layer(clf)
+    if isinstance(targets, int):
+        targets = torch.full((len(images),), targets, dtype=torch.long, device=images.device)
+
+    def resolve(logits: Tensor, t: Tensor | None) -> Tensor:
+        if t is None:
+            return logits.detach().argmax(1)
+        if bool((t < 0).any()) or bool((t >= logits.shape[1]).any()):
+            raise ValueError(f"cam_maps: target out of range for {logits.shape[1]} classes: {t.tolist()}")
+        return t.to(logits.device)
+
+    def grid(t: Tensor) -> Tensor:
+        if t.dim() != 4:
+            raise ValueError(f"cam_maps: layer {layer!r} gives shape {list(t.shape)}, not a [B,C,h,w] feature map")
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # float64 stays float64
+
+    logits: list[Tensor] = []
+    maps = _gradient_cams(
+        clf, images, targets, [layer], CAM_COMBINE[method], grid=grid, create_graph=create_graph, resolve=resolve,
+        logits_out=logits,
+    )[0]  # fmt: skip
+    return (maps, logits[0]) if return_logits else maps
+
+
 class _GradientCAM(_LayerExplainer):
-    """One forward with the layer tapped, one gradient at the layer, then :meth:`_combine`."""
+    """One forward with the layer tapped, one gradient at the layer, then the method's weighting."""
+
+    combine_name = ""
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> list[Tensor]:
-        with torch.enable_grad(), Tap(self.model.backbone, self.layers, differentiable=True) as tap:
-            with self._autocast(images):
-                logits = self.model(images)
-            targets = self._resolve_targets(logits, targets)
-            score = logits.gather(1, targets[:, None]).sum()
-            acts = [tap.get(name) for name in self.layers]
-            grads = torch.autograd.grad(score, acts)
-        return [self._combine(self._grid(a.detach()), self._grid(g)) for a, g in zip(acts, grads, strict=True)]
-
-    def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
-        """``[B,K,h,w]`` activations and gradients -> raw map ``[B,h,w]``."""
-        raise NotImplementedError
+        return _gradient_cams(
+            self.model, images, targets, self.layers, CAM_COMBINE[self.combine_name], grid=self._grid,
+            create_graph=False, resolve=self._resolve_targets, autocast=self._autocast(images),
+        )  # fmt: skip
 
 
 @register("gradcam")
 class GradCAM(_GradientCAM):
     """Grad-CAM: ReLU(sum_k alpha_k A_k), alpha_k = spatial mean of G_k."""
 
-    def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
-        alpha = grads.mean(dim=(2, 3), keepdim=True)
-        return (alpha * acts).sum(1).relu()
+    combine_name = "gradcam"
 
 
 @register("gradcam++")
 class GradCAMPlusPlus(_GradientCAM):
     """Grad-CAM++: alpha_k = sum_ij w_kij ReLU(G_kij), w = G^2 / (2 G^2 + sum_ij(A) G^3) (0 where undefined)."""
 
-    def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
-        g2 = grads.pow(2)
-        denom = 2 * g2 + acts.sum(dim=(2, 3), keepdim=True) * g2 * grads
-        w = torch.where(
-            denom != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)), torch.zeros_like(denom)
-        )
-        alpha = (w * grads.relu()).sum(dim=(2, 3), keepdim=True)
-        return (alpha * acts).sum(1).relu()
+    combine_name = "gradcam++"
 
 
 @register("xgradcam")
 class XGradCAM(_GradientCAM):
     """XGrad-CAM: alpha_k = sum_ij (A_kij / sum_ij A_k) G_kij."""
 
-    def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
-        total = acts.sum(dim=(2, 3), keepdim=True)
-        share = torch.where(
-            total != 0, acts / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(acts)
-        )
-        alpha = (share * grads).sum(dim=(2, 3), keepdim=True)
-        return (alpha * acts).sum(1).relu()
+    combine_name = "xgradcam"
 
 
 @register("layercam")
 class LayerCAM(_GradientCAM):
     """Layer-CAM: ReLU(sum_k ReLU(G_k) * A_k), pixel-wise weights."""
 
-    def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
-        return (grads.relu() * acts).sum(1).relu()
+    combine_name = "layercam"
 
 
 @register("hirescam")
 class HiResCAM(_GradientCAM):
     """HiResCAM: ReLU(sum_k G_k * A_k), the element-wise product instead of averaged gradients."""
 
-    def _combine(self, acts: Tensor, grads: Tensor) -> Tensor:
-        return (grads * acts).sum(1).relu()
+    combine_name = "hirescam"
 
 
 @register("scorecam")

@@ -41,6 +41,9 @@ class LocalAttentionPooling(nn.Module):
     plain average pooling (halving is exact in floating point) until it is trained.
     """
 
+    #: layer discovery (:func:`xcnn.models.default_layer`) treats it as pooling and never explains inside it
+    is_pooling = True
+
     def __init__(
         self,
         in_channels: int,
