@@ -346,3 +346,40 @@ def test_cli_train_lap_then_explain_and_evaluate_with_lap(tmp_path, bench32):
     assert main(["evaluate", "--model", str(out), "--methods", "lap", "--metrics", "pointing", "--n", "8",
                  "--out", str(tmp_path / "v"), "--no-report"]) == 0  # fmt: skip
     assert main(["train", "lap", "--model", str(folder), "--out", str(tmp_path / "bad"), "--where", "layer4"]) == 2
+
+
+DDP_SCRIPT = """
+import os, sys, torch
+from xcnn.data.synthetic import Shapes
+from xcnn.models import Classifier
+from xcnn.nets import ShapesNet
+from xcnn.training.benchmark import InMemory
+from xcnn.training.knowledge import Knowledge
+from xcnn.training.lap import fit_lap
+arch = {{"num_classes": 6, "widths": [8, 16, 16, 32], "strides": [1, 1, 2, 2, 1]}}
+model = Classifier(ShapesNet(**arch), name="shapesnet", input_size=(32, 32), spec={{"arch": "shapesnet", "kwargs": arch}})
+data = InMemory(Shapes("train", 64, size=32, seed=1))
+knowledge = Knowledge.from_samples(data, 0.5, look="box")
+torch.distributed.init_process_group("gloo")  # the script owns the group: fit_lap joins it, leaves it open
+for injection in ("lap", "rrr", "gradcam"):
+    out = os.path.join({out!r}, injection)
+    trained, history = fit_lap(model, data, epochs=2, knowledge=knowledge, injection=injection, batch_size=16,
+                               out_dir=out, progress=False, device="cpu")
+    flat = torch.cat([p.detach().flatten() for p in trained.parameters()])
+    torch.save(flat, os.path.join(out, f"rank{{os.environ['RANK']}}.pt"))
+    print("rank", os.environ["RANK"], injection, history[-1]["train/loss"])
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fit_lap_under_torchrun_keeps_replicas_identical(tmp_path):
+    from .conftest import torchrun
+
+    result = torchrun(DDP_SCRIPT.format(out=str(tmp_path)), tmp_path)
+    for injection in ("lap", "rrr", "gradcam"):
+        assert f"rank 0 {injection}" in result.stdout and f"rank 1 {injection}" in result.stdout
+        w0, w1 = torch.load(tmp_path / injection / "rank0.pt"), torch.load(tmp_path / injection / "rank1.pt")
+        assert torch.equal(w0, w1)
+        loaded = xcnn.load_model(tmp_path / injection)  # saved once, by rank 0
+        assert torch.equal(torch.cat([p.flatten() for p in loaded.parameters()]), w0)

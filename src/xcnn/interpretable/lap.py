@@ -31,7 +31,8 @@ class LocalAttentionPooling(nn.Module):
     """Attention-weighted average pooling.
 
     The attention ``a = sigmoid(g(X))`` has one map per head (``g``: 3x3 conv, ReLU, 1x1 conv; ``hidden``
-    channels in between, default ``max(8, in_channels // 4)``); the input's channels are split evenly
+    channels in between, default ``in_channels // 4`` kept within 8..64, so the attention stays a small
+    fraction of a wide network's cost); the input's channels are split evenly
     among the heads. Each output is ``sum_p a(p) X_c(p) / sum_p a(p)`` over its window (written with window
     means, the same ratio; the denominator is kept above ``eps`` for attention that underflows to 0). Windows follow ``nn.AvgPool2d`` with ``kernel_size``,
     ``stride`` (default ``kernel_size``), ``padding`` and ``ceil_mode``; padded positions do not count.
@@ -68,7 +69,7 @@ class LocalAttentionPooling(nn.Module):
             )
         if flatten and not global_pool:
             raise ValueError("LocalAttentionPooling: flatten=True only applies to the global form (global_pool=True)")
-        hidden = hidden or max(8, in_channels // 4)
+        hidden = hidden or min(64, max(8, in_channels // 4))
         self.in_channels, self.heads, self.hidden, self.eps = in_channels, heads, hidden, float(eps)
         self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
         self.global_pool, self.flatten, self.ceil_mode = global_pool, flatten, ceil_mode
