@@ -345,7 +345,32 @@ def test_cli_train_lap_then_explain_and_evaluate_with_lap(tmp_path, bench32):
     )
     assert main(["evaluate", "--model", str(out), "--methods", "lap", "--metrics", "pointing", "--n", "8",
                  "--out", str(tmp_path / "v"), "--no-report"]) == 0  # fmt: skip
-    assert main(["train", "lap", "--model", str(folder), "--out", str(tmp_path / "bad"), "--where", "layer4"]) == 2
+    # bad input: a clear error, and nothing written
+    assert (
+        main(
+            [
+                "train",
+                "lap",
+                "--model",
+                str(folder),
+                "--out",
+                str(tmp_path / "bad"),
+                "--where",
+                "layer4",
+                "--n-train",
+                "64",
+            ]
+        )
+        == 2
+    )
+    knowledge = tmp_path / "k.json"
+    knowledge.write_text(json.dumps({"look": {"7": [[0, 0, 40, 3]]}}))
+    assert (
+        main(["train", "lap", "--model", str(folder), "--out", str(tmp_path / "bad"), "--knowledge", str(knowledge)])
+        == 2
+    )
+    assert main(["train", "lap", "--model", str(folder), "--out", str(tmp_path / "bad"), "--forbid-shortcut"]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 DDP_SCRIPT = """

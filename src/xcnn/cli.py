@@ -294,6 +294,10 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
     model = _load_model(args, device)
     where = [w.strip() for w in args.where.split(",") if w.strip()] if args.where else None
     val = names = None
+    # a knowledge file for synthetic data is checked before thousands of images are drawn
+    from_file = (
+        Knowledge.load(args.knowledge, model.input_size) if args.knowledge and args.data == "synthetic" else None
+    )
     if args.data == "synthetic":
         from .data.synthetic import Shapes
         from .training.benchmark import InMemory
@@ -313,7 +317,7 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
     if args.knowledge:
-        knowledge = Knowledge.load(args.knowledge, model.input_size, names=names)
+        knowledge = from_file or Knowledge.load(args.knowledge, model.input_size, names=names)
     elif fraction > 0 and (look or forbid):
         knowledge = Knowledge.from_samples(data, fraction, look=look, forbid=forbid, seed=args.seed)
     else:
