@@ -357,3 +357,41 @@ def test_heads_are_not_weighted_through_a_hidden_layer():
     random_attention(lap.backbone[1])
     with pytest.raises(ValueError, match="not Linear\\(8, 8\\) applied to the output of the LAP layer '1'"):
         xcnn.explainer("lap", lap)(torch.rand(2, 3, 8, 8))
+
+
+def test_inexact_insertion_replaces_max_pooling_and_strided_convolutions(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    vgg = xcnn.load_model(torchvision.models.vgg11(num_classes=5), input_size=(64, 64), raw_pixels=True).eval()
+    with pytest.raises(ValueError, match="pass exact=False"):
+        insert_lap(vgg, where="features.20")
+    lap = insert_lap(vgg, where=["features.2", "features.20"], exact=False).eval()
+    assert lap_layers(lap.backbone) == ["features.2", "features.20"]
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        # max pooling became (attention-weighted) average pooling: the predictions change, the shapes do not
+        assert lap(x).shape == vgg(x).shape and not torch.allclose(lap(x), vgg(x))
+    clf = shapesnet()
+    strided = insert_lap(clf, ["layer2.conv1", "layer2.shortcut.0"], exact=False).eval()
+    assert lap_layers(strided.backbone) == ["layer2.conv1.lap", "layer2.shortcut.0.lap"]
+    conv = strided.backbone.layer2.conv1.conv
+    assert conv.stride == (1, 1) and torch.equal(conv.weight, clf.backbone.layer2.conv1.weight)
+    # at stride 1 then 2x2 average pooling: the convolution's outputs averaged, where the original sampled one
+    y = torch.rand(1, 8, 32, 32)
+    with torch.no_grad():
+        averaged = torch.nn.functional.avg_pool2d(torch.nn.functional.conv2d(y, conv.weight, padding=1), 2)
+        assert torch.allclose(strided.backbone.layer2.conv1(y), averaged, atol=1e-6)
+    random_attention(strided.backbone.layer2.conv1.lap)
+    random_attention(strided.backbone.layer2.shortcut[0].lap, seed=2)
+    save_model(strided, tmp_path / "m")
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())["edits"]
+    assert [e["op"] for e in spec] == ["lap_conv", "lap_conv"]
+    loaded = xcnn.load_model(tmp_path / "m")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), strided(x))
+    maps = xcnn.explainer("lap", loaded)(x)
+    assert maps.shape == (2, 32, 32) and float(maps.std()) > 0
+    with pytest.raises(ValueError, match="not a square strided convolution"):
+        insert_lap(clf, "layer1.conv1", exact=False)

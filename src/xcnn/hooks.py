@@ -3,7 +3,7 @@
 * :class:`Tap` records the outputs of named layers during forward passes (optionally as
   differentiable tensors so that gradients can be taken *at the layer only*).
 * :func:`trace_outputs` records every module's output once, in execution order (layer discovery);
-  :func:`input_shapes` the input shape of every call of named modules.
+  :func:`input_shapes` / :func:`output_shapes` the input / output shape of every call of named modules.
 * :func:`frozen` puts a model in eval mode with ``requires_grad=False`` and restores both on exit.
 * :func:`replace_module` swaps a named submodule for another (architecture edits such as LAP);
   :func:`replaced` does it for the length of a ``with`` block.
@@ -19,7 +19,16 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Tap", "frozen", "input_shapes", "named_layer", "replace_module", "replaced", "trace_outputs"]
+__all__ = [
+    "Tap",
+    "frozen",
+    "input_shapes",
+    "named_layer",
+    "output_shapes",
+    "replace_module",
+    "replaced",
+    "trace_outputs",
+]
 
 
 def named_layer(model: nn.Module, name: str) -> nn.Module:
@@ -126,19 +135,34 @@ def input_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dic
     """Run ``model(*inputs)`` once (no grad) and return, for each named module, the shape of the first
     positional input of every call it receives, in call order; a module the forward never calls is an
     error."""
+    return _call_shapes(model, names, inputs, outputs=False)
+
+
+def output_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dict[str, list[torch.Size]]:
+    """Like :func:`input_shapes`, for the tensor each call of a named module returns."""
+    return _call_shapes(model, names, inputs, outputs=True)
+
+
+def _call_shapes(model: nn.Module, names: Sequence[str], inputs: tuple, outputs: bool) -> dict[str, list[torch.Size]]:
     shapes: dict[str, list[torch.Size]] = {name: [] for name in names}
     handles = []
 
     def make_hook(name: str):
-        def hook(module, args):
+        def pre_hook(module, args):
             if args and isinstance(args[0], Tensor):
                 shapes[name].append(args[0].shape)
 
-        return hook
+        def hook(module, args, output):
+            if isinstance(output, Tensor):
+                shapes[name].append(output.shape)
+
+        return hook if outputs else pre_hook
 
     try:
         for name in names:
-            handles.append(named_layer(model, name).register_forward_pre_hook(make_hook(name)))
+            module = named_layer(model, name)
+            register = module.register_forward_hook if outputs else module.register_forward_pre_hook
+            handles.append(register(make_hook(name)))
         with torch.no_grad():
             model(*inputs)
     finally:
@@ -146,7 +170,8 @@ def input_shapes(model: nn.Module, names: Sequence[str], *inputs: Tensor) -> dic
             handle.remove()
     missing = [name for name in names if not shapes[name]]
     if missing:
-        raise ValueError(f"{missing[0]!r} is never called with a tensor in {type(model).__name__}'s forward pass")
+        what = "returns a tensor" if outputs else "is called with a tensor"
+        raise ValueError(f"{missing[0]!r} never {what} in {type(model).__name__}'s forward pass")
     return shapes
 
 

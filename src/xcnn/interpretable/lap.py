@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..explain.base import Explainer, register
-from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module
+from ..hooks import Tap, frozen, input_shapes, named_layer, output_shapes, replace_module
 from ..models import Classifier, as_classifier, register_edit
 
 __all__ = ["LAP", "LocalAttentionPooling", "insert_lap", "lap_layers"]
@@ -133,8 +134,24 @@ def _global_avg_pool(module: nn.Module) -> bool | None:
     return None
 
 
-def _check_replaceable(name: str, module: nn.Module) -> None:
-    """Clear error unless LAP can start as exactly what ``module`` computes."""
+def _square(module: nn.Module, attrs: Sequence[str]) -> bool:
+    return all(isinstance(getattr(module, a), int) or len(set(getattr(module, a))) == 1 for a in attrs)
+
+
+def _strided_conv(module: nn.Module) -> bool:
+    """A 2-D convolution that downsamples (stride > 1) and that LAP can follow at stride 1."""
+    return (
+        isinstance(module, nn.Conv2d)
+        and _square(module, ("kernel_size", "stride", "padding", "dilation"))
+        and module.stride[0] > 1
+        and isinstance(module.padding, tuple)
+        and module.padding_mode == "zeros"
+    )
+
+
+def _check_replaceable(name: str, module: nn.Module, exact: bool = True) -> None:
+    """Clear error unless LAP can start as exactly what ``module`` computes (with ``exact=False``: max
+    pooling and strided convolutions are accepted too)."""
     if isinstance(module, LocalAttentionPooling):
         raise ValueError(f"insert_lap: {name!r} is already a LAP layer (a second insertion at the same place)")
     if lap_layers(module):
@@ -155,10 +172,23 @@ def _check_replaceable(name: str, module: nn.Module) -> None:
                 "(non-square windows, padding counted in the mean, or a divisor override)"
             )
         return
+    if not exact:
+        if isinstance(module, nn.MaxPool2d) and _square(module, ("kernel_size", "stride", "padding")):
+            if module.dilation not in (1, (1, 1)) or module.return_indices:
+                raise ValueError(f"insert_lap: {name!r} ({module}) is a dilated or index-returning max pool")
+            return
+        if _strided_conv(module):
+            return
+        if isinstance(module, nn.Conv2d):
+            raise ValueError(
+                f"insert_lap: {name!r} ({module}) is not a square strided convolution with zero padding; LAP "
+                "follows a convolution with stride > 1"
+            )
     if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Conv2d)):
         raise ValueError(
             f"insert_lap: {name!r} is {type(module).__name__}; LAP starts as average pooling, so replacing "
-            "it would change the trained model's predictions. Name an average-pooling module."
+            "it would change the trained model's predictions. Name an average-pooling module, or pass "
+            "exact=False (max pooling, strided convolutions) and fine-tune the model afterwards."
         )
     raise ValueError(f"insert_lap: {name!r} is {type(module).__name__}, not a pooling module")
 
@@ -168,6 +198,9 @@ def _lap_args(module: nn.Module, channels: int, heads: int, hidden: int | None) 
     flatten = _global_avg_pool(module)
     if flatten is not None:
         layer = LocalAttentionPooling(channels, heads=heads, global_pool=True, flatten=flatten, hidden=hidden)
+    elif isinstance(module, nn.Conv2d):  # the convolution runs at stride 1; LAP pools its output
+        s = module.stride[0]
+        layer = LocalAttentionPooling(module.out_channels, s, s, 0, heads, ceil_mode=True, hidden=hidden)
     else:
         k, s, p = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride, module.padding))
         layer = LocalAttentionPooling(channels, k, s, p, heads, ceil_mode=module.ceil_mode, hidden=hidden)
@@ -180,21 +213,33 @@ def lap_layers(model: nn.Module) -> list[str]:
 
 
 def insert_lap(
-    model: nn.Module, where: str | Sequence[str] | None = None, heads: int = 1, hidden: int | None = None
+    model: nn.Module,
+    where: str | Sequence[str] | None = None,
+    heads: int = 1,
+    hidden: int | None = None,
+    *,
+    exact: bool = True,
 ) -> Classifier:
     """A copy of ``model`` (the caller's model is untouched) with LAP layers in place of the average-pooling
     modules named in ``where`` (backbone ``named_modules()`` names); ``where=None`` replaces the global
     average pooling before the classifier. Each new layer starts as the pooling it replaces: the copy
     predicts what ``model`` predicts until it is trained.
 
+    ``exact=False`` also replaces max pooling (by LAP with the same windows) and strided convolutions (the
+    convolution then runs at stride 1 and a LAP layer with ``stride x stride`` windows downsamples its
+    output, at ``stride**2`` times the convolution's cost). Those places start as average pooling, not as
+    what they were, so the copy's predictions change and it must be fine-tuned.
+
     The edit is recorded in the returned Classifier's ``spec``, so :func:`xcnn.models.save_model` and
     :func:`xcnn.load_model` rebuild the LAP model without code.
     """
     with torch.inference_mode(False):  # new parameters must be trainable even when called in inference mode
-        return _insert_lap(as_classifier(model), where, heads, hidden)
+        return _insert_lap(as_classifier(model), where, heads, hidden, exact)
 
 
-def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, hidden: int | None) -> Classifier:
+def _insert_lap(
+    clf: Classifier, where: str | Sequence[str] | None, heads: int, hidden: int | None, exact: bool
+) -> Classifier:
     backbone = clf.backbone
     if where is None:
         already = [n for n in lap_layers(backbone) if named_layer(backbone, n).global_pool]
@@ -221,7 +266,7 @@ def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, 
         if not names or len(set(names)) != len(names):
             raise ValueError(f"insert_lap: where must name distinct modules, got {where!r}")
     for name in names:  # every error before the traced forward
-        _check_replaceable(name, named_layer(backbone, name))
+        _check_replaceable(name, named_layer(backbone, name), exact)
     ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
     dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None, dtype=dtype)
@@ -235,10 +280,30 @@ def _insert_lap(clf: Classifier, where: str | Sequence[str] | None, heads: int, 
                 f"insert_lap: {name!r} is called {len(shapes[name])} times in one forward pass; one LAP layer "
                 "cannot stand in for several places (give each place its own pooling module)"
             )
-        args = _lap_args(named_layer(backbone, name), int(shapes[name][0][1]), heads, hidden)
-        edits.append({"op": "lap", "where": name, "args": args})
-        _replace_with_lap(new_backbone, name, **args)
-        named_layer(new_backbone, name).train(named_layer(backbone, name).training)  # the mode of the place
+        old = named_layer(backbone, name)
+        args = _lap_args(old, int(shapes[name][0][1]), heads, hidden)
+        if isinstance(old, nn.Conv2d):
+            conv = {
+                "in_channels": old.in_channels, "out_channels": old.out_channels, "kernel_size": old.kernel_size[0],
+                "padding": old.padding[0], "dilation": old.dilation[0], "groups": old.groups, "bias": old.bias is not None,
+            }  # fmt: skip
+            edits.append({"op": "lap_conv", "where": name, "args": {"conv": conv, "lap": args}})
+            _replace_conv_with_lap(new_backbone, name, conv, args)
+            named_layer(new_backbone, name).conv.load_state_dict(old.state_dict())  # the trained filters
+        else:
+            edits.append({"op": "lap", "where": name, "args": args})
+            _replace_with_lap(new_backbone, name, **args)
+        named_layer(new_backbone, name).train(old.training)  # the mode of the place
+    if not exact:  # a place LAP follows at a different stride must keep its output's shape
+        with frozen(backbone), frozen(new_backbone):
+            x = (dummy - clf.mean) / clf.std
+            before, after = output_shapes(backbone, names, x), output_shapes(new_backbone, names, x)
+        for name in names:
+            if before[name] != after[name]:
+                raise ValueError(
+                    f"insert_lap: LAP at {name!r} gives {tuple(after[name][0])} where the model had "
+                    f"{tuple(before[name][0])}; this place cannot be replaced"
+                )
     spec = None
     if clf.spec is not None:
         spec = {**clf.spec, "edits": [*clf.spec.get("edits", []), *edits]}
@@ -259,6 +324,17 @@ def _replace_with_lap(backbone: nn.Module, where: str, **args) -> None:
     if ref is not None:
         layer = layer.to(ref.device, ref.dtype) if ref.is_floating_point() else layer.to(ref.device)
     replace_module(backbone, where, layer)
+
+
+@register_edit("lap_conv")
+def _replace_conv_with_lap(backbone: nn.Module, where: str, conv: dict, lap: dict) -> None:
+    """The recorded edit for a strided convolution: the same convolution at stride 1 (``.conv``) followed
+    by a LAP layer (``.lap``) that downsamples its output."""
+    new = nn.Sequential(OrderedDict(conv=nn.Conv2d(stride=1, **conv), lap=LocalAttentionPooling(**lap)))
+    ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+    if ref is not None:
+        new = new.to(ref.device, ref.dtype) if ref.is_floating_point() else new.to(ref.device)
+    replace_module(backbone, where, new)
 
 
 def _linear_after(backbone: nn.Module, name: str, channels: int) -> nn.Linear:
