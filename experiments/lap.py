@@ -4,7 +4,8 @@ model, and the shortcut experiment (knowledge injected by LAP, RRR and Grad-CAM 
     python experiments/lap.py --out runs/lap --clean runs/clean --shortcut runs/shortcut
 
 ``--clean`` / ``--shortcut``: the reference model and the shortcut-0.9 model (``xcnn train benchmark --out
-clean`` and ``--shortcut 0.9 --out shortcut``). Parts (``--parts plugin,clean,shortcut``):
+clean`` and ``--shortcut 0.9 --out shortcut``). Parts (``--parts plugin,clean,shortcut``; ``table`` only
+rewrites ``OUT/shortcut.md`` from ``OUT/shortcut.json``):
 
 * ``plugin``: max |logit change| right after ``insert_lap`` on 256 benchmark test images (clean model) and
   on the five bundled photos (EfficientNet-Lite0).
@@ -178,6 +179,41 @@ def shortcut_part(args: argparse.Namespace, out: Path) -> None:
     write_json(out / "shortcut.json", {"start": start_acc, **results})
 
 
+def shortcut_table(out: Path) -> str:
+    """``OUT/shortcut.md`` from ``OUT/shortcut.json``: one row per run, and the clean-validation curves."""
+    results = json.loads((out / "shortcut.json").read_text())
+    start = results.pop("start", None)
+    head = ("| run | start | injection | knowledge | clean test | random-colour patch | Grad-CAM on patch (%) | "
+            "Grad-CAM pointing | LAP map on patch (%) | LAP pointing | minutes |")  # fmt: skip
+    lines = [head, "|---" * 11 + "|"]
+    if start:
+        lines.append(f"| shortcut model (no fine-tuning) | | | | {start['clean_test_acc']:.1%} | "
+                     f"{start['random_patch_test_acc']:.1%} | | | | | |")  # fmt: skip
+    for name, r in results.items():
+        begin, injection, kind, _ = VARIANTS[name]
+        m = r["maps"]
+
+        def cell(key: str, scale: float = 1.0, fmt: str = ".2f", m=m) -> str:
+            return f"{m[key] * scale:{fmt}}" if key in m else ""
+
+        what = {"look": "object boxes", "forbid": "patch forbidden"}[kind]
+        what = f"{what}, {r['knowledge_images']} images" if injection != "none" else "none"
+        minutes = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else ""
+        lines.append(
+            f"| {name} | {begin} | {injection} | {what} | {r['clean_test_acc']:.1%} | "
+            f"{r['random_patch_test_acc']:.1%} | {cell('gradcam: shortcut_energy')} | {cell('gradcam: pointing', fmt='.3f')} | "
+            f"{cell('lap: shortcut_energy')} | {cell('lap: pointing', fmt='.3f')} | {minutes} |"
+        )  # fmt: skip
+    lines += ["", "Clean validation accuracy after each epoch:", "", "| run | " + " | ".join(
+        str(i + 1) for i in range(max(len(r["val_acc_per_epoch"]) for r in results.values()))) + " |"]  # fmt: skip
+    lines.append("|---" * (1 + max(len(r["val_acc_per_epoch"]) for r in results.values())) + "|")
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * v:.1f}" for v in r["val_acc_per_epoch"]) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "shortcut.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/lap")
@@ -201,6 +237,8 @@ def main() -> None:
         clean_part(args, out)
     if "shortcut" in parts:
         shortcut_part(args, out)
+    if "shortcut" in parts or "table" in parts:
+        print(shortcut_table(out))
 
 
 if __name__ == "__main__":

@@ -201,6 +201,7 @@ def fit_lap(
     names = lap_layers(clf.backbone)
     params = None
     train_mode = None
+    trainable = {id(p): p.requires_grad for p in clf.parameters()}  # restored after training
     if train == "attention":
         if not names:
             raise ValueError("train='attention' trains LAP attention nets, and the model has no LAP layer")
@@ -231,7 +232,7 @@ def fit_lap(
         scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
     )  # fmt: skip
     for p in clf.parameters():
-        p.requires_grad_(True)
+        p.requires_grad_(trainable[id(p)])
     clf.eval()
     clf.weights = TRAINED_BY_XCNN
     if out is not None and int(os.environ.get("RANK", "0")) == 0:
