@@ -179,7 +179,38 @@ def shortcut_part(args: argparse.Namespace, out: Path) -> None:
     write_json(out / "shortcut.json", {"start": start_acc, **results})
 
 
-def shortcut_table(out: Path) -> str:
+class _CornerMask(torch.nn.Module):
+    """Multiplies a map by 0 at the top-left cell (where the 6x6 patch lies at 64x64 in an 8x8 grid)."""
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(a)
+        mask[..., 0, 0] = 0
+        return a * mask
+
+
+class _AvgWithoutCorner(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.sum((2, 3), keepdim=True) - x[..., :1, :1]) / (x.shape[2] * x.shape[3] - 1)
+
+
+def without_patch_cell(model: Classifier) -> dict[str, float]:
+    """Accuracies when the global pool gets no input from the grid cell that holds the patch (LAP: its
+    attention there is set to 0; average pooling: that cell is left out). If the random-colour-patch
+    accuracy stays low, the patch's colour reaches the decision through the other cells' features (their
+    receptive fields cover the corner), not through the patch's own position."""
+    from xcnn.hooks import named_layer, replaced
+
+    lap = "pool" in xcnn.interpretable.lap_layers(model.backbone)
+    swap = (
+        {"pool.attention": torch.nn.Sequential(named_layer(model.backbone, "pool.attention"), _CornerMask())}
+        if lap
+        else {"pool": _AvgWithoutCorner()}
+    )
+    with replaced(model.backbone, swap):
+        return {"clean_test_acc": test_accuracy(model), "random_patch_test_acc": test_accuracy(model, shortcut=True)}
+
+
+def shortcut_table(out: Path, start_model: str) -> str:
     """``OUT/shortcut.md`` from ``OUT/shortcut.json``: one row per run, and the clean-validation curves."""
     results = json.loads((out / "shortcut.json").read_text())
     start = results.pop("start", None)
@@ -204,6 +235,12 @@ def shortcut_table(out: Path) -> str:
             f"{r['random_patch_test_acc']:.1%} | {cell('gradcam: shortcut_energy')} | {cell('gradcam: pointing', fmt='.3f')} | "
             f"{cell('lap: shortcut_energy')} | {cell('lap: pointing', fmt='.3f')} | {minutes} |"
         )  # fmt: skip
+    lines += ["", "With the patch's grid cell taken out of the global pool (see without_patch_cell):", "",
+              "| run | clean test | random-colour patch |", "|---|---|---|"]  # fmt: skip
+    for name in ["shortcut model (no fine-tuning)", *results]:
+        folder = out / "shortcut" / name if name in results else Path(start_model)
+        acc = without_patch_cell(xcnn.load_model(folder))
+        lines.append(f"| {name} | {acc['clean_test_acc']:.1%} | {acc['random_patch_test_acc']:.1%} |")
     lines += ["", "Clean validation accuracy after each epoch:", "", "| run | " + " | ".join(
         str(i + 1) for i in range(max(len(r["val_acc_per_epoch"]) for r in results.values()))) + " |"]  # fmt: skip
     lines.append("|---" * (1 + max(len(r["val_acc_per_epoch"]) for r in results.values())) + "|")
@@ -238,7 +275,7 @@ def main() -> None:
     if "shortcut" in parts:
         shortcut_part(args, out)
     if "shortcut" in parts or "table" in parts:
-        print(shortcut_table(out))
+        print(shortcut_table(out, args.shortcut))
 
 
 if __name__ == "__main__":
