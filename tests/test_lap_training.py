@@ -113,6 +113,11 @@ def test_attention_losses_by_hand():
     assert terms["look"].item() == pytest.approx(float(-torch.log(a[0, 0, 0]) + a[0].flatten()[1:].mean()), abs=1e-6)
     assert terms["forbid"].item() == pytest.approx(float(a[1, 1].mean()), abs=1e-6)
     assert terms["area"].item() == pytest.approx(float(a[2].mean()), abs=1e-6)
+    # two heads: the look term is on the heads' mean attention, -log mean_h a_h (not the mean of -log a_h)
+    z2 = torch.stack([z[:, 0], z[:, 0] - 3.0], dim=1)
+    a2 = torch.sigmoid(z2).mean(1)
+    two = attention_losses(z2, look, forbid, has_look, has_forbid)
+    assert two["look"].item() == pytest.approx(float(-torch.log(a2[0, 0, 0]) + a2[0].flatten()[1:].mean()), abs=1e-6)
     zd = z.double().requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda t: sum(attention_losses(t, look, forbid, has_look, has_forbid).values()), (zd,)
@@ -203,6 +208,31 @@ def test_gradcam_supervision_matches_finite_differences():
         return a + b
 
     directional_check(loss, model)
+
+
+def test_cam_maps_by_hand_in_float64_and_on_a_token_layer():
+    torch.manual_seed(0)
+    model = Classifier(SmoothNet().double(), input_size=(8, 8))
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    targets = torch.tensor([1, 2])
+    feats = model.backbone.features(images)  # [B,5,4,4]; the head is a mean over positions, then fc
+    grads = model.backbone.fc.weight[targets][:, :, None, None].expand_as(feats) / 16
+    by_hand = {
+        "gradcam": (grads.mean((2, 3), keepdim=True) * feats).sum(1).relu(),
+        "layercam": (grads.relu() * feats).sum(1).relu(),
+        "hirescam": (grads * feats).sum(1).relu(),
+    }
+    for method, expected in by_hand.items():
+        maps = cam_maps(model, images, targets, "features", method)
+        assert maps.dtype == torch.float64
+        torch.testing.assert_close(maps, expected.detach(), rtol=1e-10, atol=1e-12)
+    from xcnn.nets import shapes_vit
+
+    vit = Classifier(shapes_vit(img_size=32, depth=2), input_size=(32, 32)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    maps = cam_maps(vit, x, None, "blocks.1.norm1")
+    assert maps.shape == (2, 4, 4)
+    assert torch.equal(maps, raw_maps(xcnn.explainer("gradcam", vit, layer="blocks.1.norm1"), x))
 
 
 def test_cam_maps_is_the_gradcam_explainer_and_can_be_differentiated(sharp, images32):
@@ -300,14 +330,37 @@ def test_attention_only_training_leaves_the_backbone_and_its_statistics_alone(sh
 def test_baselines_train_and_bad_options_are_refused(shapes32):
     train, _ = shapes32
     knowledge = Knowledge.from_samples(train, 0.5, look="box", forbid=None)
-    for injection, term in (("rrr", "train/rrr"), ("gradcam", "train/cam_look"), ("none", "train/ce")):
+    terms = {"rrr": {"rrr"}, "gradcam": {"cam_look", "cam_forbid"}, "none": set()}
+    for injection, extra in terms.items():
         trained, history = fit_lap(small_shapesnet(), train, epochs=1, knowledge=knowledge, injection=injection,
                                    batch_size=64, progress=False)  # fmt: skip
-        assert term in history[0] and not lap_layers(trained.backbone)
+        logged = {k.removeprefix("train/") for k in history[0] if k.startswith("train/")}
+        assert logged == {"loss", "ce", "acc"} | extra and not lap_layers(trained.backbone)
+        if injection != "none":  # the penalty is in the loss: loss = ce + weight * terms
+            assert history[0]["train/loss"] > history[0]["train/ce"]
     with pytest.raises(ValueError, match="injection must be one of"):
         fit_lap(small_shapesnet(), train, epochs=1, injection="gain")
     with pytest.raises(ValueError, match="does not use them"):
         fit_lap(small_shapesnet(), train, epochs=1, injection="rrr", where="pool")
+    with pytest.raises(ValueError, match="does not use it"):
+        fit_lap(small_shapesnet(), train, epochs=1, injection="lap", cam_layer="layer4")
+    with pytest.raises(ValueError, match="none is inserted"):
+        fit_lap(small_shapesnet(), train, epochs=1, injection="rrr", heads=2)
+
+
+def test_bad_training_input_fails_before_anything_is_written(shapes32, tmp_path):
+    train, _ = shapes32
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="is not in the model"):
+        fit_lap(small_shapesnet(), train, epochs=1, injection="gradcam", cam_layer="layer9", out_dir=out)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        fit_lap(small_shapesnet(), train, epochs=1, batch_size=500, out_dir=out)
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        fit_lap(small_shapesnet(), train, epochs=0, out_dir=out)
+    assert not out.exists()
+    fit_lap(small_shapesnet(), train, epochs=1, batch_size=64, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match=r"other settings \(beta_area\)"):
+        fit_lap(small_shapesnet(), train, epochs=1, batch_size=64, out_dir=out, resume=True, beta_area=0.5)
 
 
 def test_reinitialise_and_an_early_lap_layer():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -290,6 +291,10 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
         raise ValueError(f"--boxes-fraction must be in [0, 1], got {args.boxes_fraction}")
     if args.forbid_shortcut and (args.data != "synthetic" or args.shortcut == 0):
         raise ValueError("--forbid-shortcut needs --data synthetic with a planted shortcut (--shortcut P > 0)")
+    if args.shortcut and args.data != "synthetic":
+        raise ValueError("--shortcut plants a patch in the synthetic benchmark; it does not apply to a folder")
+    if args.knowledge and (args.forbid_shortcut or args.boxes_fraction is not None):
+        raise ValueError("--knowledge FILE replaces the automatic knowledge: drop --boxes-fraction / --forbid-shortcut")
     device = _device(args.device)
     model = _load_model(args, device)
     where = [w.strip() for w in args.where.split(",") if w.strip()] if args.where else None
@@ -329,6 +334,8 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
         cam_layer=args.cam_layer, val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed,
         device=device,
     )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes and reports
+        return 0
     results = json.loads((Path(args.out) / "results.json").read_text())
     if args.data == "synthetic":
         from torch.utils.data import DataLoader
@@ -624,8 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tl.add_argument(
         "--boxes-fraction", type=float, default=None,
-        help="share of training images that carry knowledge (synthetic default 0.1: their object boxes; folders "
-        "default 1: every image with a mask or box file)",
+        help="share of training images drawn to carry knowledge (synthetic default 0.1: their object boxes, or "
+        "with --forbid-shortcut the patch of those that have one; folders default 1: every image with a mask or box file)",
     )  # fmt: skip
     tl.add_argument(
         "--forbid-shortcut", action="store_true",

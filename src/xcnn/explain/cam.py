@@ -3,7 +3,9 @@ Score-CAM (forward passes only). Formulas: docs/methods.md#the-cam-family.
 
 Notation: ``A`` activations ``[B,K,h,w]`` of the tapped layer, ``G = d y_c / d A`` (``y_c`` = target
 logit). The gradient CAMs run the model once per batch and back-propagate only from the logits down to
-the tapped layer: nothing below the layer keeps an autograd graph, no weight gradients are formed.
+the tapped layer: nothing below the layer keeps an autograd graph, no weight gradients are formed. The
+same core, :func:`cam_maps`, serves training losses with ``create_graph=True``: then the maps are
+differentiable with respect to the weights.
 """
 
 from __future__ import annotations
@@ -43,18 +45,24 @@ class _LayerExplainer(Explainer):
         self.amp = amp
 
     def _grid(self, t: Tensor) -> Tensor:
-        """Activations or gradients as ``[B,C,h,w]``: token outputs ``[B,N,D]`` become a grid."""
-        if self.reshape is not None:
-            t = self.reshape(t)
-        elif t.dim() == 3:
-            prefix, h, w = token_grid(t.shape[1], getattr(self.model.backbone, "num_prefix_tokens", None))
-            t = t[:, prefix:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
-        if t.dim() != 4:
-            raise ValueError(
-                f"layer output has shape {list(t.shape)}; CAMs need [B,C,h,w] or tokens [B,N,D] "
-                "(pass reshape= for other layouts)"
-            )
-        return t.float()
+        """Activations or gradients as float32 ``[B,C,h,w]``: token outputs ``[B,N,D]`` become a grid."""
+        return _as_grid(t, self.model.backbone, self.reshape).float()
+
+
+def _as_grid(t: Tensor, backbone: nn.Module, reshape: Reshape | None = None) -> Tensor:
+    """A layer's output (or its gradient) as ``[B,C,h,w]``: ``reshape`` if given, token outputs ``[B,N,D]``
+    as their grid (prefix tokens dropped), feature maps as they are."""
+    if reshape is not None:
+        t = reshape(t)
+    elif t.dim() == 3:
+        prefix, h, w = token_grid(t.shape[1], getattr(backbone, "num_prefix_tokens", None))
+        t = t[:, prefix:].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+    if t.dim() != 4:
+        raise ValueError(
+            f"layer output has shape {list(t.shape)}; CAMs need [B,C,h,w] or tokens [B,N,D] "
+            "(pass reshape= for other layouts)"
+        )
+    return t
 
 
 # ---- the functional core: explainers and training losses call the same code ------------------------------
@@ -160,8 +168,7 @@ def cam_maps(
         return t.to(logits.device)
 
     def grid(t: Tensor) -> Tensor:
-        if t.dim() != 4:
-            raise ValueError(f"cam_maps: layer {layer!r} gives shape {list(t.shape)}, not a [B,C,h,w] feature map")
+        t = _as_grid(t, clf.backbone)  # the explainers' reshaping (token grids included)
         return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # float64 stays float64
 
     logits: list[Tensor] = []

@@ -141,7 +141,7 @@ def _square(module: nn.Module, attrs: Sequence[str]) -> bool:
 def _strided_conv(module: nn.Module) -> bool:
     """A 2-D convolution that downsamples (stride > 1) and that LAP can follow at stride 1."""
     return (
-        isinstance(module, nn.Conv2d)
+        type(module) is nn.Conv2d  # not a subclass: weight standardisation or dynamic padding would be lost
         and _square(module, ("kernel_size", "stride", "padding", "dilation"))
         and module.stride[0] > 1
         and isinstance(module.padding, tuple)
@@ -173,16 +173,21 @@ def _check_replaceable(name: str, module: nn.Module, exact: bool = True) -> None
             )
         return
     if not exact:
-        if isinstance(module, nn.MaxPool2d) and _square(module, ("kernel_size", "stride", "padding")):
-            if module.dilation not in (1, (1, 1)) or module.return_indices:
-                raise ValueError(f"insert_lap: {name!r} ({module}) is a dilated or index-returning max pool")
+        if type(module) is nn.MaxPool2d:  # a subclass (timm's MaxPool2dSame) pads in its own way
+            square = _square(module, ("kernel_size", "stride", "padding", "dilation"))
+            if not square or module.dilation not in (1, (1, 1)) or module.return_indices:
+                raise ValueError(
+                    f"insert_lap: {name!r} ({module}) is a non-square, dilated or index-returning max pool; LAP "
+                    "replaces square max-pooling windows"
+                )
             return
         if _strided_conv(module):
             return
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d)):
             raise ValueError(
-                f"insert_lap: {name!r} ({module}) is not a square strided convolution with zero padding; LAP "
-                "follows a convolution with stride > 1"
+                f"insert_lap: {name!r} ({module}) cannot be replaced even with exact=False: LAP replaces plain "
+                "square max pooling (nn.MaxPool2d) and plain square strided convolutions (nn.Conv2d, stride > 1, "
+                "zero padding)"
             )
     if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.Conv2d)):
         raise ValueError(

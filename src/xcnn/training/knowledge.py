@@ -14,6 +14,7 @@ given for some training images only, and the losses that inject it (docs/methods
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -229,7 +230,8 @@ def attention_losses(
 
     Each term is the mean over the images it applies to (0 when none does)."""
     a = torch.sigmoid(logits).mean(1)
-    neg_log_a = F.softplus(-logits).mean(1)  # -log sigmoid(z), stable for very negative z
+    # -log of the heads' mean attention, stable for very negative z: log mean_h sigmoid(z_h)
+    neg_log_a = math.log(logits.shape[1]) - torch.logsumexp(F.logsigmoid(logits), dim=1)
     zero = a.sum() * 0.0
 
     def over(per_image: Tensor, which: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ double backward. Every term is logged per step and per epoch (TensorBoard and ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -27,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._io import atomic_write, prepare_out_dir
+from .._io import atomic_write
 from ..explain.cam import cam_maps
-from ..hooks import Tap, named_layer
+from ..hooks import Tap, frozen, named_layer
 from ..interpretable.lap import _linear_after, insert_lap, lap_layers
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
 from .knowledge import Knowledge, WithKnowledge, attention_losses, cam_guidance_loss, rrr_loss
@@ -39,6 +40,8 @@ __all__ = ["INJECTIONS", "KnowledgeTraining", "fit_lap", "reinitialise"]
 
 #: how knowledge is injected: LAP's attention terms, the two baselines, or not at all
 INJECTIONS = ("lap", "rrr", "gradcam", "none")
+#: the run's settings, beside the checkpoint: a resumed run must have the same
+SETTINGS = "lap_training.json"
 
 
 class KnowledgeTraining(nn.Module):
@@ -70,12 +73,15 @@ class KnowledgeTraining(nn.Module):
                 terms[key] = torch.stack([p[key] for p in per_layer]).mean()
             extra = w["beta_look"] * terms["look"] + w["beta_forbid"] * terms["forbid"] + w["beta_area"] * terms["area"]
         elif self.injection == "rrr":
-            x = image.detach().requires_grad_(True)
-            logits = self.model(x)
+            x = image.detach().float().requires_grad_(True)
+            with _full_precision(image):  # the input gradient would underflow in float16
+                logits = self.model(x)
             terms["rrr"] = rrr_loss(logits, x, look, forbid, has_look)
             extra = w["rrr_weight"] * terms["rrr"]
         elif self.injection == "gradcam":
-            cams, logits = cam_maps(self.model, image, label, self.cam_layer, create_graph=True, return_logits=True)
+            with _full_precision(image):  # the gradient at the layer would underflow in float16
+                cams, logits = cam_maps(self.model, image.float(), label, self.cam_layer, create_graph=True,
+                                        return_logits=True)  # fmt: skip
             terms["cam_look"], terms["cam_forbid"] = cam_guidance_loss(cams, look, forbid, has_look, has_forbid)
             extra = w["cam_weight"] * (terms["cam_look"] + terms["cam_forbid"])
         else:
@@ -83,6 +89,12 @@ class KnowledgeTraining(nn.Module):
             extra = logits.sum() * 0.0
         ce = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, label)
         return {"loss": ce + extra, "ce": ce, **terms, "logits": logits}
+
+
+def _full_precision(image: Tensor):
+    """Autocast off on CUDA: the double-backward penalties take inner gradients that float16 would flush to
+    zero (mixed precision then covers the "lap" and "none" injections only)."""
+    return torch.autocast("cuda", enabled=False) if image.is_cuda else contextlib.nullcontext()
 
 
 def _step(net: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -190,11 +202,13 @@ def fit_lap(
     clf = as_classifier(model)
     if where is not None and injection != "lap":
         raise ValueError(f"where= places LAP layers; injection={injection!r} does not use them")
+    if cam_layer is not None and injection != "gradcam":
+        raise ValueError(f"cam_layer= is the layer of Grad-CAM supervision; injection={injection!r} does not use it")
+    inserting = injection == "lap" and (where is not None or not lap_layers(clf.backbone))
+    if heads != 1 and not inserting:
+        raise ValueError("heads= shapes new LAP layers, and none is inserted here (the model has its own, or no LAP)")
     torch.manual_seed(seed)  # the new attention nets' first convolutions
-    if injection == "lap" and (where is not None or not lap_layers(clf.backbone)):
-        clf = insert_lap(clf, where, heads=heads)
-    else:
-        clf = copy.deepcopy(clf)
+    clf = insert_lap(clf, where, heads=heads) if inserting else copy.deepcopy(clf)
     if scratch:
         reinitialise(clf.backbone, seed)
     data = WithKnowledge(data, knowledge)
@@ -209,7 +223,13 @@ def fit_lap(
         for n in names:
             layer = named_layer(clf.backbone, n)
             if layer.global_pool:
-                keep += list(_linear_after(clf.backbone, n, layer.in_channels).parameters())
+                try:
+                    keep += list(_linear_after(clf.backbone, n, layer.in_channels).parameters())
+                except ValueError:
+                    raise ValueError(
+                        f"train='attention' also trains the classifier after the global LAP layer {n!r}, and no "
+                        f"nn.Linear with {layer.in_channels} inputs follows it; use train='all'"
+                    ) from None
         ids = {id(p) for p in keep}
         for p in clf.parameters():
             p.requires_grad_(id(p) in ids)
@@ -219,15 +239,37 @@ def fit_lap(
             net.eval()  # batch norm keeps its statistics; the attention nets have none
 
     layer = cam_layer or (default_layer(clf) if injection == "gradcam" else None)
+    if layer is not None:  # a wrong layer fails here, before anything is written
+        sample = data[0]
+        with frozen(clf):
+            cam_maps(clf, sample["image"][None], sample["label"].view(1), layer)
     weights = {"beta_look": beta_look, "beta_forbid": beta_forbid, "beta_area": beta_area,
                "rrr_weight": rrr_weight, "cam_weight": cam_weight}  # fmt: skip
+    k = data.knowledge
+    settings = {
+        "injection": injection, "train": train, "scratch": scratch, "epochs": epochs, "lr": lr,
+        "weight_decay": weight_decay, "batch_size": batch_size, **weights, "cam_layer": layer,
+        "lap_layers": names, "images": len(data), "knowledge": {"look": len(k.look), "forbid": len(k.forbid)},
+        "knowledge_images": k.indices, "seed": seed,
+    }  # fmt: skip
+    main = int(os.environ.get("RANK", "0")) == 0
+    record = Path(out_dir) / SETTINGS if out_dir is not None else None
+    if resume and record is not None and record.is_file():
+        saved = json.loads(record.read_text())
+        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+        if changed:
+            raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
+
+    def write_settings(epoch: int, metrics: dict) -> None:
+        if epoch == 0 and main and record is not None:
+            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+
     net = KnowledgeTraining(clf, injection, weights, layer)
     dev = training_device(device)
-    out = prepare_out_dir(out_dir) if out_dir is not None else None
-    history = fit(
+    history = fit(  # fit checks its own arguments before it creates out_dir
         net, data, epochs=epochs, step=_step, val_data=val_data, evaluate=_evaluate(names[-1] if names else None),
-        params=params, batch_size=batch_size, out_dir=out, resume=resume, amp=amp, seed=seed, device=dev,
-        progress=progress, callbacks=callbacks, num_workers=num_workers, train_mode=train_mode,
+        params=params, batch_size=batch_size, out_dir=out_dir, resume=resume, amp=amp, seed=seed, device=dev,
+        progress=progress, callbacks=[write_settings, *callbacks], num_workers=num_workers, train_mode=train_mode,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay),
         scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
     )  # fmt: skip
@@ -235,18 +277,13 @@ def fit_lap(
         p.requires_grad_(trainable[id(p)])
     clf.eval()
     clf.weights = TRAINED_BY_XCNN
-    if out is not None and int(os.environ.get("RANK", "0")) == 0:
-        k = data.knowledge
-        settings = {
-            "injection": injection, "train": train, "scratch": scratch, "epochs": epochs, "lr": lr,
-            "weight_decay": weight_decay, "batch_size": batch_size, **weights, "cam_layer": layer,
-            "lap_layers": names, "images": len(data), "knowledge": {"look": len(k.look), "forbid": len(k.forbid)},
-            "seed": seed,
-        }  # fmt: skip
-        save_model(clf.cpu(), out, training=settings)
+    if out_dir is not None and main:
+        out = Path(out_dir)
+        summary = {k: v for k, v in settings.items() if k != "knowledge_images"}
+        save_model(clf.cpu(), out, training=summary)
         clf.to(dev)
         atomic_write(
             out / "results.json",
-            lambda tmp: tmp.write_text(json.dumps({"training": settings, "final": history[-1]}, indent=2) + "\n"),
+            lambda tmp: tmp.write_text(json.dumps({"training": summary, "final": history[-1]}, indent=2) + "\n"),
         )
     return clf, history
