@@ -11,7 +11,8 @@ rewrites ``OUT/shortcut.md`` from ``OUT/shortcut.json``):
   on the five bundled photos (EfficientNet-Lite0).
 * ``clean``: ``fit_lap`` fine-tunes the clean model with a global LAP layer on the clean training set (no
   knowledge: the area prior only); clean-test accuracy against the original; a TAME head for the LAP
-  model; LAP's map, Grad-CAM, Grad-CAM++, Score-CAM, RISE and TAME of the LAP model on every harness metric.
+  model; LAP's map, Grad-CAM, Grad-CAM++, Score-CAM, RISE (2000 masks) and TAME of the LAP model on every
+  harness metric (consistency and the sanity check on the first 16 images, not for RISE).
 * ``shortcut``: from the shortcut model (and from scratch), the same 6000 training images (90 % with the
   patch), knowledge on the same 10 % of them (object boxes, or the patch as forbidden region), the recipe's
   budget (10 epochs, one-cycle AdamW); clean validation accuracy per epoch, clean-test accuracy, accuracy
@@ -109,9 +110,18 @@ def clean_part(args: argparse.Namespace, out: Path) -> None:
     else:
         head, _ = fit_tame(lap, InMemory(Shapes("train", 4000, size=SIZE, seed=0)), out_dir=tame_dir, progress=False)
     data = benchmark_data(args.n, SIZE)
-    methods = ["lap", "gradcam", "gradcam++", "scorecam", "rise", ("tame", {"head": head})]
+    methods = [
+        "lap",
+        "gradcam",
+        "gradcam++",
+        "scorecam",
+        ("rise", {"masks": args.rise_masks}),
+        ("tame", {"head": head}),
+    ]
+    # consistency and sanity re-run each explainer several times: not for RISE (thousands of forwards per map)
+    slow = ["lap", "gradcam", "gradcam++", "scorecam", "tame"]
     ev = evaluate(lap, data, methods, ["adic", "insertion_deletion", "pointing", "energy", "iou", "consistency", "sanity"],
-                  batch_size=32, slow_images=16, progress=False)  # fmt: skip
+                  batch_size=32, slow_images=16, slow_methods=slow, progress=True)  # fmt: skip
     ev.save(out, stem="clean-eval")
     write_json(out / "clean.json", summary)
     text = (f"original clean test {summary['original_test_acc']:.1%}, LAP fine-tuned {summary['lap_test_acc']:.1%}\n\n"
@@ -260,6 +270,7 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma-separated subset of the shortcut variants")
     parser.add_argument("--n", type=int, default=64, help="test images for the clean harness table")
     parser.add_argument("--clean-epochs", type=int, default=3)
+    parser.add_argument("--rise-masks", type=int, default=2000, help="RISE masks in the clean table")
     parser.add_argument("--epochs", type=int, default=10, help="shortcut runs (the recipe's budget)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate when fine-tuning")
     parser.add_argument("--scratch-lr", type=float, default=2e-3, help="peak learning rate from scratch (the recipe's)")
