@@ -461,3 +461,31 @@ def test_fit_lap_under_torchrun_keeps_replicas_identical(tmp_path):
         assert torch.equal(w0, w1)
         loaded = xcnn.load_model(tmp_path / injection)  # saved once, by rank 0
         assert torch.equal(torch.cat([p.flatten() for p in loaded.parameters()]), w0)
+
+
+def test_cli_train_lap_on_a_folder_takes_its_box_files_as_knowledge(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from xcnn.cli import main
+
+    root = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    (root / "a" / "0.box.json").write_text(json.dumps({"boxes": [[4, 4, 20, 20]]}))
+    (root / "b" / "1.box.json").write_text(json.dumps({"boxes": [[10, 0, 39, 39]]}))
+    torch.manual_seed(0)
+    arch = {"num_classes": 2, "widths": [8, 8, 8, 8], "strides": [2, 1, 2, 2, 1]}
+    model = Classifier(
+        ShapesNet(**arch), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": arch}
+    )
+    xcnn.models.save_model(model, tmp_path / "m")
+    out = tmp_path / "lap"
+    argv = ["train", "lap", "--model", str(tmp_path / "m"), "--data", str(root), "--out", str(out), "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "results.json").read_text())["training"]["knowledge"] == {"look": 2, "forbid": 0}
+    assert main([*argv[:-2], "--shortcut", "0.5", "--device", "cpu"]) == 2  # a planted patch needs synthetic data
