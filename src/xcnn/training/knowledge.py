@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -286,8 +286,3 @@ def cam_guidance_loss(
         look_term[has_look].mean() if bool(has_look.any()) else zero,
         forbid_term[has_forbid].mean() if bool(has_forbid.any()) else zero,
     )
-
-
-def flags(batch: Mapping[str, Tensor], names: Iterable[str] = ("look", "forbid", "has_look", "has_forbid")):
-    """The knowledge fields of a batch, in the order the losses take them."""
-    return tuple(batch[n] for n in names)
