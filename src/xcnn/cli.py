@@ -356,6 +356,94 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unlabeled_source(text: str | None) -> tuple[str, int | None] | None:
+    """``--unlabeled``: ``synthetic:N`` or a folder, checked before any data is drawn."""
+    if text is None:
+        return None
+    if text.startswith("synthetic"):
+        count = text.partition(":")[2]
+        if not count.isdigit() or int(count) <= 0:
+            raise ValueError(f"--unlabeled synthetic:N needs a positive image count N, got {text!r}")
+        return "synthetic", int(count)
+    if not Path(text).is_dir():
+        raise ValueError(f"--unlabeled must be synthetic:N or an image folder; {text} is not a folder")
+    return text, None
+
+
+def cmd_train_cgc(args: argparse.Namespace) -> int:
+    from ._io import atomic_write
+    from .training.cgc import fit_cgc
+
+    if not args.tau > 0:
+        raise ValueError(f"--tau must be positive, got {args.tau}")
+    if not args.lam >= 0:
+        raise ValueError(f"--lam must be >= 0, got {args.lam}")
+    if not 0 < args.labeled_fraction <= 1:
+        raise ValueError(f"--labeled-fraction must be in (0, 1], got {args.labeled_fraction}")
+    if not 0.0 <= args.shortcut <= 1.0:
+        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
+    if args.shortcut and args.data != "synthetic":
+        raise ValueError("--shortcut plants a patch in the synthetic benchmark; it does not apply to a folder")
+    source = _unlabeled_source(args.unlabeled)
+    device = _device(args.device)
+    model = _load_model(args, device)
+    size = model.input_size
+    unlabeled = None
+    if source is not None and source[0] != "synthetic":
+        from .data.images import ImageFolder
+
+        try:
+            unlabeled = ImageFolder(source[0], size)
+        except ValueError as err:
+            raise ValueError(f"--unlabeled {source[0]}: {err}") from None
+    val = None
+    if args.data == "synthetic":
+        from .data.synthetic import Shapes
+        from .training.benchmark import InMemory
+
+        data = InMemory(Shapes("train", args.n_train, size=size[0], seed=args.seed, shortcut_prob=args.shortcut))
+        val = InMemory(Shapes("val", args.n_val, size=size[0], seed=args.seed))
+        if source is not None and source[0] == "synthetic":  # more images of the same distribution, other draws
+            unlabeled = InMemory(
+                Shapes("train", source[1], size=size[0], seed=args.seed + 7919, shortcut_prob=args.shortcut)
+            )
+    elif Path(args.data).is_dir():
+        from .data.images import ImageFolder
+
+        data = ImageFolder(args.data, size)
+        if source is not None and source[0] == "synthetic":
+            raise ValueError("--unlabeled synthetic:N adds benchmark images; with a folder as --data give a folder")
+    else:
+        raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
+    trained, history = fit_cgc(
+        model, data, epochs=args.epochs, unlabeled=unlabeled, labeled_fraction=args.labeled_fraction, lam=args.lam,
+        tau=args.tau, consistency=args.consistency, layer=args.layer, cam=args.cam, scratch=args.scratch, lr=args.lr,
+        batch_size=args.batch_size, val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed,
+        device=device,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes and reports
+        return 0
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    if args.data == "synthetic":
+        from torch.utils.data import DataLoader
+
+        from .data.synthetic import Shapes
+        from .explain import explainer
+        from .metrics.consistency import consistency
+        from .training.trainer import accuracy_eval
+
+        dev = next(trained.parameters()).device
+        clean = Shapes("test", args.n_test, size=size[0], seed=args.seed)
+        results["test_acc"] = accuracy_eval(trained, DataLoader(clean, batch_size=256), dev)["acc"]
+        images = torch.stack([clean[i]["image"] for i in range(min(len(clean), 256))]).to(dev)
+        layer = results["training"]["layer"]
+        results["consistency"] = consistency(explainer(args.cam, trained, layer=layer), images, seed=args.seed)
+        atomic_write(Path(args.out) / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    print(json.dumps({k: v for k, v in results.items() if k != "training"} | {"final": history[-1]}, indent=2))
+    print(f"model saved in {args.out} (use it as --model {args.out})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .pipelines import run_demo
 
@@ -519,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-report", action="store_true", help="skip the HTML report")
     ev.set_defaults(func=cmd_evaluate)
 
-    tr = sub.add_parser("train", help="train a model (the benchmark CNN) or a trained explainer (TAME)")
+    tr = sub.add_parser("train", help="train a model (the benchmark CNN, LAP, CGC) or a trained explainer (TAME)")
     tr_sub = tr.add_subparsers(dest="what", required=True)
     tb = tr_sub.add_parser(
         "benchmark",
@@ -686,6 +774,71 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tl.add_argument("--device", default="auto")
     tl.set_defaults(func=cmd_train_lap)
+
+    tc = tr_sub.add_parser(
+        "cgc", help="fine-tune (or train) a model so its Grad-CAM is consistent under crops and flips (CGC)",
+        description="Cross-entropy on labelled images plus LAM x the contrastive Grad-CAM consistency loss on every "
+        "image, labelled or not (docs/methods.md#cgc-contrastive-grad-cam-consistency). Writes model.safetensors + "
+        "model.json (use as --model DIR), checkpoint.pt, history.json, TensorBoard scalars (one per loss term) and "
+        "results.json (with synthetic data: clean test accuracy and the consistency of the trained model's CAM).",
+    )  # fmt: skip
+    tc.add_argument("--model", required=True, help="a folder saved by `xcnn train`, or a model name")
+    tc.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    tc.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
+    tc.add_argument(
+        "--data", default="synthetic",
+        help="'synthetic' (the shapes benchmark's train split) or an image folder (root/<class>/<image>) "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    tc.add_argument(
+        "--unlabeled", default=None, metavar="synthetic:N|FOLDER",
+        help="more images without labels: N further benchmark images, or a folder (its labels, if any, are ignored)",
+    )  # fmt: skip
+    tc.add_argument(
+        "--labeled-fraction", type=float, default=1.0,
+        help="keep this share of --data labelled (seeded draw); the rest trains as unlabelled (default: %(default)s)",
+    )  # fmt: skip
+    tc.add_argument("--out", required=True, help="output folder")
+    tc.add_argument(
+        "--lam",
+        type=float,
+        default=0.5,
+        help="weight of the consistency loss; 0 = cross-entropy only (default: %(default)s)",
+    )
+    tc.add_argument("--tau", type=float, default=0.5, help="InfoNCE temperature (default: %(default)s)")
+    tc.add_argument(
+        "--consistency", choices=["contrastive", "l2"], default="contrastive",
+        help="InfoNCE with the batch's other maps as negatives, or the L2 ablation (default: %(default)s)",
+    )  # fmt: skip
+    tc.add_argument(
+        "--cam", choices=["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam"], default="gradcam",
+        help="the CAM inside the loss (default: %(default)s)",
+    )  # fmt: skip
+    tc.add_argument("--layer", default=None, help="the CAM's layer (default: the model's default layer)")
+    tc.add_argument("--scratch", action="store_true", help="re-initialise every weight first (same architecture)")
+    tc.add_argument(
+        "--shortcut", type=float, default=0.0,
+        help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
+    )  # fmt: skip
+    tc.add_argument("--epochs", type=_positive_int, default=5, help="(default: %(default)s)")
+    tc.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="one-cycle peak AdamW learning rate (default: %(default)s)"
+    )
+    tc.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    tc.add_argument(
+        "--n-train", type=_positive_int, default=6000, help="synthetic training images (default: %(default)s)"
+    )
+    tc.add_argument(
+        "--n-val", type=_positive_int, default=500, help="synthetic clean validation images (default: %(default)s)"
+    )
+    tc.add_argument(
+        "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
+    )
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (the CAM's inner gradient is scaled)")
+    tc.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    tc.add_argument("--device", default="auto")
+    tc.set_defaults(func=cmd_train_cgc)
 
     de = sub.add_parser(
         "demo",

@@ -116,6 +116,7 @@ def _gradient_cams(
     resolve: Callable[[Tensor, Tensor | None], Tensor],
     autocast: contextlib.AbstractContextManager | None = None,
     logits_out: list[Tensor] | None = None,
+    grad_scale: float = 1.0,
 ) -> list[Tensor]:
     """One forward with ``layers`` tapped, one gradient of the summed target logits at the layers, then
     ``combine``. Without ``create_graph`` nothing is kept for a later backward (the explainers' path); with
@@ -128,9 +129,19 @@ def _gradient_cams(
         targets = resolve(logits, targets)
         score = logits.gather(1, targets[:, None]).sum()
         acts = [tap.get(name) for name in layers]
-        grads = torch.autograd.grad(score, acts, create_graph=create_graph)
+        if grad_scale != 1.0:
+            score = score.float() * grad_scale  # only the gradient matters, not this value
+        grads = torch.autograd.grad(score, acts, create_graph=create_graph, allow_unused=True)
+    for name, g in zip(layers, grads, strict=True):
+        if g is None:
+            raise ValueError(
+                f"layer {name!r}: no gradient reaches it from the target logits (its output does not feed the "
+                "classifier); choose a layer on the path to the logits"
+            )
     if not create_graph:
         acts = [a.detach() for a in acts]
+    if grad_scale != 1.0:  # unscaled after the cast to float32, where the small values survive
+        return [combine(grid(a), grid(g) / grad_scale) for a, g in zip(acts, grads, strict=True)]
     return [combine(grid(a), grid(g)) for a, g in zip(acts, grads, strict=True)]
 
 
@@ -142,6 +153,7 @@ def cam_maps(
     method: str = "gradcam",
     create_graph: bool = False,
     return_logits: bool = False,
+    grad_scale: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Raw gradient-CAM maps ``[B,h,w]`` (non-negative, not normalised, at ``layer``'s resolution) of the
     ``targets`` classes (None: each image's top-1). ``method``: one of :data:`CAM_COMBINE`.
@@ -150,7 +162,12 @@ def cam_maps(
     inside a training loss); the model's mode is left as it is. The explainers of this module compute the
     same maps with ``create_graph=False``. ``return_logits=True`` also returns the logits of the forward
     pass it ran (a training step computes its cross-entropy on them: one forward for both).
+    ``grad_scale``: the target score is multiplied by it before the gradient at the layer, and the gradient
+    divided by it once in float32 (under float16 autocast a small inner gradient would otherwise flush to
+    zero; a power of two keeps the maps bit-identical in float32).
     """
+    if not (grad_scale > 0 and grad_scale < float("inf")):
+        raise ValueError(f"cam_maps: grad_scale must be positive and finite, got {grad_scale}")
     from ..models import as_classifier, default_layer
 
     if method not in CAM_COMBINE:
@@ -174,7 +191,7 @@ def cam_maps(
     logits: list[Tensor] = []
     maps = _gradient_cams(
         clf, images, targets, [layer], CAM_COMBINE[method], grid=grid, create_graph=create_graph, resolve=resolve,
-        logits_out=logits,
+        logits_out=logits, grad_scale=grad_scale,
     )[0]  # fmt: skip
     return (maps, logits[0]) if return_logits else maps
 

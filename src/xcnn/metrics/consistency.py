@@ -7,7 +7,7 @@ compare E(T(x)) with T(E(x)) by cosine similarity and Pearson correlation. Highe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +16,7 @@ from torchvision.transforms.functional import hflip, resized_crop
 
 from ..explain.base import check_images, check_targets
 
-__all__ = ["CropFlip", "consistency", "random_crop_flips"]
+__all__ = ["CropFlip", "apply_each", "consistency", "random_crop_flips"]
 
 
 @dataclass(frozen=True)
@@ -40,10 +40,24 @@ class CropFlip:
         return out[:, 0] if squeeze else out
 
 
+def apply_each(transforms: Sequence[CropFlip], x: Tensor) -> Tensor:
+    """Transform ``i`` applied to item ``i`` of ``x`` (images ``[B,3,H,W]`` or maps ``[B,H,W]``): one
+    sampled transform per image, the same code for an image and its map (differentiable)."""
+    if len(transforms) != x.shape[0]:
+        raise ValueError(f"apply_each: {len(transforms)} transforms for a batch of {x.shape[0]}")
+    return torch.cat([t(x[i : i + 1]) for i, t in enumerate(transforms)])
+
+
 def random_crop_flips(
     n: int, size: tuple[int, int], generator: torch.Generator, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3)
 ) -> list[CropFlip]:
-    """``n`` random CropFlips: area fraction in ``scale``, aspect ratio in ``ratio`` (log-uniform)."""
+    """``n`` random CropFlips: area fraction uniform in ``scale``, aspect ratio log-uniform in ``ratio``,
+    flip with probability 1/2. The consistency metric uses ``scale=(0.5, 1)``; CGC training uses
+    ``(0.08, 1)`` (the random resized crop of ImageNet training)."""
+    if not (0 < scale[0] <= scale[1] <= 1):
+        raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+    if not (0 < ratio[0] <= ratio[1]):
+        raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
     h, w = size
     out = []
     for _ in range(n):

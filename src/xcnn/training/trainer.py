@@ -240,6 +240,7 @@ def fit(
             loader.generator.manual_seed(seed + epoch)  # the data order depends only on (seed, epoch)
             (train_mode or (lambda m: m.train()))(model)
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}  # a step may leave a term out (e.g. accuracy on a batch without labels)
             bar = _bar(loader, epoch, epochs, main, progress)
             for i, batch in enumerate(bar):
                 batch = to_device(batch, device)
@@ -255,6 +256,7 @@ def fit(
                     sched.step()
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 global_step = epoch * steps_per_epoch + i
                 if writer is not None and global_step % log_every == 0:
                     for k, v in logs.items():
@@ -262,7 +264,7 @@ def fit(
                     writer.add_scalar("step/lr", opt.param_groups[0]["lr"], global_step)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix({k: f"{v:.3f}" for k, v in logs.items()})
-            metrics = {"epoch": epoch, **{f"train/{k}": v / steps_per_epoch for k, v in sums.items()}}
+            metrics = {"epoch": epoch, **{f"train/{k}": v / counts[k] for k, v in sums.items()}}
             if world > 1:
                 dist.barrier()
             if main and val_data is not None:

@@ -1,0 +1,391 @@
+"""CGC: training a classifier whose Grad-CAM is consistent under image transforms (contrastive Grad-CAM
+consistency, Pillai et al. 2022), from labelled and unlabelled images, on the shared loop
+(docs/methods.md#cgc-contrastive-grad-cam-consistency).
+
+Each step draws one random resized crop + flip ``T_b`` per image (parameters kept), so the same transform
+moves an image and a map. With ``g = CAM(x)`` (differentiable, target = the model's top-1 on ``x``) and
+``g' = CAM(T(x))`` for the same class, both upsampled to the image size::
+
+    loss = CE(x) + CE(T(x))  [labelled images only]  +  lam * L_CGC(g', T(g))
+
+``L_CGC`` (:func:`cgc_loss`) is InfoNCE over the L2-normalised flattened maps: the positive of ``g'_b`` is
+``T_b(g_b)``, its negatives are the other images' ``g'_j`` (gathered from every process under DDP), with
+temperature ``tau``; ``consistency="l2"`` is the paper's non-contrastive ablation. Unlabelled images
+contribute only ``L_CGC``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .._io import atomic_write
+from ..explain.cam import CAM_COMBINE, cam_maps
+from ..hooks import frozen
+from ..metrics.consistency import apply_each, random_crop_flips
+from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
+from .trainer import accuracy_eval, fit, training_device
+
+__all__ = ["CONSISTENCY", "CGCData", "CGCTraining", "cgc_loss", "fit_cgc"]
+
+#: the consistency terms: the paper's InfoNCE, and its L2 ablation
+CONSISTENCY = ("contrastive", "l2")
+#: the run's settings, beside the checkpoint: a resumed run must have the same
+SETTINGS = "cgc_training.json"
+#: CGC's transform: ImageNet's random resized crop (area share, aspect ratio) + a horizontal flip
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _wide(t: Tensor) -> Tensor:
+    """Half-precision tensors as float32; float32/float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _unit(maps: Tensor) -> Tensor:
+    """Flattened, L2-normalised maps ``[B,D]``, at least float32 (an all-zero map stays zero)."""
+    return F.normalize(_wide(maps.flatten(1)), dim=1, eps=1e-8)
+
+
+def cgc_loss(
+    maps_aug: Tensor,
+    maps_ref: Tensor,
+    *,
+    tau: float = 0.5,
+    consistency: str = "contrastive",
+    gather: bool | None = None,
+) -> Tensor:
+    """The consistency loss between ``maps_aug`` = CAM(T(x)) and ``maps_ref`` = T(CAM(x)) (``[B,H,W]`` or
+    ``[B,D]``, the same shape; image ``b`` of one is the positive of image ``b`` of the other).
+
+    ``"contrastive"``: InfoNCE. With ``z`` the flattened L2-normalised maps, image ``b``'s logits are
+    ``[<z'_b, z_b>, <z'_b, z'_j> for every other image j] / tau`` and the loss is their cross-entropy
+    with the positive as the class, averaged over ``b``. Its minimum for non-negative maps,
+    ``log(1 + (N - 1) exp(-1/tau))``, is reached when every positive pair is identical and the negatives
+    orthogonal. ``"l2"``: ``mean_b ||z'_b - z_b||^2`` (= 2 - 2 cos; no negatives).
+
+    ``gather``: take the negatives from every process of the default process group (differentiably), so
+    the loss of a global batch is the same on any number of processes; default: when one with more than
+    one process is initialised.
+    """
+    if consistency not in CONSISTENCY:
+        raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if maps_aug.shape != maps_ref.shape:
+        raise ValueError(f"cgc_loss: maps of different shapes {list(maps_aug.shape)} and {list(maps_ref.shape)}")
+    z_aug, z_ref = _unit(maps_aug), _unit(maps_ref)
+    if consistency == "l2":
+        return (z_aug - z_ref).pow(2).sum(1).mean()
+    if gather is None:
+        gather = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    offset = 0
+    negatives = z_aug
+    if gather:
+        import torch.distributed.nn.functional as dist_fn
+
+        parts = dist_fn.all_gather(z_aug)  # gradients flow back to each process's own maps
+        offset = dist.get_rank() * z_aug.shape[0]
+        negatives = torch.cat(parts)
+    if negatives.shape[0] < 2:
+        raise ValueError("the contrastive CGC loss needs at least 2 images per batch (the negatives)")
+    positive = (z_aug * z_ref).sum(1, keepdim=True)
+    similar = z_aug @ negatives.T
+    rows = torch.arange(z_aug.shape[0], device=z_aug.device)
+    own = torch.zeros_like(similar, dtype=torch.bool)
+    own[rows, rows + offset] = True  # an image is not its own negative
+    similar = similar.masked_fill(own, float("-inf"))
+    logits = torch.cat([positive, similar], 1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+class CGCData(Dataset):
+    """Labelled samples, then unlabelled ones, as ``{"image", "label"}`` (label -1 when unlabelled).
+
+    Samples may be dicts with ``"image"``/``"label"`` or ``(image, label)`` tuples; an unlabelled dataset
+    may also yield bare image tensors. Everything else a sample carries is dropped.
+    """
+
+    def __init__(self, labeled: Dataset | None, unlabeled: Dataset | None = None) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.n_labeled = len(labeled) if labeled is not None else 0
+        self.n_unlabeled = len(unlabeled) if unlabeled is not None else 0
+        if self.n_labeled + self.n_unlabeled == 0:
+            raise ValueError("no training images: the labelled and unlabelled data are both empty")
+
+    def __len__(self) -> int:
+        return self.n_labeled + self.n_unlabeled
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if index < self.n_labeled:
+            image, label = _image_label(self.labeled[index], need_label=True)
+            return {"image": image, "label": label}
+        image, _ = _image_label(self.unlabeled[index - self.n_labeled], need_label=False)
+        return {"image": image, "label": torch.tensor(-1)}
+
+
+def _image_label(sample: object, need_label: bool) -> tuple[Tensor, Tensor | None]:
+    if isinstance(sample, dict):
+        image, label = sample.get("image"), sample.get("label")
+    elif isinstance(sample, (tuple, list)):
+        image, label = sample[0], sample[1] if len(sample) > 1 else None
+    else:
+        image, label = sample, None
+    if not isinstance(image, Tensor) or image.dim() != 3:
+        raise ValueError(f"a training sample's image must be a [3,H,W] tensor, got {type(image).__name__}")
+    if need_label:
+        if label is None:
+            raise ValueError("a labelled sample has no label (pass images without labels as unlabeled=)")
+        label = torch.as_tensor(label).long().reshape(())
+        if int(label) < 0:
+            raise ValueError(f"a labelled sample has the label {int(label)}; labels are class indices >= 0")
+    return image, label
+
+
+class CGCTraining(nn.Module):
+    """What the trainer optimises: the classifier, with the whole CGC loss computed inside ``forward``
+    (DistributedDataParallel sees one forward and one backward, double backward included).
+    ``forward(image, label)`` (label -1 = unlabelled) returns the total loss, each term and the logits of
+    the untransformed view."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        *,
+        lam: float,
+        tau: float,
+        consistency: str,
+        cam: str,
+        layer: str,
+        scale: tuple[float, float] = CROP_SCALE,
+        ratio: tuple[float, float] = CROP_RATIO,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.lam, self.tau, self.consistency, self.cam, self.layer = lam, tau, consistency, cam, layer
+        self.scale, self.ratio = scale, ratio
+        self.inner_scale = 2.0**10  # float16 autocast only: the CAM's inner gradient is taken of score * this
+
+    def forward(self, image: Tensor, label: Tensor) -> dict[str, Tensor]:
+        b, _, h, w = image.shape
+        # the transforms come from torch's global generator: seeded by fit, checkpointed, so resume repeats them
+        seed = int(torch.randint(0, 2**62, (1,))) + (dist.get_rank() if dist.is_initialized() else 0)
+        transforms = random_crop_flips(b, (h, w), torch.Generator().manual_seed(seed), self.scale, self.ratio)
+        aug = apply_each(transforms, image).clamp(0, 1)
+        labeled = label >= 0
+        terms: dict[str, Tensor] = {}
+        if self.lam == 0:  # the cross-entropy baseline: the same two views, no CAM
+            logits, logits_aug = self.model(image), self.model(aug)
+        else:
+            maps, logits = self._cams(image, None)
+            target = logits.detach().argmax(1)
+            maps_aug, logits_aug = self._cams(aug, target)
+            up = lambda m: F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
+            maps_aug, maps_ref = up(maps_aug), apply_each(transforms, up(maps))
+            terms["cgc"] = cgc_loss(maps_aug, maps_ref, tau=self.tau, consistency=self.consistency)
+            with torch.no_grad():
+                terms["cam_cosine"] = (_unit(maps_aug) * _unit(maps_ref)).sum(1).mean()
+        if bool(labeled.any()):
+            terms["ce"] = _ce(logits[labeled], label[labeled]) + _ce(logits_aug[labeled], label[labeled])
+        else:  # an unlabelled-only batch: the consistency term alone
+            terms["ce"] = logits.sum() * 0.0
+        loss = terms["ce"] + (self.lam * terms["cgc"] if "cgc" in terms else 0.0)
+        return {"loss": loss, **terms, "logits": logits}
+
+    def _cams(self, images: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Differentiable maps and logits. Under float16 autocast the inner gradient is scaled (and unscaled
+        in float32) so it does not flush to zero; a scale that overflows is lowered and the maps redone."""
+        device = images.device.type
+        half = torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+        while True:
+            scale = self.inner_scale if half else 1.0
+            maps, logits = cam_maps(
+                self.model, images, target, self.layer, self.cam, create_graph=True, return_logits=True,
+                grad_scale=scale,
+            )  # fmt: skip
+            if not half or bool(torch.isfinite(maps).all()) or self.inner_scale <= 1.0:
+                return maps, logits
+            self.inner_scale = max(1.0, self.inner_scale / 2.0**4)
+
+
+def _ce(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(_wide(logits), labels)
+
+
+def _step(net: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    out = net(batch["image"], batch["label"])
+    logs = {k: float(v.detach()) for k, v in out.items() if k not in ("logits", "loss")}
+    logs = {"loss": float(out["loss"].detach()), **logs}
+    labeled = batch["label"] >= 0
+    if bool(labeled.any()):
+        logs["acc"] = (out["logits"].argmax(1)[labeled] == batch["label"][labeled]).float().mean().item()
+    return out["loss"], logs
+
+
+def _evaluate(net: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    return accuracy_eval(net.model, loader, device)
+
+
+def _has_batch_statistics(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def split_labeled(data: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A seeded random split of ``range(len(data))`` into (labelled, unlabelled) indices, sorted; the
+    labelled share is ``fraction`` (at least one image)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
+    n = len(data)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = max(1, round(fraction * n))
+    return sorted(order[:k]), sorted(order[k:])
+
+
+def fit_cgc(
+    model: nn.Module,
+    labeled: Dataset,
+    *,
+    epochs: int = 5,
+    unlabeled: Dataset | None = None,
+    labeled_fraction: float = 1.0,
+    lam: float = 0.5,
+    tau: float = 0.5,
+    consistency: str = "contrastive",
+    layer: str | None = None,
+    cam: str = "gradcam",
+    scratch: bool = False,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 64,
+    val_data: Dataset | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    amp: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    num_workers: int = 0,
+) -> tuple[Classifier, list[dict]]:
+    """Train a copy of ``model`` with cross-entropy on the labelled images and ``lam`` times the CGC loss
+    on every image; return the trained copy (eval mode) and the per-epoch history. The caller's model is
+    untouched.
+
+    ``labeled``: samples with labels. ``labeled_fraction`` < 1 keeps a seeded random share of them labelled
+    and treats the rest as unlabelled (the few-labels setting). ``unlabeled``: more images, labels ignored.
+    Each batch mixes labelled and unlabelled images in proportion. ``lam=0`` is the cross-entropy baseline
+    on the same two views. ``cam``: the CAM inside the loss (one of :data:`~xcnn.explain.cam.CAM_COMBINE`),
+    at ``layer`` (default: the model's default layer). ``scratch=True`` re-initialises every weight first.
+    Optimiser: AdamW with a one-cycle schedule peaking at ``lr``. With ``amp`` on CUDA the forward passes run
+    in float16 and the CAM's inner gradient is scaled so it does not underflow. With ``out_dir``:
+    ``model.safetensors`` + ``model.json`` (``--model DIR`` everywhere), ``results.json``, the resumable
+    ``checkpoint.pt``, ``history.json`` and TensorBoard scalars (one per loss term).
+    """
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    if consistency not in CONSISTENCY:
+        raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+    if cam not in CAM_COMBINE:
+        raise ValueError(f"cam must be one of {sorted(CAM_COMBINE)}, got {cam!r}")
+    if unlabeled is not None and len(unlabeled) == 0:
+        raise ValueError("the unlabelled data set is empty")
+    keep, rest = split_labeled(labeled, labeled_fraction, seed)
+    n_extra = len(unlabeled) if unlabeled is not None else 0
+    if lam == 0 and (rest or n_extra):
+        raise ValueError("with lam=0 unlabelled images contribute nothing; give lam > 0 or labelled images only")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_process = batch_size // world if world > 1 else batch_size
+    clf = copy.deepcopy(as_classifier(model))
+    if per_process < 2 and _has_batch_statistics(clf):
+        raise ValueError(
+            f"a batch of {per_process} image per process: the model's batch norm needs at least 2 in train mode"
+        )
+    if consistency == "contrastive" and lam > 0 and batch_size < 2:
+        raise ValueError("the contrastive loss needs a batch of at least 2 images (the negatives)")
+    if scratch:
+        from .lap import reinitialise
+
+        reinitialise(clf.backbone, seed)
+    from torch.utils.data import ConcatDataset, Subset
+
+    pool = [Subset(labeled, rest)] if rest else []
+    pool += [unlabeled] if unlabeled is not None else []
+    data = CGCData(
+        Subset(labeled, keep) if labeled_fraction < 1 else labeled,
+        (ConcatDataset(pool) if len(pool) > 1 else pool[0]) if pool else None,
+    )
+    layer = layer or default_layer(clf)
+    _check_layer(clf, data, layer, cam, lam)  # before anything is written
+    settings = {
+        "lam": lam, "tau": tau, "consistency": consistency, "cam": cam, "layer": layer, "scratch": scratch,
+        "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
+        "labeled_fraction": labeled_fraction, "labeled_images": data.n_labeled, "unlabeled_images": data.n_unlabeled,
+        "crop_scale": list(CROP_SCALE), "crop_ratio": [round(r, 6) for r in CROP_RATIO],
+    }  # fmt: skip
+    main = int(os.environ.get("RANK", "0")) == 0
+    record = Path(out_dir) / SETTINGS if out_dir is not None else None
+    if resume and record is not None and record.is_file():
+        saved = json.loads(record.read_text())
+        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+        if changed:
+            raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
+
+    def write_settings(epoch: int, metrics: dict) -> None:
+        if epoch == 0 and main and record is not None:
+            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+
+    net = CGCTraining(clf, lam=lam, tau=tau, consistency=consistency, cam=cam, layer=layer)
+    dev = training_device(device)
+    history = fit(  # fit checks its own arguments before it creates out_dir
+        net, data, epochs=epochs, step=_step, val_data=val_data, evaluate=_evaluate, batch_size=batch_size,
+        out_dir=out_dir, resume=resume, amp=amp, seed=seed, device=dev, progress=progress,
+        callbacks=[write_settings, *callbacks], num_workers=num_workers,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay),
+        scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
+    )  # fmt: skip
+    clf.eval()
+    clf.weights = TRAINED_BY_XCNN
+    if out_dir is not None and main:
+        out = Path(out_dir)
+        save_model(clf.cpu(), out, training=settings)
+        clf.to(dev)
+        atomic_write(
+            out / "results.json",
+            lambda tmp: tmp.write_text(json.dumps({"training": settings, "final": history[-1]}, indent=2) + "\n"),
+        )
+    return clf, history
+
+
+def _check_layer(clf: Classifier, data: CGCData, layer: str, cam: str, lam: float) -> None:
+    """The CAM at ``layer`` works and, when the loss uses it, its maps depend on a trainable parameter."""
+    images = torch.stack([data[i]["image"] for i in range(min(2, len(data)))])
+    device = next(clf.parameters()).device
+    images = images.to(device)
+    if lam == 0:
+        with frozen(clf):
+            cam_maps(clf, images, None, layer, cam)
+        return
+    was_training = clf.training
+    clf.eval()
+    try:
+        maps = cam_maps(clf, images, None, layer, cam, create_graph=True)
+        params = [p for p in clf.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(maps.sum(), params, allow_unused=True) if params else [None]
+    finally:
+        clf.train(was_training)
+    if all(g is None for g in grads):
+        raise ValueError(
+            f"the {cam} maps at layer {layer!r} depend on no trainable parameter: the CGC loss would not train "
+            "anything; choose a layer with trainable layers above or below it"
+        )
