@@ -204,6 +204,20 @@ def test_a_few_cgc_steps_lower_the_consistency_loss(shapes32, bench32):
     assert {"train/ce", "train/cgc", "train/cam_cosine", "train/acc"} <= set(history[-1])
 
 
+def test_every_gradient_cam_can_be_the_loss_cam(shapes32):
+    train, _ = shapes32
+    images, labels = train.tensors["image"][:8], train.tensors["label"][:8]
+    for cam in ("gradcam", "gradcam++", "layercam", "xgradcam", "hirescam"):
+        model = small_shapesnet()
+        net = CGCTraining(model.train(), lam=0.5, tau=0.5, consistency="contrastive", cam=cam, layer="layer4")
+        torch.manual_seed(0)
+        out = net(images, labels)
+        out["loss"].backward()
+        assert math.isfinite(float(out["cgc"].detach())), cam
+        grad = model.backbone.layer3.conv1.weight.grad  # below the layer: reached through the activations
+        assert grad is not None and float(grad.abs().sum()) > 0, cam
+
+
 def test_unlabelled_only_batches_and_the_labelled_split(shapes32):
     train, _ = shapes32
     model = small_shapesnet()
@@ -373,3 +387,39 @@ def test_fit_cgc_under_torchrun_gathers_negatives_and_keeps_replicas_identical(t
     assert torch.equal(w0, w1)
     loaded = xcnn.load_model(tmp_path)
     assert torch.equal(torch.cat([p.flatten() for p in loaded.parameters()]), w0)
+
+
+def test_cli_train_cgc_on_folders_of_labelled_and_unlabelled_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from xcnn.cli import main
+    from xcnn.nets import ShapesNet
+
+    rng = np.random.default_rng(0)
+    root, loose = tmp_path / "data", tmp_path / "loose"
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    loose.mkdir()
+    for i in range(6):  # a flat folder: no classes
+        Image.fromarray(rng.integers(0, 255, (30, 50, 3), dtype=np.uint8)).save(loose / f"{i}.jpg")
+    torch.manual_seed(0)
+    arch = {"num_classes": 2, "widths": [8, 8, 8, 8], "strides": [2, 1, 2, 2, 1]}
+    model = Classifier(
+        ShapesNet(**arch), name="shapesnet", input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": arch}
+    )
+    xcnn.models.save_model(model, tmp_path / "m")
+    out = tmp_path / "cgc"
+    argv = ["train", "cgc", "--model", str(tmp_path / "m"), "--data", str(root), "--unlabeled", str(loose),
+            "--out", str(out), "--epochs", "2", "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["training"]["labeled_images"] == 8 and results["training"]["unlabeled_images"] == 6
+    assert len(json.loads((out / "history.json").read_text())) == 2
+    assert xcnn.load_model(out).num_classes == 2
+    bad = ["train", "cgc", "--model", str(tmp_path / "m"), "--data", str(root), "--unlabeled", "synthetic:10",
+           "--out", str(tmp_path / "bad")]  # fmt: skip
+    assert main(bad) == 2  # benchmark images do not go with a folder's classes
+    assert not (tmp_path / "bad").exists()
