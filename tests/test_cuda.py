@@ -74,3 +74,27 @@ def test_a_plain_module_on_the_gpu():
     for name in ("gradcam", "saliency"):
         assert xcnn.explainer(name, net)(torch.rand(2, 3, 32, 32, device="cuda")).device.type == "cuda"
         assert xcnn.explainer(name, model)(torch.rand(2, 3, 32, 32, device="cuda")).device.type == "cuda"
+
+
+def test_cgc_under_float16_autocast_matches_float32():
+    """The CGC step under float16 autocast (inner gradient scaled): the same loss as in float32, up to
+    float16 precision, and fit_cgc with amp=True trains (finite losses; GradScaler through the double
+    backward)."""
+    from xcnn.data.synthetic import Shapes
+    from xcnn.training.benchmark import InMemory
+    from xcnn.training.cgc import CGCTraining, fit_cgc
+
+    from .test_lap_training import small_shapesnet
+
+    data = InMemory(Shapes("train", 128, size=32, seed=0))
+    model = small_shapesnet().cuda().eval()
+    net = CGCTraining(model, lam=0.5, tau=0.5, consistency="contrastive", cam="gradcam", layer="layer4")
+    x, y = data.tensors["image"][:32].cuda(), data.tensors["label"][:32].cuda()
+    torch.manual_seed(0)
+    full = net(x, y)
+    torch.manual_seed(0)
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = net(x, y)
+    assert abs(float(half["cgc"]) - float(full["cgc"])) < 0.05 * abs(float(full["cgc"]))
+    _, history = fit_cgc(small_shapesnet(), data, epochs=2, batch_size=32, amp=True, device="cuda", progress=False)
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
