@@ -243,6 +243,11 @@ def test_unlabelled_only_batches_and_the_labelled_split(shapes32):
     assert len(keep) == round(0.05 * len(train)) and sorted(keep + rest) == list(range(len(train)))
     data = CGCData(torch.utils.data.Subset(train, keep), Bare())
     assert int(data[0]["label"]) >= 0 and int(data[len(keep)]["label"]) == -1
+    repeated = CGCData(torch.utils.data.Subset(train, keep), Bare(), repeat=3)
+    assert len(repeated) == 3 * len(keep) + 40 and int(repeated[3 * len(keep)]["label"]) == -1
+    assert torch.equal(repeated[len(keep) + 1]["image"], repeated[1]["image"])
+    with pytest.raises(ValueError, match="labeled_repeat must be a positive integer"):
+        CGCData(train, None, repeat=0)
     assert trained.weights == xcnn.models.TRAINED_BY_XCNN and not trained.training
 
 
@@ -320,11 +325,12 @@ def test_cli_train_cgc_then_explain_and_evaluate(tmp_path, bench32):
     _, _, folder = bench32
     out = tmp_path / "cgc"
     code = main(["train", "cgc", "--model", str(folder), "--out", str(out), "--epochs", "1", "--n-train", "96",
-                 "--labeled-fraction", "0.5", "--unlabeled", "synthetic:32", "--n-test", "64", "--batch-size", "32",
+                 "--labeled-fraction", "0.5", "--labeled-repeat", "2", "--unlabeled", "synthetic:32", "--n-test", "64", "--n-val", "32", "--batch-size", "32",
                  "--device", "cpu"])  # fmt: skip
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["labeled_images"] == 48 and results["training"]["unlabeled_images"] == 48 + 32
+    assert results["training"]["labeled_repeat"] == 2
     assert 0 <= results["test_acc"] <= 1 and set(results["consistency"]) == {"cosine", "pearson"}
     assert main(["explain", "sample:chelsea", "--model", str(out), "--method", "gradcam",
                  "--out", str(tmp_path / "e")]) == 0  # fmt: skip

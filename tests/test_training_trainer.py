@@ -145,3 +145,22 @@ def test_runs_unchanged_under_torchrun_with_two_gloo_processes(tmp_path):
     assert torch.equal(w0, w1)  # DDP keeps the replicas identical
     state = load_checkpoint(tmp_path / "checkpoint.pt")  # written once, by rank 0
     assert state["epoch"] == 1 and len(state["history"]) == 2
+
+
+def test_one_cycle_runs_for_any_number_of_steps():
+    """torch's OneCycleLR divides by zero when pct_start * total_steps is 1 (5 steps at 0.2): the
+    trainers' schedule runs for every length, warming up and annealing when it has room to."""
+    from xcnn.training.trainer import one_cycle
+
+    for total in range(1, 13):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = one_cycle(0.1)(opt, total)
+        rates = []
+        for _ in range(total):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        if total < 4:  # too short to warm up and anneal: the optimiser's rate
+            assert rates == [pytest.approx(0.1)] * total
+        else:  # the peak falls between steps when the warm-up does not end on one
+            assert 0.09 < max(rates) <= 0.1 + 1e-12 and rates[0] < 0.01 and rates[-1] < 0.05, (total, rates)

@@ -416,7 +416,8 @@ def cmd_train_cgc(args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
     trained, history = fit_cgc(
-        model, data, epochs=args.epochs, unlabeled=unlabeled, labeled_fraction=args.labeled_fraction, lam=args.lam,
+        model, data, epochs=args.epochs, unlabeled=unlabeled, labeled_fraction=args.labeled_fraction,
+        labeled_repeat=args.labeled_repeat, lam=args.lam,
         tau=args.tau, consistency=args.consistency, layer=args.layer, cam=args.cam, scratch=args.scratch, lr=args.lr,
         batch_size=args.batch_size, val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed,
         device=device,
@@ -797,6 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument(
         "--labeled-fraction", type=float, default=1.0,
         help="keep this share of --data labelled (seeded draw); the rest trains as unlabelled (default: %(default)s)",
+    )  # fmt: skip
+    tc.add_argument(
+        "--labeled-repeat", type=_positive_int, default=1,
+        help="show every labelled image this many times per epoch (few labels: so that batches carry enough of "
+        "them) (default: %(default)s)",
     )  # fmt: skip
     tc.add_argument("--out", required=True, help="output folder")
     tc.add_argument(

@@ -22,7 +22,7 @@ from .._io import atomic_write, prepare_out_dir
 from ..data.synthetic import CLASSES, Shapes
 from ..models import TRAINED_BY_XCNN, Classifier, _build_arch, save_model
 from ..nets import ShapesNet
-from .trainer import accuracy_eval, fit
+from .trainer import accuracy_eval, fit, one_cycle
 
 __all__ = ["ARCHITECTURES", "InMemory", "fit_benchmark"]
 
@@ -119,7 +119,7 @@ def fit_benchmark(
         model, train, epochs=epochs, val_data=val, batch_size=batch_size, out_dir=out, resume=resume, seed=seed,
         device=device, progress=progress, callbacks=callbacks,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=1e-4),
-        scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
+        scheduler=one_cycle(lr),
     )  # fmt: skip
     train_seconds = time.perf_counter() - start
     model.eval()

@@ -33,7 +33,7 @@ from ..explain.cam import CAM_COMBINE, cam_maps
 from ..hooks import frozen
 from ..metrics.consistency import apply_each, random_crop_flips
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
-from .trainer import accuracy_eval, fit, training_device
+from .trainer import accuracy_eval, fit, one_cycle, training_device
 
 __all__ = ["CONSISTENCY", "CGCData", "CGCTraining", "cgc_loss", "fit_cgc"]
 
@@ -109,27 +109,30 @@ def cgc_loss(
 
 
 class CGCData(Dataset):
-    """Labelled samples, then unlabelled ones, as ``{"image", "label"}`` (label -1 when unlabelled).
+    """Labelled samples (each ``repeat`` times), then unlabelled ones, as ``{"image", "label"}`` (label -1
+    when unlabelled).
 
     Samples may be dicts with ``"image"``/``"label"`` or ``(image, label)`` tuples; an unlabelled dataset
     may also yield bare image tensors. Everything else a sample carries is dropped.
     """
 
-    def __init__(self, labeled: Dataset | None, unlabeled: Dataset | None = None) -> None:
-        self.labeled, self.unlabeled = labeled, unlabeled
+    def __init__(self, labeled: Dataset | None, unlabeled: Dataset | None = None, repeat: int = 1) -> None:
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"labeled_repeat must be a positive integer, got {repeat!r}")
+        self.labeled, self.unlabeled, self.repeat = labeled, unlabeled, repeat
         self.n_labeled = len(labeled) if labeled is not None else 0
         self.n_unlabeled = len(unlabeled) if unlabeled is not None else 0
         if self.n_labeled + self.n_unlabeled == 0:
             raise ValueError("no training images: the labelled and unlabelled data are both empty")
 
     def __len__(self) -> int:
-        return self.n_labeled + self.n_unlabeled
+        return self.n_labeled * self.repeat + self.n_unlabeled
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        if index < self.n_labeled:
-            image, label = _image_label(self.labeled[index], need_label=True)
+        if index < self.n_labeled * self.repeat:
+            image, label = _image_label(self.labeled[index % self.n_labeled], need_label=True)
             return {"image": image, "label": label}
-        image, _ = _image_label(self.unlabeled[index - self.n_labeled], need_label=False)
+        image, _ = _image_label(self.unlabeled[index - self.n_labeled * self.repeat], need_label=False)
         return {"image": image, "label": torch.tensor(-1)}
 
 
@@ -257,6 +260,7 @@ def fit_cgc(
     epochs: int = 5,
     unlabeled: Dataset | None = None,
     labeled_fraction: float = 1.0,
+    labeled_repeat: int = 1,
     lam: float = 0.5,
     tau: float = 0.5,
     consistency: str = "contrastive",
@@ -282,7 +286,8 @@ def fit_cgc(
 
     ``labeled``: samples with labels. ``labeled_fraction`` < 1 keeps a seeded random share of them labelled
     and treats the rest as unlabelled (the few-labels setting). ``unlabeled``: more images, labels ignored.
-    Each batch mixes labelled and unlabelled images in proportion. ``lam=0`` is the cross-entropy baseline
+    Each batch mixes labelled and unlabelled images in proportion; ``labeled_repeat=k`` shows every labelled
+    image k times per epoch (with few labels, so that a batch carries enough of them). ``lam=0`` is the cross-entropy baseline
     on the same two views. ``cam``: the CAM inside the loss (one of :data:`~xcnn.explain.cam.CAM_COMBINE`),
     at ``layer`` (default: the model's default layer). ``scratch=True`` re-initialises every weight first.
     Optimiser: AdamW with a one-cycle schedule peaking at ``lr``. With ``amp`` on CUDA the forward passes run
@@ -324,6 +329,7 @@ def fit_cgc(
     data = CGCData(
         Subset(labeled, keep) if labeled_fraction < 1 else labeled,
         (ConcatDataset(pool) if len(pool) > 1 else pool[0]) if pool else None,
+        repeat=labeled_repeat,
     )
     layer = layer or default_layer(clf)
     _check_layer(clf, data, layer, cam, lam)  # before anything is written
@@ -331,6 +337,7 @@ def fit_cgc(
         "lam": lam, "tau": tau, "consistency": consistency, "cam": cam, "layer": layer, "scratch": scratch,
         "epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "seed": seed,
         "labeled_fraction": labeled_fraction, "labeled_images": data.n_labeled, "unlabeled_images": data.n_unlabeled,
+        "labeled_repeat": labeled_repeat,
         "crop_scale": list(CROP_SCALE), "crop_ratio": [round(r, 6) for r in CROP_RATIO],
     }  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0
@@ -352,7 +359,7 @@ def fit_cgc(
         out_dir=out_dir, resume=resume, amp=amp, seed=seed, device=dev, progress=progress,
         callbacks=[write_settings, *callbacks], num_workers=num_workers,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay),
-        scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
+        scheduler=one_cycle(lr),
     )  # fmt: skip
     clf.eval()
     clf.weights = TRAINED_BY_XCNN

@@ -34,7 +34,7 @@ from ..hooks import Tap, frozen, named_layer
 from ..interpretable.lap import _linear_after, insert_lap, lap_layers
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
 from .knowledge import Knowledge, WithKnowledge, attention_losses, cam_guidance_loss, rrr_loss
-from .trainer import fit, to_device, training_device
+from .trainer import fit, one_cycle, to_device, training_device
 
 __all__ = ["INJECTIONS", "KnowledgeTraining", "fit_lap", "reinitialise"]
 
@@ -271,7 +271,7 @@ def fit_lap(
         params=params, batch_size=batch_size, out_dir=out_dir, resume=resume, amp=amp, seed=seed, device=dev,
         progress=progress, callbacks=[write_settings, *callbacks], num_workers=num_workers, train_mode=train_mode,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=weight_decay),
-        scheduler=lambda opt, total: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.2),
+        scheduler=one_cycle(lr),
     )  # fmt: skip
     for p in clf.parameters():
         p.requires_grad_(trainable[id(p)])

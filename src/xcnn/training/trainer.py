@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .._io import atomic_write, prepare_out_dir
 
-__all__ = ["CHECKPOINT", "accuracy_eval", "classification_step", "fit", "load_checkpoint", "to_device"]
+__all__ = ["CHECKPOINT", "accuracy_eval", "classification_step", "fit", "load_checkpoint", "one_cycle", "to_device"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -66,6 +66,20 @@ def accuracy_eval(model: nn.Module, loader: DataLoader, device: torch.device) ->
         correct += int((logits.argmax(1) == batch["label"]).sum())
         total += len(batch["label"])
     return {"loss": loss / total, "acc": correct / total}
+
+
+def one_cycle(max_lr: float, pct_start: float = 0.2):
+    """A ``scheduler`` for :func:`fit`: one-cycle (warm-up to ``max_lr`` over ``pct_start`` of the steps,
+    then cosine annealing). Runs of fewer than 10 steps warm up over 2 steps (torch's OneCycleLR divides by
+    zero when ``pct_start * total_steps`` is 1); runs of fewer than 4 steps keep the optimiser's rate."""
+
+    def build(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+        if total < 4:
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        pct = max(pct_start, 2 / total)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct)
+
+    return build
 
 
 # ---- RNG and checkpoint state (tensors and plain numbers only, so weights_only loading works) ------------
