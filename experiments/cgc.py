@@ -4,7 +4,8 @@ few-labels setting, and the shortcut benchmark.
     python experiments/cgc.py --out runs/cgc --clean runs/clean --shortcut runs/shortcut
 
 ``--clean`` / ``--shortcut``: the reference model and the shortcut-0.9 model (``xcnn train benchmark --out
-clean`` and ``--shortcut 0.9 --out shortcut``). Parts (``--parts headline,fewlabels,shortcut``):
+clean`` and ``--shortcut 0.9 --out shortcut``). Parts (``--parts headline,shortcut,fewlabels``;
+``fewtable`` only rewrites ``OUT/fewlabels.md`` from ``OUT/fewlabels.json``):
 
 * ``headline``: from the clean model, the same training images and budget (``--epochs`` over
   ``--n-train`` images, one-cycle AdamW, batch 64), for each seed: (a) cross-entropy on the two views CGC
@@ -134,6 +135,14 @@ def fewlabels(args: argparse.Namespace, out: Path) -> None:
                          "labeled_repeat": options.get("labeled_repeat", 1), "test_acc": test_accuracy(trained, 64)})  # fmt: skip
             print(rows[-1], flush=True)
             write_json(out / "fewlabels.json", rows)
+    few_table(out)
+
+
+def few_table(out: Path) -> None:
+    """``OUT/fewlabels.md`` from ``OUT/fewlabels.json`` (also after an interrupted run: the seeds done)."""
+    import json
+
+    rows = json.loads((out / "fewlabels.json").read_text())
     lines = ["| run | epochs | optimiser steps | clean test accuracy (mean ± sd over seeds) | per seed |",
              "|---|---:|---:|---:|---|"]  # fmt: skip
     for name in dict.fromkeys(r["run"] for r in rows):
@@ -184,7 +193,9 @@ def main() -> None:
     args = parser.parse_args()
     out = prepare_out_dir(args.out)
     for part in args.parts.split(","):
-        {"headline": headline, "fewlabels": fewlabels, "shortcut": shortcut}[part.strip()](args, out)
+        parts = {"headline": headline, "fewlabels": fewlabels, "shortcut": shortcut,
+                 "fewtable": lambda args, out: few_table(out)}  # fmt: skip
+        parts[part.strip()](args, out)
 
 
 if __name__ == "__main__":
