@@ -7,7 +7,8 @@ One optimiser step (forward, loss, backward, AdamW) on one fixed batch, for: cro
 (the plain step), cross-entropy on the two views CGC sees (x and T(x): the lam=0 baseline), CGC with
 InfoNCE, and CGC with the L2 consistency. Models: ShapesNet at 64x64 (batch 64) and ResNet-18 at 224x224
 (random weights; batch 16 on CPU). Times are medians of round-robin repeats; peak memory is measured in a
-fresh process per step kind (CUDA: peak allocated; CPU: peak RSS above the RSS after setup).
+fresh process per step kind (CUDA: peak allocated; CPU: the process's high-water mark of resident memory,
+VmHWM, above its RSS after setup).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def step_fn(kind: str, model: Classifier, x: torch.Tensor, y: torch.Tensor, amp:
 
 
 PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {here!r})
 from cgc import build, step_fn
 from explainers import rss_mib
@@ -83,8 +84,9 @@ for _ in range(2):
     run()
 if device.type == "cuda":
     torch.cuda.synchronize(); print((torch.cuda.max_memory_allocated() - base) / 2**20)
-else:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base)
+else:  # VmHWM belongs to this address space (ru_maxrss would carry the parent's peak across fork + exec)
+    status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    print(int(status) / 1024 - base)
 """
 
 

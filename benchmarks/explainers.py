@@ -397,19 +397,22 @@ class Bench:
                          note=f"{passes()}; measured once")  # fmt: skip
 
     def peak_mib(self, method: str, steps: int) -> float:
-        """Peak memory (CUDA allocator, or the process's peak RSS on CPU) of a fresh process that loads the
-        model and explains one image with ``method`` at ``steps``."""
+        """Peak memory (CUDA allocator, or on CPU the process's high-water mark of resident memory, VmHWM) of
+        a fresh process that loads the model and explains one image with ``method`` at ``steps``. Not
+        ``ru_maxrss``: Linux carries it over from the parent across fork + exec, so a child started by a
+        large benchmark process would report the parent's peak."""
         import subprocess
         import sys
 
         code = f"""
-import resource, torch, xcnn
+import torch, xcnn
 torch.manual_seed(0)
 model = xcnn.load_model({self.name!r}, pretrained={self.pretrained}, device={str(self.device)!r})
 x = torch.rand(1, 3, *model.input_size, device={str(self.device)!r})
 xcnn.explainer({method!r}, model, steps={steps}, progress=False)(x)
 cuda = {self.device.type == "cuda"}
-print(torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+hwm = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024 if not cuda else 0.0
+print(torch.cuda.max_memory_allocated() / 2**20 if cuda else hwm)
 """
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         return float(out.stdout.split()[-1])

@@ -360,7 +360,7 @@ def _unlabeled_source(text: str | None) -> tuple[str, int | None] | None:
     """``--unlabeled``: ``synthetic:N`` or a folder, checked before any data is drawn."""
     if text is None:
         return None
-    if text.startswith("synthetic"):
+    if text == "synthetic" or text.startswith("synthetic:"):
         count = text.partition(":")[2]
         if not count.isdigit() or int(count) <= 0:
             raise ValueError(f"--unlabeled synthetic:N needs a positive image count N, got {text!r}")

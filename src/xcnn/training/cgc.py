@@ -74,8 +74,9 @@ def cgc_loss(
     orthogonal. ``"l2"``: ``mean_b ||z'_b - z_b||^2`` (= 2 - 2 cos; no negatives).
 
     ``gather``: take the negatives from every process of the default process group (differentiably), so
-    the loss of a global batch is the same on any number of processes; default: when one with more than
-    one process is initialised.
+    the loss of the same maps is the same on any number of processes (every process must pass the same
+    batch size); default: when one with more than one process is initialised. Computed in float32 (or
+    float64) whatever the autocast state.
     """
     if consistency not in CONSISTENCY:
         raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
@@ -83,6 +84,11 @@ def cgc_loss(
         raise ValueError(f"tau must be positive, got {tau}")
     if maps_aug.shape != maps_ref.shape:
         raise ValueError(f"cgc_loss: maps of different shapes {list(maps_aug.shape)} and {list(maps_ref.shape)}")
+    with torch.autocast(maps_aug.device.type, enabled=False):  # similarities in float32 even under AMP
+        return _cgc_loss(maps_aug, maps_ref, tau, consistency, gather)
+
+
+def _cgc_loss(maps_aug: Tensor, maps_ref: Tensor, tau: float, consistency: str, gather: bool | None) -> Tensor:
     z_aug, z_ref = _unit(maps_aug), _unit(maps_ref)
     if consistency == "l2":
         return (z_aug - z_ref).pow(2).sum(1).mean()
@@ -91,9 +97,14 @@ def cgc_loss(
     offset = 0
     negatives = z_aug
     if gather:
+        import warnings
+
         import torch.distributed.nn.functional as dist_fn
 
-        parts = dist_fn.all_gather(z_aug)  # gradients flow back to each process's own maps
+        with warnings.catch_warnings():  # deprecated for a private successor; works on gloo and NCCL (tested)
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            parts = dist_fn.all_gather(z_aug)  # gradients flow back to each process's own maps
         offset = dist.get_rank() * z_aug.shape[0]
         negatives = torch.cat(parts)
     if negatives.shape[0] < 2:
@@ -171,18 +182,22 @@ class CGCTraining(nn.Module):
         layer: str,
         scale: tuple[float, float] = CROP_SCALE,
         ratio: tuple[float, float] = CROP_RATIO,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
         self.lam, self.tau, self.consistency, self.cam, self.layer = lam, tau, consistency, cam, layer
-        self.scale, self.ratio = scale, ratio
-        self.inner_scale = 2.0**10  # float16 autocast only: the CAM's inner gradient is taken of score * this
+        self.scale, self.ratio, self.seed = scale, ratio, seed
+        # steps taken: with the seed and the rank it draws each step's crops, and it is checkpointed with the
+        # wrapper, so a resumed run (one process or several) draws the crops the uninterrupted run drew
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        # float16 autocast only: the CAM's inner gradient is taken of score * this; lowered on overflow,
+        # doubled after 200 steps without one (not checkpointed: a resumed run starts again at 2^10)
+        self.inner_scale, self._good_steps = 2.0**10, 0
 
     def forward(self, image: Tensor, label: Tensor) -> dict[str, Tensor]:
         b, _, h, w = image.shape
-        # the transforms come from torch's global generator: seeded by fit, checkpointed, so resume repeats them
-        seed = int(torch.randint(0, 2**62, (1,))) + (dist.get_rank() if dist.is_initialized() else 0)
-        transforms = random_crop_flips(b, (h, w), torch.Generator().manual_seed(seed), self.scale, self.ratio)
+        transforms = self.draw(b, (h, w))
         aug = apply_each(transforms, image).clamp(0, 1)
         labeled = label >= 0
         terms: dict[str, Tensor] = {}
@@ -199,10 +214,18 @@ class CGCTraining(nn.Module):
                 terms["cam_cosine"] = (_unit(maps_aug) * _unit(maps_ref)).sum(1).mean()
         if bool(labeled.any()):
             terms["ce"] = _ce(logits[labeled], label[labeled]) + _ce(logits_aug[labeled], label[labeled])
-        else:  # an unlabelled-only batch: the consistency term alone
-            terms["ce"] = logits.sum() * 0.0
-        loss = terms["ce"] + (self.lam * terms["cgc"] if "cgc" in terms else 0.0)
+            loss = terms["ce"]
+        else:  # an unlabelled-only batch: the consistency term alone (no "ce" logged for it)
+            loss = logits.sum() * 0.0
+        loss = loss + (self.lam * terms["cgc"] if "cgc" in terms else 0.0)
         return {"loss": loss, **terms, "logits": logits}
+
+    def draw(self, n: int, size: tuple[int, int]) -> list:
+        """This step's ``n`` transforms (from the seed, the step count and the rank), and one step on."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        draw = torch.Generator().manual_seed(((self.seed * 1_000_003 + int(self.steps)) * 4096 + rank) % 2**63)
+        self.steps += 1
+        return random_crop_flips(n, size, draw, self.scale, self.ratio)
 
     def _cams(self, images: Tensor, target: Tensor | None) -> tuple[Tensor, Tensor]:
         """Differentiable maps and logits. Under float16 autocast the inner gradient is scaled (and unscaled
@@ -215,9 +238,15 @@ class CGCTraining(nn.Module):
                 self.model, images, target, self.layer, self.cam, create_graph=True, return_logits=True,
                 grad_scale=scale,
             )  # fmt: skip
-            if not half or bool(torch.isfinite(maps).all()) or self.inner_scale <= 1.0:
+            if not half:
                 return maps, logits
-            self.inner_scale = max(1.0, self.inner_scale / 2.0**4)
+            if bool(torch.isfinite(maps).all()) or self.inner_scale <= 1.0:
+                self._good_steps += 1
+                if self._good_steps >= 200 and self.inner_scale < 2.0**16:
+                    self.inner_scale, self._good_steps = self.inner_scale * 2.0, 0
+                return maps, logits
+            # an overflow: a lower scale and the forward again (batch norm sees this batch twice)
+            self.inner_scale, self._good_steps = max(1.0, self.inner_scale / 2.0**4), 0
 
 
 def _ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -305,6 +334,8 @@ def fit_cgc(
         raise ValueError(f"cam must be one of {sorted(CAM_COMBINE)}, got {cam!r}")
     if unlabeled is not None and len(unlabeled) == 0:
         raise ValueError("the unlabelled data set is empty")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: no parameter of the model requires grad")
     keep, rest = split_labeled(labeled, labeled_fraction, seed)
     n_extra = len(unlabeled) if unlabeled is not None else 0
     if lam == 0 and (rest or n_extra):
@@ -352,7 +383,7 @@ def fit_cgc(
         if epoch == 0 and main and record is not None:
             atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
 
-    net = CGCTraining(clf, lam=lam, tau=tau, consistency=consistency, cam=cam, layer=layer)
+    net = CGCTraining(clf, lam=lam, tau=tau, consistency=consistency, cam=cam, layer=layer, seed=seed)
     dev = training_device(device)
     history = fit(  # fit checks its own arguments before it creates out_dir
         net, data, epochs=epochs, step=_step, val_data=val_data, evaluate=_evaluate, batch_size=batch_size,

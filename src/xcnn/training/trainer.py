@@ -183,7 +183,8 @@ def fit(
     log_every: int = 10,
     train_mode: Callable[[nn.Module], None] | None = None,
 ) -> list[dict]:
-    """Train ``model`` for ``epochs``; return one dict of metrics per epoch (``train/*``, ``val/*``).
+    """Train ``model`` for ``epochs``; return one dict of metrics per epoch (``train/*``: each logged term
+    averaged over the steps that logged it; ``val/*``).
 
     ``params``: what to optimise (default: every parameter that requires grad). ``optimizer(params)``
     and ``scheduler(optimizer, total_steps)`` build them (defaults: AdamW 1e-3, no schedule); the
