@@ -192,7 +192,7 @@ class CGCTraining(nn.Module):
         # wrapper, so a resumed run (one process or several) draws the crops the uninterrupted run drew
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         # float16 autocast only: the CAM's inner gradient is taken of score * this; lowered on overflow,
-        # doubled after 200 steps without one (not checkpointed: a resumed run starts again at 2^10)
+        # doubled after 200 CAMs (100 steps) without one (not checkpointed: a resumed run starts again at 2^10)
         self.inner_scale, self._good_steps = 2.0**10, 0
 
     def forward(self, image: Tensor, label: Tensor) -> dict[str, Tensor]:
