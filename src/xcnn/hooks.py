@@ -7,6 +7,8 @@
 * :func:`frozen` puts a model in eval mode with ``requires_grad=False`` and restores both on exit.
 * :func:`replace_module` swaps a named submodule for another (architecture edits such as LAP);
   :func:`replaced` does it for the length of a ``with`` block.
+* :func:`intervene` changes a named layer's output while a ``with`` block runs (channel ablation:
+  :func:`scale_channels`).
 
 All hooks are removed when the ``with`` block ends, also when it ends with an exception.
 """
@@ -23,10 +25,12 @@ __all__ = [
     "Tap",
     "frozen",
     "input_shapes",
+    "intervene",
     "named_layer",
     "output_shapes",
     "replace_module",
     "replaced",
+    "scale_channels",
     "trace_outputs",
 ]
 
@@ -222,3 +226,40 @@ def replaced(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[n
     finally:
         for name, old in reversed(done):
             replace_module(model, name, old)
+
+
+@contextlib.contextmanager
+def intervene(model: nn.Module, name: str, fn) -> Iterator[nn.Module]:
+    """While the ``with`` block runs, the output of ``model``'s layer ``name`` is replaced by
+    ``fn(output)`` in every forward pass; the hook is removed on exit, also after an exception."""
+    layer = named_layer(model, name)
+
+    def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor: cannot intervene on it")
+        return fn(output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def scale_channels(model: nn.Module, name: str, factors: Tensor) -> contextlib.AbstractContextManager:
+    """Multiply the channels of layer ``name``'s output ``[B,C,...]`` by ``factors``: ``[C]`` (every image
+    alike) or ``[B,C]`` (one row per image: several ablations in one batch). Zeros ablate channels."""
+
+    def scaled(output: Tensor) -> Tensor:
+        if output.dim() < 2:
+            raise ValueError(f"layer {name!r} has output shape {list(output.shape)}; channels need [B,C,...]")
+        f = factors.to(device=output.device, dtype=output.dtype)
+        if f.dim() == 1:
+            f = f.expand(output.shape[0], -1)
+        if tuple(f.shape) != tuple(output.shape[:2]):
+            raise ValueError(
+                f"layer {name!r}: factors of shape {list(factors.shape)} for an output of shape {list(output.shape)}"
+            )
+        return output * f.reshape(*f.shape, *([1] * (output.dim() - 2)))
+
+    return intervene(model, name, scaled)
