@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from xcnn.hooks import intervene, scale_channels
-from xcnn.inspection import ablation_effect, filter_importance
+from xcnn.inspection import (
+    ablation_effect,
+    class_association,
+    feature_correlation,
+    filter_importance,
+    layer_similarity,
+    linear_cka,
+    pooled_features,
+    redundant_pairs,
+)
 from xcnn.models import Classifier
 
 from .test_lap_training import SmoothNet
@@ -94,3 +103,44 @@ def test_bad_inspection_input():
         filter_importance(model, d, "nope")
     with pytest.raises(ValueError, match="out of range"):
         ablation_effect(model, d, "features", [7])
+
+
+def test_linear_cka_properties():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    y = torch.randn(40, 9, generator=gen, dtype=torch.float64)
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert linear_cka(x, y) == pytest.approx(linear_cka(y, x), rel=1e-12)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    assert linear_cka(x, 3.7 * x @ q) == pytest.approx(1.0, abs=1e-12)  # orthogonal + isotropic scaling
+    assert linear_cka(x @ q + 5.0, y) == pytest.approx(linear_cka(x, y), rel=1e-10)  # and a shift
+    assert 0 < linear_cka(x, y) < 0.5
+    stretch = torch.diag(torch.tensor([1.0, 1, 1, 1, 1, 20], dtype=torch.float64))
+    assert linear_cka(x, x @ stretch) < 0.9  # not invariant to anisotropic scaling
+    with pytest.raises(ValueError, match="constant"):
+        linear_cka(torch.ones(5, 2), x[:5])
+    with pytest.raises(ValueError, match="same N"):
+        linear_cka(x, y[:10])
+
+
+def test_correlation_association_and_layer_similarity_on_a_model():
+    model, d = smooth_model(), data(12)
+    feats, labels = pooled_features(model, d, ["features", "features.1"])
+    assert feats["features"].shape == (12, 5) and torch.equal(labels, d["label"])
+    corr = feature_correlation(model, d, "features")
+    expected = torch.corrcoef(feats["features"].T)
+    torch.testing.assert_close(corr, expected, rtol=1e-10, atol=1e-12)
+    assert torch.equal(corr, corr.T) and bool((corr.diagonal() == 1).all())
+    pairs = redundant_pairs(corr, top=3)
+    assert len(pairs) == 3 and all(i < j for i, j, _ in pairs)
+    assert abs(pairs[0][2]) == float(corr.triu(1).abs().max())
+    assoc = class_association(model, d, "features")
+    torch.testing.assert_close(assoc[1], feats["features"][d["label"] == 1].mean(0))
+    sim = layer_similarity(model, d, ["features.0", "features.1", "features"])
+    assert sim.shape == (3, 3) and torch.equal(sim, sim.T) and bool((sim.diagonal() == 1).all())
+    # features.1 is the softplus of features.0: a monotone map of it, similar but not identical
+    assert 0.5 < float(sim[0, 1]) < 1.0
+    with pytest.raises(ValueError, match="needs labelled data"):
+        class_association(model, {"image": d["image"]}, "features")
+    with pytest.raises(ValueError, match="feature map"):
+        pooled_features(model, d, ["fc"])

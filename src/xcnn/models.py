@@ -121,8 +121,9 @@ class Classifier(nn.Module):
             return len(self.class_names)
         param = next(self.backbone.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32  # e.g. float64
         with frozen(self), torch.no_grad():
-            out = self(torch.zeros(1, 3, *self.input_size, device=device))
+            out = self(torch.zeros(1, 3, *self.input_size, device=device, dtype=dtype))
         return int(out.shape[-1])
 
     def class_name(self, index: int) -> str:
