@@ -465,6 +465,34 @@ RANDOM_WEIGHTS_HELP = (
 )
 
 
+def _add_model_source(p: argparse.ArgumentParser) -> None:
+    """--model with --weights / --random-weights (the fine-tuning trainers)."""
+    p.add_argument("--model", required=True, help="a folder saved by `xcnn train`, or a model name")
+    p.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
+    p.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
+
+
+def _add_finetune_run(p: argparse.ArgumentParser, amp_help: str) -> None:
+    """The optimiser, synthetic-data sizes and run options the fine-tuning trainers share."""
+    p.add_argument(
+        "--lr", type=_positive_float, default=1e-3, help="one-cycle peak AdamW learning rate (default: %(default)s)"
+    )
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    p.add_argument(
+        "--n-train", type=_positive_int, default=6000, help="synthetic training images (default: %(default)s)"
+    )
+    p.add_argument(
+        "--n-val", type=_positive_int, default=500, help="synthetic clean validation images (default: %(default)s)"
+    )
+    p.add_argument(
+        "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help=amp_help)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .explain import list_explainers
 
@@ -689,9 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with RRR or Grad-CAM supervision. Writes model.safetensors + model.json (use as --model DIR), checkpoint.pt, "
         "history.json, TensorBoard scalars (one per loss term) and results.json.",
     )  # fmt: skip
-    tl.add_argument("--model", required=True, help="a folder saved by `xcnn train`, or a model name")
-    tl.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
-    tl.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
+    _add_model_source(tl)
     tl.add_argument(
         "--data", default="synthetic",
         help="'synthetic' (the shapes benchmark's train split) or an image folder (root/<class>/<image>; "
@@ -734,19 +760,6 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tl.add_argument("--epochs", type=_positive_int, default=10, help="(default: %(default)s, the benchmark recipe's)")
     tl.add_argument(
-        "--lr", type=_positive_float, default=1e-3, help="one-cycle peak AdamW learning rate (default: %(default)s)"
-    )
-    tl.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
-    tl.add_argument(
-        "--n-train", type=_positive_int, default=6000, help="synthetic training images (default: %(default)s)"
-    )
-    tl.add_argument(
-        "--n-val", type=_positive_int, default=500, help="synthetic clean validation images (default: %(default)s)"
-    )
-    tl.add_argument(
-        "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
-    )
-    tl.add_argument(
         "--beta-look", type=float, default=1.0, help="LAP: weight of the 'look here' term (default: %(default)s)"
     )
     tl.add_argument(
@@ -770,10 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument(
         "--cam-layer", default=None, help="Grad-CAM supervision: the layer (default: the model's default layer)"
     )
-    tl.add_argument("--seed", type=int, default=0)
-    tl.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
-    tl.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    tl.add_argument("--device", default="auto")
+    _add_finetune_run(tl, amp_help="fp16 autocast on CUDA")
     tl.set_defaults(func=cmd_train_lap)
 
     tc = tr_sub.add_parser(
@@ -783,9 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model.json (use as --model DIR), checkpoint.pt, history.json, TensorBoard scalars (one per loss term) and "
         "results.json (with synthetic data: clean test accuracy and the consistency of the trained model's CAM).",
     )  # fmt: skip
-    tc.add_argument("--model", required=True, help="a folder saved by `xcnn train`, or a model name")
-    tc.add_argument("--weights", default=None, help="weights for a named model (.safetensors or weights-only .pth)")
-    tc.add_argument("--random-weights", action="store_true", help=RANDOM_WEIGHTS_HELP)
+    _add_model_source(tc)
     tc.add_argument(
         "--data", default="synthetic",
         help="'synthetic' (the shapes benchmark's train split) or an image folder (root/<class>/<image>) "
@@ -827,23 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
     )  # fmt: skip
     tc.add_argument("--epochs", type=_positive_int, default=5, help="(default: %(default)s)")
-    tc.add_argument(
-        "--lr", type=_positive_float, default=1e-3, help="one-cycle peak AdamW learning rate (default: %(default)s)"
-    )
-    tc.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
-    tc.add_argument(
-        "--n-train", type=_positive_int, default=6000, help="synthetic training images (default: %(default)s)"
-    )
-    tc.add_argument(
-        "--n-val", type=_positive_int, default=500, help="synthetic clean validation images (default: %(default)s)"
-    )
-    tc.add_argument(
-        "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
-    )
-    tc.add_argument("--seed", type=int, default=0)
-    tc.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (the CAM's inner gradient is scaled)")
-    tc.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    tc.add_argument("--device", default="auto")
+    _add_finetune_run(tc, amp_help="fp16 autocast on CUDA (the CAM's inner gradient is scaled)")
     tc.set_defaults(func=cmd_train_cgc)
 
     de = sub.add_parser(

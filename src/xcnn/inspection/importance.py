@@ -14,9 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..hooks import Tap, frozen, named_layer, scale_channels
+from ..metrics.harness import _collate
 from ..models import Classifier, as_classifier
 
 __all__ = ["IMPORTANCE_METHODS", "ablation_effect", "filter_importance"]
@@ -26,13 +27,9 @@ Data = Dataset | Mapping[str, Tensor]
 
 
 def _batches(data: Data, batch_size: int) -> Iterable[tuple[Tensor, Tensor | None]]:
-    """``(images, labels or None)`` batches of a dataset (dict or tuple samples) or a dict of tensors."""
-    if isinstance(data, Mapping):
-        images, labels = data["image"], data.get("label")
-        for start in range(0, len(images), batch_size):
-            yield images[start : start + batch_size], None if labels is None else labels[start : start + batch_size]
-        return
-    for batch in DataLoader(data, batch_size=batch_size, shuffle=False):
+    """``(images, labels or None)`` batches of a dataset (dict, tuple or bare-image samples) or a dict of
+    stacked tensors, in order (the harness's batching)."""
+    for batch in _collate(data, batch_size):
         if isinstance(batch, Mapping):
             yield batch["image"], batch.get("label")
         elif isinstance(batch, (tuple, list)):

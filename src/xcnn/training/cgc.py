@@ -33,7 +33,7 @@ from ..explain.cam import CAM_COMBINE, cam_maps
 from ..hooks import frozen
 from ..metrics.consistency import apply_each, random_crop_flips
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
-from .trainer import accuracy_eval, fit, one_cycle, training_device
+from .trainer import accuracy_eval, fit, one_cycle, settings_record, training_device
 
 __all__ = ["CONSISTENCY", "CGCData", "CGCTraining", "cgc_loss", "fit_cgc"]
 
@@ -372,16 +372,7 @@ def fit_cgc(
         "crop_scale": list(CROP_SCALE), "crop_ratio": [round(r, 6) for r in CROP_RATIO],
     }  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0
-    record = Path(out_dir) / SETTINGS if out_dir is not None else None
-    if resume and record is not None and record.is_file():
-        saved = json.loads(record.read_text())
-        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
-        if changed:
-            raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
-
-    def write_settings(epoch: int, metrics: dict) -> None:
-        if epoch == 0 and main and record is not None:
-            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    write_settings = settings_record(out_dir, SETTINGS, settings, resume)
 
     net = CGCTraining(clf, lam=lam, tau=tau, consistency=consistency, cam=cam, layer=layer, seed=seed)
     dev = training_device(device)

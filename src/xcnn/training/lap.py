@@ -34,7 +34,7 @@ from ..hooks import Tap, frozen, named_layer
 from ..interpretable.lap import _linear_after, insert_lap, lap_layers
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
 from .knowledge import Knowledge, WithKnowledge, attention_losses, cam_guidance_loss, rrr_loss
-from .trainer import fit, one_cycle, to_device, training_device
+from .trainer import fit, one_cycle, settings_record, to_device, training_device
 
 __all__ = ["INJECTIONS", "KnowledgeTraining", "fit_lap", "reinitialise"]
 
@@ -253,16 +253,7 @@ def fit_lap(
         "knowledge_images": k.indices, "seed": seed,
     }  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0
-    record = Path(out_dir) / SETTINGS if out_dir is not None else None
-    if resume and record is not None and record.is_file():
-        saved = json.loads(record.read_text())
-        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
-        if changed:
-            raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
-
-    def write_settings(epoch: int, metrics: dict) -> None:
-        if epoch == 0 and main and record is not None:
-            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+    write_settings = settings_record(out_dir, SETTINGS, settings, resume)
 
     net = KnowledgeTraining(clf, injection, weights, layer)
     dev = training_device(device)

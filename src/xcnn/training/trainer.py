@@ -29,7 +29,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .._io import atomic_write, prepare_out_dir
 
-__all__ = ["CHECKPOINT", "accuracy_eval", "classification_step", "fit", "load_checkpoint", "one_cycle", "to_device"]
+__all__ = [
+    "CHECKPOINT",
+    "accuracy_eval",
+    "classification_step",
+    "fit",
+    "load_checkpoint",
+    "one_cycle",
+    "settings_record",
+    "to_device",
+]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -80,6 +89,25 @@ def one_cycle(max_lr: float, pct_start: float = 0.2):
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct)
 
     return build
+
+
+def settings_record(out_dir: str | Path | None, name: str, settings: dict, resume: bool) -> Callable[[int, dict], None]:
+    """A trainer's settings kept beside its checkpoint as ``out_dir/name`` (JSON). With ``resume``, a file
+    written by a run with other settings is an error, raised now (before anything is trained or written).
+    Returns the callback for :func:`fit` that writes the file after the first epoch (rank 0 only)."""
+    record = Path(out_dir) / name if out_dir is not None else None
+    if resume and record is not None and record.is_file():
+        saved = json.loads(record.read_text())
+        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+        if changed:
+            raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
+    main = int(os.environ.get("RANK", "0")) == 0
+
+    def write(epoch: int, metrics: dict) -> None:
+        if epoch == 0 and main and record is not None:
+            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
+
+    return write
 
 
 # ---- RNG and checkpoint state (tensors and plain numbers only, so weights_only loading works) ------------
