@@ -141,3 +141,41 @@ def test_save_model_round_trip(tmp_path):
     assert json.loads((tmp_path / "m" / "model.json").read_text())["note"] == "hello"
     with pytest.raises(ValueError, match="built by name"):
         save_model(load_model(nn.Linear(2, 2), raw_pixels=True), tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "name,stages",
+    [
+        ("shapesnet", ["layer1", "layer2", "layer3", "layer4"]),
+        ("vgg11_bn", ["features.3", "features.7", "features.14", "features.21", "features.28"]),
+        ("mobilenet_v2", ["features.1", "features.3", "features.6", "features.13", "features"]),
+    ],
+)
+def test_stage_layers_and_one_survey_for_all_layer_facts(name, stages):
+    from xcnn.hooks import Tap
+    from xcnn.models import stage_layers, survey_layers
+
+    model = load_model(name, pretrained=False, input_size=(64, 64))
+    calls = []
+    handle = model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    survey = survey_layers(model)
+    handle.remove()
+    assert len(calls) == 1  # one dummy forward answers the default layer, the stages and the shapes
+    assert list(survey.stages) == stages == stage_layers(model)
+    assert survey.stages[-1] == survey.default or name == "vgg11_bn"  # VGG's last stage is its last pool
+    assert stage_layers(model, 2) == stages[-2:]
+    with pytest.raises(ValueError, match="fewer than 9 spatial stages"):
+        stage_layers(model, 9)
+    with torch.no_grad(), Tap(model.backbone, stages) as tap:
+        model(torch.rand(2, 3, 64, 64))
+        for layer in stages:
+            assert survey.shapes[layer] == tuple(tap.get(layer).shape[1:])
+
+
+def test_stage_layers_of_the_bundled_model_and_a_token_model(lite0):
+    from xcnn.models import stage_layers
+
+    assert stage_layers(lite0) == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"]
+    vit = load_model("vit_tiny_patch16_224", pretrained=False)
+    with pytest.raises(ValueError, match="no spatial stages"):
+        stage_layers(vit)

@@ -1,4 +1,4 @@
-"""Models: the pixel-space :class:`Classifier` wrapper, :func:`load_model`, :func:`default_layer`.
+"""Models: the pixel-space :class:`Classifier` wrapper, :func:`load_model`, layer discovery (:func:`survey_layers`).
 
 Every image that enters xcnn is float ``[B,3,H,W]`` in [0,1]; the model's own normalisation happens
 inside :class:`Classifier`. Layers are addressed by their names in ``Classifier.backbone``.
@@ -6,6 +6,7 @@ inside :class:`Classifier`. Layers are addressed by their names in ``Classifier.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -26,6 +27,7 @@ __all__ = [
     "BUNDLED_MODEL",
     "TRAINED_BY_XCNN",
     "Classifier",
+    "LayerSurvey",
     "MissingWeightsError",
     "UnnormalisedInputWarning",
     "XcnnWarning",
@@ -35,6 +37,8 @@ __all__ = [
     "load_model",
     "load_state_dict_file",
     "save_model",
+    "stage_layers",
+    "survey_layers",
     "token_grid",
 ]
 
@@ -743,28 +747,105 @@ def _is_token_grid(output: object, prefix: int | None) -> bool:
     return True
 
 
-def default_layer(model: nn.Module) -> str:
-    """The backbone layer xcnn explains by default: the last spatial feature map before global pooling.
+@dataclasses.dataclass(frozen=True)
+class LayerSurvey:
+    """What one dummy forward pass tells about a backbone's layers (see :func:`survey_layers`).
 
-    Rule (one forward pass on a dummy image): among modules whose output is a 4-D map larger than 1x1,
-    shaped like the image and not produced by a pooling layer, take the last to run; name it by the shallowest module that returns
-    that same tensor (``layer4`` rather than ``layer4.1.relu``). Token models (ViT: 3-D outputs after the
-    patch embedding) use the input norm of the last block (``blocks.11.norm1``): the patch tokens after
-    the last attention no longer reach a class-token head.
+    ``default``: the layer xcnn explains by default; ``stages``: the output of each stage, shallow to deep
+    (empty for token models); ``shapes``: the output shape ``[C,h,w]`` (or ``[N,d]`` for tokens) of every
+    named module that returns a tensor, on one image at the model's input size."""
+
+    default: str
+    stages: tuple[str, ...]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def survey_layers(model: nn.Module) -> LayerSurvey:
+    """Find the default layer and the stage outputs of ``model``'s backbone from one forward pass on a
+    dummy image (the model's weights, mode and BatchNorm statistics are left as they were).
+
+    Default layer: among modules whose output is a 4-D map larger than 1x1, shaped like the image and not
+    produced by a pooling layer, the last to run, named by the shallowest module that returns that same
+    tensor (``layer4`` rather than ``layer4.1.relu``). Token models (ViT: 3-D outputs after the patch
+    embedding) use the input norm of the last block (``blocks.11.norm1``): the patch tokens after the last
+    attention no longer reach a class-token head.
+
+    Stages: ResNet-style networks (torchvision, timm, the benchmark CNN) ``layer1``..``layer4``;
+    torchvision VGG its max-pooling layers; anything else (EfficientNet, MobileNet, DenseNet, ...) one
+    layer per spatial resolution larger than the default layer's, the last top-level (depth <= 2) module
+    producing it, then the default layer.
     """
     clf = as_classifier(model)
     backbone = clf.backbone
     param = next(clf.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    dummy = torch.rand(1, 3, *clf.input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    dummy = torch.rand(1, 3, *clf.input_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     try:
         with frozen(clf):
-            records = trace_outputs(backbone, (dummy - clf.mean) / clf.std)
+            records = trace_outputs(backbone, (dummy - clf.mean.to(dtype)) / clf.std.to(dtype))
     except Exception as err:
         raise ValueError(
             f"could not run {type(backbone).__name__} on a {clf.input_size[0]}x{clf.input_size[1]} image to find its "
-            f"default layer ({type(err).__name__}: {err}); give load_model the right input_size=, or pass layer="
+            f"layers ({type(err).__name__}: {err}); give load_model the right input_size=, or pass layer="
         ) from err
+    shapes = {name: tuple(out.shape[1:]) for name, _, out in records if isinstance(out, Tensor)}
+    default = _default_from_trace(backbone, records, clf.input_size)
+    return LayerSurvey(default, _stages_from_trace(backbone, records, clf.input_size, default), shapes)
+
+
+def default_layer(model: nn.Module) -> str:
+    """The backbone layer xcnn explains by default: the last spatial feature map before global pooling
+    (the rule: :func:`survey_layers`)."""
+    return survey_layers(model).default
+
+
+def stage_layers(model: nn.Module, n: int | None = None) -> list[str]:
+    """The outputs of ``model``'s stages, shallow to deep (the last ``n`` when given; the rule:
+    :func:`survey_layers`). Layer-wise inspection probes them; TAME taps the last three."""
+    if n is not None and n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    survey = survey_layers(model)
+    stages = list(survey.stages)
+    if not stages:
+        raise ValueError(
+            f"{type(as_classifier(model).backbone).__name__} has no spatial stages (a token model?); pass layers= explicitly"
+        )
+    if n is None:
+        return stages
+    if len(stages) < n:
+        raise ValueError(
+            f"{type(as_classifier(model).backbone).__name__} has fewer than {n} spatial stages ({stages}); "
+            "pass layers= explicitly"
+        )
+    return stages[-n:]
+
+
+def _stages_from_trace(backbone: nn.Module, records: list, input_hw: tuple[int, int], default: str) -> tuple[str, ...]:
+    names = dict(backbone.named_modules())
+    if all(f"layer{i}" in names for i in range(1, 5)):
+        return tuple(f"layer{i}" for i in range(1, 5))
+    if type(backbone).__name__ == "VGG" and isinstance(getattr(backbone, "features", None), nn.Sequential):
+        pools = tuple(f"features.{i}" for i, m in enumerate(backbone.features) if isinstance(m, nn.MaxPool2d))
+        if pools:
+            return pools
+    final = next((out for name, _, out in records if name == default), None)
+    if not _is_spatial(final, input_hw):
+        return ()
+    final_hw = final.shape[-2:]
+    last: dict[tuple[int, int], tuple[str, int]] = {}
+    for order, (name, _, out) in enumerate(records):
+        if name.count(".") <= 1 and _is_spatial(out, input_hw):
+            last[tuple(out.shape[-2:])] = (name, order)
+    earlier = [
+        name
+        for hw, (name, _) in sorted(last.items(), key=lambda kv: kv[1][1])
+        if hw[0] > final_hw[0] and hw[1] > final_hw[1]
+    ]
+    return (*earlier, default)
+
+
+def _default_from_trace(backbone: nn.Module, records: list, input_hw: tuple[int, int]) -> str:
     # outputs of pooling layers (and of containers that end in one) are not candidates, nor is anything
     # inside a pooling layer that has its own sub-network (LAP's attention net declares ``is_pooling``)
     pools = [name for name, m, _ in records if isinstance(m, _POOLS) or getattr(m, "is_pooling", False)]
@@ -775,9 +856,7 @@ def default_layer(model: nn.Module) -> str:
     # (its N x d can look like a feature map: 17 x 32 in a 32x32 image), not a map of the image
     first_token = next((i for i, (_, _, out) in enumerate(records) if _is_token_grid(out, prefix)), len(records))
     spatial = [
-        i
-        for i, (_, _, out) in enumerate(records[:first_token])
-        if _is_spatial(out, clf.input_size) and id(out) not in pooled
+        i for i, (_, _, out) in enumerate(records[:first_token]) if _is_spatial(out, input_hw) and id(out) not in pooled
     ]
     last = spatial[-1] if spatial else None
     tokens_after = [

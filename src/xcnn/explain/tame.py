@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import atomic_write, prepare_out_dir
-from ..hooks import Tap, frozen, named_layer, trace_outputs
-from ..models import Classifier, _is_spatial, as_classifier, default_layer
+from ..hooks import Tap, frozen, named_layer
+from ..models import Classifier, as_classifier, stage_layers, survey_layers
 from .base import Explainer, register
 
 __all__ = ["TAME", "TAMEHead", "load_tame_head", "save_tame_head", "tame_head", "tame_layers"]
@@ -113,65 +113,23 @@ class TAMEHead(nn.Module):
         return total
 
 
-def _stage_outputs(clf: Classifier) -> list[tuple[str, tuple[int, int], int]]:
-    """``(name, (h, w), channels)`` of the last module of depth <= 2 at each spatial resolution, in order."""
-    param = next(clf.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dummy = torch.rand(1, 3, *clf.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    with frozen(clf):
-        records = trace_outputs(clf.backbone, (dummy - clf.mean) / clf.std)
-    last: dict[tuple[int, int], tuple[str, int, int]] = {}
-    for order, (name, _, out) in enumerate(records):
-        if name.count(".") <= 1 and _is_spatial(out, clf.input_size):
-            last[tuple(out.shape[-2:])] = (name, order, int(out.shape[1]))
-    return [(name, hw, c) for hw, (name, _, c) in sorted(last.items(), key=lambda kv: kv[1][1])]
-
-
 def tame_layers(model: nn.Module, n: int = 3) -> list[str]:
-    """The ``n`` layers TAME taps by default: the outputs of the last ``n`` stages.
-
-    ResNet-style networks (torchvision, timm, the benchmark CNN): ``layer{5-n}``..``layer4``. torchvision
-    VGG: its last ``n`` max-pooling layers (``features.16/23/30`` for VGG-16, as in the paper). Anything
-    else (EfficientNet, MobileNet, DenseNet, ...): the last ``n`` spatial resolutions, each represented
-    by the last top-level stage that produces it; the smallest resolution uses :func:`default_layer`.
-    """
-    clf = as_classifier(model)
-    backbone = clf.backbone
-    names = dict(backbone.named_modules())
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    if n <= 4 and all(f"layer{i}" in names for i in range(1, 5)):
-        return [f"layer{i}" for i in range(5 - n, 5)]
-    if type(backbone).__name__ == "VGG" and isinstance(getattr(backbone, "features", None), nn.Sequential):
-        pools = [f"features.{i}" for i, m in enumerate(backbone.features) if isinstance(m, nn.MaxPool2d)]
-        if len(pools) >= n:
-            return pools[-n:]
-    last = default_layer(clf)
-    stages = _stage_outputs(clf)
-    final_hw = _layer_shapes(clf, [last])[0][-2:]
-    earlier = [name for name, hw, _ in stages if hw[0] > final_hw[0] and hw[1] > final_hw[1]]
-    chosen = [*earlier[-(n - 1) :], last] if n > 1 else [last]
-    if len(chosen) < n:
-        raise ValueError(f"{type(backbone).__name__} has fewer than {n} spatial stages; pass layers= explicitly")
-    return chosen
-
-
-def _layer_shapes(clf: Classifier, layers: Sequence[str]) -> list[tuple[int, ...]]:
-    """The output shapes of ``layers`` on one dummy image at the model's input size."""
-    param = next(clf.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dummy = torch.rand(1, 3, *clf.input_size, generator=torch.Generator().manual_seed(0)).to(device)
-    with frozen(clf), torch.no_grad(), Tap(clf.backbone, layers) as tap:
-        clf(dummy)
-        feats = [tap.get(name) for name in layers]
-    for name, f in zip(layers, feats, strict=True):
-        if f.dim() != 4:
-            raise ValueError(f"TAME needs [B,C,H,W] feature maps; layer {name!r} outputs shape {list(f.shape)}")
-    return [tuple(f.shape) for f in feats]
+    """The ``n`` layers TAME taps by default: the outputs of the last ``n`` stages
+    (:func:`xcnn.models.stage_layers`): ``layer{5-n}``..``layer4`` for ResNet-style networks, the last
+    ``n`` max-pooling layers of a torchvision VGG (``features.16/23/30`` for VGG-16, as in the paper), and
+    for anything else the last ``n`` spatial resolutions, ending at the default layer."""
+    return stage_layers(model, n)
 
 
 def _layer_channels(clf: Classifier, layers: Sequence[str]) -> list[int]:
-    return [shape[1] for shape in _layer_shapes(clf, layers)]
+    """The channels of ``layers``' feature maps (one dummy forward, :func:`xcnn.models.survey_layers`)."""
+    shapes = survey_layers(clf).shapes
+    for name in layers:
+        if name not in shapes:
+            raise ValueError(f"TAME needs [B,C,H,W] feature maps; layer {name!r} returns no tensor in a forward pass")
+        if len(shapes[name]) != 3:
+            raise ValueError(f"TAME needs [B,C,H,W] feature maps; layer {name!r} outputs shape {[1, *shapes[name]]}")
+    return [shapes[name][0] for name in layers]
 
 
 def _fingerprint(clf: Classifier) -> str:
