@@ -182,7 +182,21 @@ def prepared_model(name: str, model: nn.Module) -> nn.Module:
 
 def required_options(name: str, model: nn.Module) -> dict:
     """Options an explainer cannot run without: TAME needs a head (an untrained one, seeded, on the
-    model's last spatial layer, serves the contract tests)."""
+    model's last spatial layer, serves the contract tests); probe-CAM needs probes (fitted on the CPU to
+    24 seeded random images with cyclic labels, on every layer with a [C,h,w] output larger than 1x1)."""
+    if name == "probe_cam":
+        import copy
+
+        from xcnn.inspection import layer_probes
+        from xcnn.models import survey_layers
+
+        cpu = copy.deepcopy(model).cpu()
+        layers = [
+            name for name, shape in survey_layers(cpu).shapes.items() if len(shape) == 3 and shape[1] * shape[2] > 1
+        ]
+        images = torch.rand(24, 3, *cpu.input_size, generator=torch.Generator().manual_seed(0))
+        data = {"image": images, "label": torch.arange(24) % cpu.num_classes}
+        return {"probes": layer_probes(cpu, data, layers, progress=False)}
     if name == "tame":
         from xcnn.explain.tame import tame_head
         from xcnn.models import default_layer

@@ -1,24 +1,29 @@
 """Layer-wise inspection: filter importance (Taylor against finite differences and exact ablation on a
 model that is linear after the layer), batched ablation against one channel at a time, the intervention
-hook's removal on errors, bad input."""
+hook's removal on errors, bad input; layer-wise probes (perfect on separable features, the backbone
+untouched, scikit-learn's logistic regression, ridge's closed form, probe-CAM's mean = the probe logit)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from xcnn.hooks import intervene, scale_channels
+import xcnn
+from xcnn.hooks import Tap, intervene, scale_channels
 from xcnn.inspection import (
     ablation_effect,
     class_association,
     feature_correlation,
     filter_importance,
+    fit_linear,
+    layer_probes,
     layer_similarity,
     linear_cka,
     pooled_features,
     redundant_pairs,
 )
 from xcnn.models import Classifier
+from xcnn.pipelines import benchmark_data
 
 from .test_lap_training import SmoothNet
 
@@ -144,3 +149,162 @@ def test_correlation_association_and_layer_similarity_on_a_model():
         class_association(model, {"image": d["image"]}, "features")
     with pytest.raises(ValueError, match="feature map"):
         pooled_features(model, d, ["fc"])
+
+
+# ---- layer-wise probes ------------------------------------------------------------------------------
+
+
+class ColourNet(torch.nn.Module):
+    """A BatchNorm'd 1x1 conv of the image (``feat``), then a smooth conv (``deep``), pooled, linear. The
+    pooled ``feat`` is an affine map of the image's mean colour: colour-coded classes are linearly
+    separable there by construction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+        self.deep = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, 2, 1), torch.nn.Softplus())
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.deep(self.feat(x))).flatten(1))
+
+
+def colour_data(n: int, seed: int) -> dict[str, torch.Tensor]:
+    """Class k: channel k brighter (0.6-0.9) than the others (0.1-0.4), plus pixel noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    level = 0.1 + 0.3 * torch.rand(n, 3, 1, 1, generator=gen)
+    level[torch.arange(n), labels] += 0.5
+    images = (level + 0.05 * torch.rand(n, 3, 8, 8, generator=gen)).clamp(0, 1)
+    return {"image": images, "label": labels}
+
+
+def colour_model() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(ColourNet(), input_size=(8, 8))
+
+
+@pytest.mark.parametrize("method", ["logistic", "ridge"])
+def test_a_probe_on_linearly_separable_features_is_perfect_and_the_backbone_is_untouched(method):
+    model = colour_model().train()  # a model left in training mode: BatchNorm would update if run in it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probes = layer_probes(model, colour_data(60, 0), ["feat"], method=method, progress=False)
+    assert probes.accuracy(colour_data(60, 1), progress=False) == {"feat": 1.0}
+    assert model.training and all(m.training for m in model.modules())
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k  # weights and BN statistics bit-identical
+    assert probes.weights["feat"].shape == (3, 4) and probes.biases["feat"].shape == (3,)
+
+
+def test_logistic_probe_equals_scikit_learn():
+    """Mean cross-entropy + l2/2 ||W||^2 on standardised features is scikit-learn's multinomial
+    LogisticRegression with C = 1/(N l2): its objective C Σ CE + ||W||²/2 is then ours divided by l2."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 5, generator=gen, dtype=torch.float64) * torch.tensor([1, 2, 0.5, 3, 1.0]) + 2
+    y = (x[:, 0] + x[:, 1] - x[:, 3] + torch.randn(90, generator=gen, dtype=torch.float64)).gt(0).long()
+    y = y + (x[:, 2] > 2.2).long()  # 3 classes, not separable
+    l2 = 0.05
+    w, b = fit_linear(x, y, 3, l2=l2)
+    scaler = StandardScaler().fit(x.numpy())
+    ref = LogisticRegression(C=1 / (l2 * len(x)), tol=1e-12, max_iter=10_000).fit(
+        scaler.transform(x.numpy()), y.numpy()
+    )
+    ours = x @ w.T + b
+    theirs = torch.from_numpy(ref.decision_function(scaler.transform(x.numpy())))
+    # logits are defined up to a per-row constant: compare the centred logits
+    torch.testing.assert_close(
+        ours - ours.mean(1, keepdim=True), theirs - theirs.mean(1, keepdim=True), atol=1e-5, rtol=0
+    )
+
+
+def test_ridge_probe_is_the_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 4, generator=gen, dtype=torch.float64)
+    y = torch.arange(50) % 3
+    l2 = 0.1
+    w, b = fit_linear(x, y, 3, method="ridge", l2=l2)
+    z = (x - x.mean(0)) / x.std(0, correction=0)
+    t = torch.nn.functional.one_hot(y, 3).double()
+    # minimiser of ||z W' + 1 c - T||^2 + l2 N ||W'||^2, by a generic least-squares solve of the augmented system
+    a = torch.cat(
+        [
+            torch.cat([z, torch.ones(50, 1, dtype=torch.float64)], 1),
+            (l2 * 50) ** 0.5 * torch.cat([torch.eye(4), torch.zeros(4, 1)], 1).double(),
+        ]
+    )
+    rhs = torch.cat([t, torch.zeros(4, 3, dtype=torch.float64)])
+    sol = torch.linalg.lstsq(a, rhs).solution
+    expected = torch.cat([z, torch.ones(50, 1, dtype=torch.float64)], 1) @ sol
+    torch.testing.assert_close(x @ w.T + b, expected, atol=1e-10, rtol=0)
+
+
+def test_predict_top_and_probe_cam_whose_mean_is_the_probe_logit():
+    model = colour_model().eval()
+    d = colour_data(30, 0)
+    probes = layer_probes(model, d, ["feat", "deep"], progress=False)
+    images = colour_data(4, 2)["image"]
+    probs = probes.predict(images)
+    assert set(probs) == {"feat", "deep"}
+    for p in probs.values():
+        assert p.shape == (4, 3)
+        torch.testing.assert_close(p.sum(1), torch.ones(4))
+    top = probes.top(images, k=2)
+    assert len(top["feat"]) == 4 and len(top["feat"][0]) == 2
+    assert top["feat"][0][0][1] >= top["feat"][0][1][1]
+    # the probe-CAM averages to the probe's logit (pooling is a mean and the probe is linear)
+    logits = probes.logits(images)
+    with torch.no_grad(), Tap(model.backbone, ["deep"]) as tap:
+        model(images)
+    classes = torch.tensor([0, 1, 2, 1])
+    maps = probes.class_maps(tap.get("deep"), "deep", classes)
+    assert maps.shape == (4, 4, 4)
+    torch.testing.assert_close(maps.mean((1, 2)).double(), logits["deep"][torch.arange(4), classes], atol=1e-5, rtol=0)
+    # under the explainer contract, with every metric's input: [B,H,W] in [0,1]
+    expl = xcnn.explainer("probe_cam", model, probes=probes)
+    assert expl.layers == ["deep"]
+    out = expl(images, targets=classes)
+    assert out.shape == (4, 8, 8) and out.min() >= 0 and out.max() <= 1
+    lo = maps.amin((1, 2), keepdim=True)
+    ref = torch.nn.functional.interpolate(
+        ((maps - lo) / (maps.amax((1, 2), keepdim=True) - lo))[:, None], size=(8, 8), mode="bilinear"
+    )[:, 0]
+    # normalise-then-upsample vs upsample-then-normalise agree only in ordering: compare the argmax pixel
+    assert torch.equal(out.flatten(1).argmax(1), xcnn.explain.normalize_maps(maps, (8, 8)).flatten(1).argmax(1))
+    del ref
+
+
+def test_transfer_probes_and_bad_probe_input():
+    model = colour_model().eval()
+    d = colour_data(30, 0)
+    # another task than the model's: 2 classes (is the red channel brightest?)
+    two = {"image": d["image"], "label": (d["label"] == 0).long()}
+    probes = layer_probes(model, two, ["feat"], class_names=["other", "red"], progress=False)
+    assert probes.num_classes == 2 and probes.class_names == ["other", "red"]
+    maps = xcnn.explainer("probe_cam", model, probes=probes)(d["image"][:3])  # None: the probe's own top-1
+    assert maps.shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="only one class"):
+        layer_probes(model, {"image": d["image"], "label": torch.zeros(30, dtype=torch.long)}, ["feat"])
+    with pytest.raises(ValueError, match="2 images, fewer than the 3 classes"):
+        layer_probes(model, {"image": d["image"][:2], "label": torch.tensor([0, 2])}, ["feat"])
+    with pytest.raises(ValueError, match="labelled data"):
+        layer_probes(model, {"image": d["image"]}, ["feat"])
+    with pytest.raises(ValueError, match="unknown probe method 'svm'"):
+        layer_probes(model, d, ["feat"], method="svm")
+    with pytest.raises(ValueError, match="pooled features need a feature map"):
+        layer_probes(model, d, ["fc"])
+    with pytest.raises(ValueError, match="no probe for layer"):
+        xcnn.explainer("probe_cam", model, layer="deep", probes=probes)
+    with pytest.raises(TypeError, match="Probes object"):
+        xcnn.explainer("probe_cam", model, probes={"feat": 1})
+
+
+def test_default_probe_layers_are_the_stages(bench32):
+    model, _, _ = bench32
+    probes = layer_probes(model, benchmark_data(60, 32), progress=False)
+    assert probes.layers == ["layer1", "layer2", "layer3", "layer4"]
+    assert probes.class_names == model.class_names

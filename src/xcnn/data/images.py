@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["SAMPLES", "ImageFolder", "image_label", "load_image", "load_images"]
 
@@ -175,3 +176,14 @@ def _ground_truth(path: Path, original: tuple[int, int], size: tuple[int, int]) 
                 f'cannot read boxes from {_box_file(path)} (expected {{"boxes": [[x0, y0, x1, y1], ...]}}): {err}'
             ) from err
     return mask
+
+
+def batches(data: Dataset | Mapping[str, Tensor], batch_size: int) -> Iterable[object]:
+    """The batches of ``data``, in order: a dataset through a (non-shuffling) DataLoader, or a dict of
+    stacked tensors (``{"image": [N,3,H,W], "label": [N], ...}``) sliced ``batch_size`` rows at a time."""
+    if isinstance(data, Mapping):
+        n = len(data["image"])
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in data.items()}
+    else:
+        yield from DataLoader(data, batch_size=batch_size, shuffle=False)

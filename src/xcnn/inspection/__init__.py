@@ -1,6 +1,7 @@
-"""Layer-wise inspection of a CNN: which filters carry the decision, how a layer's features correlate,
-how similar layers' representations are (this module grows with the layer-wise probes and the training
-monitor of the hybrid CNN-interpreter).
+"""Layer-wise inspection of a CNN (the hybrid CNN-interpreter): what each layer would predict (linear
+probes and their class maps), which filters carry the decision (Taylor importance and ablation), how a
+layer's features correlate, how similar layers' representations are (linear CKA), and all of it watched
+over a training run (:mod:`xcnn.inspection.monitor`).
 
 Named ``inspection`` rather than ``inspect``: a subpackage called ``inspect`` shadows the standard
 library's module for tools that put the package directory on ``sys.path``.
@@ -15,13 +16,19 @@ from .features import (
     redundant_pairs,
 )
 from .importance import IMPORTANCE_METHODS, ablation_effect, filter_importance
+from .probes import PROBE_METHODS, ProbeCAM, Probes, fit_linear, layer_probes
 
 __all__ = [
     "IMPORTANCE_METHODS",
+    "PROBE_METHODS",
+    "ProbeCAM",
+    "Probes",
     "ablation_effect",
     "class_association",
     "feature_correlation",
     "filter_importance",
+    "fit_linear",
+    "layer_probes",
     "layer_similarity",
     "linear_cka",
     "pooled_features",

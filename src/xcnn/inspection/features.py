@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..hooks import Tap, frozen, named_layer
 from ..models import as_classifier
-from .importance import Data, _batches
+from .importance import Data, _batches, progress_bar
 
 __all__ = [
     "class_association",
@@ -26,10 +26,11 @@ __all__ = [
 
 @torch.no_grad()
 def pooled_features(
-    model: nn.Module, data: Data, layers: Sequence[str], *, batch_size: int = 64
+    model: nn.Module, data: Data, layers: Sequence[str], *, batch_size: int = 64, progress: bool | None = None
 ) -> tuple[dict[str, Tensor], Tensor | None]:
     """Each layer's output averaged over its spatial positions, per image: ``({layer: [N,C]}, labels [N]
-    or None)``, float64 on the CPU; one forward per batch with every layer tapped."""
+    or None)``, float64 on the CPU; one forward per batch with every layer tapped. ``progress``: a tqdm
+    bar (None: only on a terminal)."""
     clf = as_classifier(model)
     if not layers:
         raise ValueError("no layers given")
@@ -39,7 +40,7 @@ def pooled_features(
     parts: dict[str, list[Tensor]] = {name: [] for name in layers}
     labels: list[Tensor] | None = []
     with frozen(clf):
-        for images, y in _batches(data, batch_size):
+        for images, y in progress_bar(_batches(data, batch_size), "pooled features", progress):
             with Tap(clf.backbone, list(layers)) as tap:
                 clf(images.to(device))
             for name in layers:
@@ -48,7 +49,7 @@ def pooled_features(
                     raise ValueError(
                         f"layer {name!r} has output shape {list(a.shape)}; pooled features need a feature map [B,C,h,w]"
                     )
-                parts[name].append(a.double().mean((2, 3)).cpu())
+                parts[name].append(a.float().mean((2, 3)).double().cpu())
             if labels is not None:
                 labels = None if y is None else [*labels, y.long().cpu()]
     if not parts[layers[0]]:

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..data import batches
 from ..hooks import Tap, frozen, named_layer, scale_channels
-from ..metrics.harness import _collate
 from ..models import Classifier, as_classifier
 
 __all__ = ["IMPORTANCE_METHODS", "ablation_effect", "filter_importance"]
@@ -29,13 +29,22 @@ Data = Dataset | Mapping[str, Tensor]
 def _batches(data: Data, batch_size: int) -> Iterable[tuple[Tensor, Tensor | None]]:
     """``(images, labels or None)`` batches of a dataset (dict, tuple or bare-image samples) or a dict of
     stacked tensors, in order (the harness's batching)."""
-    for batch in _collate(data, batch_size):
+    for batch in batches(data, batch_size):
         if isinstance(batch, Mapping):
             yield batch["image"], batch.get("label")
         elif isinstance(batch, (tuple, list)):
             yield batch[0], batch[1] if len(batch) > 1 else None
         else:
             yield batch, None
+
+
+def progress_bar(iterable: Iterable, desc: str, progress: bool | None) -> Iterable:
+    """``iterable`` under a tqdm bar (``progress`` None: only on a terminal; False: never)."""
+    if progress is False:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, disable=None if progress is None else not progress)
 
 
 def _targets(kind: str, logits: Tensor, labels: Tensor | None) -> Tensor:
@@ -70,6 +79,7 @@ def filter_importance(
     *,
     targets: str = "label",
     batch_size: int = 64,
+    progress: bool | None = None,
 ) -> Tensor:
     """Importance of every channel of ``layer`` (``[C]``, float64 on the CPU), averaged over ``data``.
 
@@ -88,7 +98,7 @@ def filter_importance(
     total: Tensor | None = None
     n = 0
     with frozen(clf):
-        for images, labels in _batches(data, batch_size):
+        for images, labels in progress_bar(_batches(data, batch_size), f"{method} importance", progress):
             images = images.to(device)
             if method == "taylor":
                 with torch.enable_grad(), Tap(clf.backbone, [layer], differentiable=True) as tap:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .._io import atomic_write, prepare_out_dir
+from ..data import batches
 from ..explain import explainer as make_explainer
 from ..explain import explainer_class
 from ..models import Classifier, as_classifier
@@ -188,15 +189,6 @@ def _spec(method: str | tuple) -> tuple[str, str, dict]:
     raise TypeError(f"a method is a name, (name, options) or (name, options, label); got {method!r}")
 
 
-def _collate(data: Dataset | Mapping[str, Tensor], batch_size: int) -> Iterable[dict[str, Tensor]]:
-    if isinstance(data, Mapping):
-        n = len(data["image"])
-        for start in range(0, n, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in data.items()}
-    else:
-        yield from DataLoader(data, batch_size=batch_size, shuffle=False)
-
-
 def evaluate(
     model: nn.Module,
     data: Dataset | Mapping[str, Tensor],
@@ -265,7 +257,7 @@ def evaluate(
     total = len(data["image"]) if isinstance(data, Mapping) else len(data)
     bar = tqdm(total=total, desc="evaluating", unit="img", disable=None if progress is None else not progress)
     try:
-        for batch in _collate(data, batch_size):
+        for batch in batches(data, batch_size):
             images = batch["image"].to(dev)
             if targets == "label":
                 t = batch["label"].to(dev)
