@@ -308,3 +308,71 @@ def test_default_probe_layers_are_the_stages(bench32):
     probes = layer_probes(model, benchmark_data(60, 32), progress=False)
     assert probes.layers == ["layer1", "layer2", "layer3", "layer4"]
     assert probes.class_names == model.class_names
+
+
+# ---- monitoring through training --------------------------------------------------------------------
+
+
+def test_monitored_training_records_every_epoch_survives_resume_and_trains_like_an_unmonitored_run(tmp_path):
+    from xcnn.data.synthetic import Shapes
+    from xcnn.inspection import Monitor, load_history
+    from xcnn.training import fit
+    from xcnn.training.benchmark import InMemory
+
+    from .test_lap_training import small_shapesnet
+
+    train, val = InMemory(Shapes("train", 192, size=32, seed=3)), InMemory(Shapes("val", 64, size=32, seed=3))
+    settings = {"epochs": 3, "val_data": val, "batch_size": 32, "seed": 1, "device": "cpu", "progress": False}
+    plain = small_shapesnet()
+    fit(plain, train, out_dir=tmp_path / "plain", **settings)
+    watched = small_shapesnet()
+    history = fit(watched, train, out_dir=tmp_path / "a", callbacks=[Monitor(val, images=64, top=5)], **settings)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # monitoring changes nothing in training, BN statistics included
+    records = load_history(tmp_path / "a")
+    assert records["layers"] == ["layer1", "layer2", "layer3", "layer4"] and records["images"] == 64
+    assert [r["epoch"] for r in records["records"]] == [0, 1, 2]
+    first, last = records["records"][0], records["records"][-1]
+    assert set(first["probe_accuracy"]) == set(records["layers"])
+    assert all(0 <= a <= 1 for a in last["probe_accuracy"].values())
+    assert first["cka_to_previous"] == {} and set(last["cka_to_previous"]) == set(records["layers"])
+    assert all(0 < v <= 1 + 1e-9 for v in last["cka_to_previous"].values())
+    assert last["importance"]["layer"] == "layer4" and len(last["importance"]["top"]) == 5
+    values = [v for _, v in last["importance"]["top"]]
+    assert values == sorted(values, reverse=True)
+    assert last["val_acc"] == history[-1]["val/acc"]
+    assert history[-1]["monitor/probe_acc/layer4"] == last["probe_accuracy"]["layer4"]
+    assert "monitor/cka_previous/layer1" in history[-1] and "monitor/cka_previous/layer1" not in history[0]
+
+    # cut after the first epoch's checkpoint, resumed: the same history as the uninterrupted run
+    def crash(epoch, metrics):
+        if epoch == 0:
+            raise RuntimeError("cut")
+
+    with pytest.raises(RuntimeError, match="cut"):
+        fit(
+            small_shapesnet(),
+            train,
+            out_dir=tmp_path / "b",
+            callbacks=[Monitor(val, images=64, top=5), crash],
+            **settings,
+        )
+    assert len(load_history(tmp_path / "b")["records"]) == 1
+    fit(
+        small_shapesnet(),
+        train,
+        out_dir=tmp_path / "b",
+        resume=True,
+        callbacks=[Monitor(val, images=64, top=5)],
+        **settings,
+    )
+    assert load_history(tmp_path / "b") == records
+
+    with pytest.raises(ValueError, match="no monitor records"):
+        load_history(tmp_path / "plain")
+    with pytest.raises(ValueError, match="labelled data"):
+        Monitor({"image": val.images[:8]} if hasattr(val, "images") else {"image": torch.rand(8, 3, 32, 32)}).check(
+            plain, 0
+        )
+    with pytest.raises(ValueError, match="every must be a positive"):
+        Monitor(val, every=0)

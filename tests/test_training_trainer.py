@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from xcnn.training import fit, load_checkpoint
+from xcnn.training.trainer import Callback, TrainerContext
 
 
 class Blobs(Dataset):
@@ -164,3 +165,52 @@ def test_one_cycle_runs_for_any_number_of_steps():
             assert rates == [pytest.approx(0.1)] * total
         else:  # the peak falls between steps when the warm-up does not end on one
             assert 0.09 < max(rates) <= 0.1 + 1e-12 and rates[0] < 0.01 and rates[-1] < 0.05, (total, rates)
+
+
+class Tally(Callback):
+    """Counts epochs and the training images' mean in checkpointed state; draws random numbers (which the
+    trainer must keep away from training) and adds a scalar to the metrics."""
+
+    name = "tally"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.contexts: list[tuple] = []
+
+    def on_epoch_end(self, ctx: TrainerContext) -> None:
+        torch.rand(1000)  # would shift dropout and shuffling if it leaked into training
+        self.seen.append(ctx.epoch)
+        self.contexts.append((type(ctx.model).__name__, ctx.out_dir, ctx.rank, ctx.world_size, ctx.epochs))
+        ctx.metrics["tally/epochs"] = float(len(self.seen))
+
+    def state_dict(self) -> dict:
+        return {"seen": torch.tensor(self.seen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"].tolist()
+
+
+def test_callback_objects_get_the_context_keep_state_across_resume_and_do_not_change_training(tmp_path):
+    plain = small_net()
+    fit(plain, Blobs(), epochs=3, out_dir=tmp_path / "plain", seed=5, **SCHEDULE)
+    watched, tally = small_net(), Tally()
+    history = fit(watched, Blobs(), epochs=3, out_dir=tmp_path / "a", seed=5, callbacks=[tally], **SCHEDULE)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the callback's random draws did not reach training
+    assert tally.seen == [0, 1, 2] and [h["tally/epochs"] for h in history] == [1.0, 2.0, 3.0]
+    assert tally.contexts[0] == ("Sequential", tmp_path / "a", 0, 1, 3)
+
+    def crash(epoch, metrics):  # a plain function runs after the checkpoint
+        if epoch == 0:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit(small_net(), Blobs(), epochs=3, out_dir=tmp_path / "b", seed=5, callbacks=[Tally(), crash], **SCHEDULE)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["callbacks"]["tally"]["seen"].tolist() == [0]
+    resumed = Tally()
+    fit(small_net(), Blobs(), epochs=3, out_dir=tmp_path / "b", seed=5, resume=True, callbacks=[resumed], **SCHEDULE)
+    assert resumed.seen == [0, 1, 2]
+    with pytest.raises(ValueError, match="callback names must be unique"):
+        fit(small_net(), Blobs(), epochs=1, callbacks=[Tally(), Tally()], **SCHEDULE)
+    with pytest.raises(TypeError, match="Callback objects or functions"):
+        fit(small_net(), Blobs(), epochs=1, callbacks=[3], **SCHEDULE)

@@ -16,11 +16,14 @@ from .features import (
     redundant_pairs,
 )
 from .importance import IMPORTANCE_METHODS, ablation_effect, filter_importance
+from .monitor import MONITOR_FILE, Monitor, load_history
 from .probes import PROBE_METHODS, ProbeCAM, Probes, fit_linear, layer_probes
 
 __all__ = [
     "IMPORTANCE_METHODS",
+    "MONITOR_FILE",
     "PROBE_METHODS",
+    "Monitor",
     "ProbeCAM",
     "Probes",
     "ablation_effect",
@@ -31,6 +34,7 @@ __all__ = [
     "layer_probes",
     "layer_similarity",
     "linear_cka",
+    "load_history",
     "pooled_features",
     "redundant_pairs",
 ]

@@ -8,7 +8,10 @@ same call trains with DistributedDataParallel (gloo on CPU, NCCL on CUDA), a Dis
 logging/checkpointing on rank 0 only.
 
 A method plugs in through ``step(model, batch) -> (loss, {name: float})`` (the loss to minimise and
-scalars to log) and ``evaluate(model, loader, device) -> {name: float}``.
+scalars to log) and ``evaluate(model, loader, device) -> {name: float}``. Anything that watches or
+reacts to training is a :class:`Callback`: it gets a :class:`TrainerContext` after every epoch (the
+unwrapped model, the output folder, rank, the TensorBoard writer, the epoch's metrics) and its own state
+is saved in the checkpoint and restored on resume.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,8 @@ from .._io import atomic_write, prepare_out_dir
 
 __all__ = [
     "CHECKPOINT",
+    "Callback",
+    "TrainerContext",
     "accuracy_eval",
     "classification_step",
     "fit",
@@ -45,6 +51,51 @@ CHECKPOINT = "checkpoint.pt"
 Batch = dict[str, Tensor]
 Step = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, float]]]
 Evaluate = Callable[[nn.Module, DataLoader, torch.device], dict[str, float]]
+
+
+@dataclass
+class TrainerContext:
+    """What a :class:`Callback` sees at the end of an epoch.
+
+    ``model``: the model being trained (never the DistributedDataParallel wrapper; for a method whose
+    training module wraps a classifier, that module); ``out_dir``: the run's folder (None without one);
+    ``rank`` / ``world_size``: this process under torchrun (0 / 1 otherwise; only rank 0 writes files);
+    ``writer``: the TensorBoard ``SummaryWriter`` (rank 0 with an ``out_dir``, else None); ``metrics``:
+    this epoch's ``train/*`` and ``val/*`` values; scalars a callback adds to it are logged to TensorBoard
+    and kept in ``history.json`` like the trainer's own.
+    """
+
+    model: nn.Module
+    out_dir: Path | None
+    rank: int
+    world_size: int
+    device: torch.device
+    writer: object | None
+    epoch: int
+    epochs: int
+    metrics: dict = field(default_factory=dict)
+
+
+class Callback:
+    """A trainer callback: override :meth:`on_epoch_end`, and :meth:`state_dict` / :meth:`load_state_dict`
+    for state that must survive a resume (tensors and plain containers only: checkpoints load with
+    ``weights_only=True``). ``name`` keys that state in the checkpoint (unique among a run's callbacks).
+
+    ``on_epoch_end`` runs on every process after validation and before the checkpoint, under a forked RNG
+    (a callback's randomness cannot change the training that follows). Plain functions
+    ``callback(epoch, metrics)`` are accepted too; they run after the checkpoint is written.
+    """
+
+    name: str = "callback"
+
+    def on_epoch_end(self, ctx: TrainerContext) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def to_device(batch: object, device: torch.device) -> Batch:
@@ -205,7 +256,7 @@ def fit(
     amp: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
-    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    callbacks: Sequence[Callback | Callable[[int, dict], None]] = (),
     num_workers: int = 0,
     progress: bool | None = None,
     log_every: int = 10,
@@ -217,8 +268,9 @@ def fit(
     ``params``: what to optimise (default: every parameter that requires grad). ``optimizer(params)``
     and ``scheduler(optimizer, total_steps)`` build them (defaults: AdamW 1e-3, no schedule); the
     scheduler steps once per iteration. ``train_mode(model)`` puts the model in its training mode each
-    epoch (default ``model.train()``; a frozen backbone in eval mode passes its own). ``callbacks`` run
-    after each epoch's checkpoint as ``callback(epoch, metrics)``. With ``out_dir``, checkpoints go to
+    epoch (default ``model.train()``; a frozen backbone in eval mode passes its own). ``callbacks``:
+    :class:`Callback` objects (each epoch before the checkpoint, their state checkpointed) or functions
+    ``callback(epoch, metrics)`` (after the checkpoint). With ``out_dir``, checkpoints go to
     ``out_dir/checkpoint.pt`` and TensorBoard scalars to ``out_dir/tensorboard``.
     """
     if epochs <= 0:
@@ -229,6 +281,14 @@ def fit(
         raise ValueError(f"the training data has {len(train_data)} samples, fewer than one batch ({batch_size})")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    hooks = [c for c in callbacks if isinstance(c, Callback)]
+    functions = [c for c in callbacks if not isinstance(c, Callback)]
+    bad = [c for c in functions if not callable(c)]
+    if bad:
+        raise TypeError(f"callbacks must be Callback objects or functions (epoch, metrics), got {bad!r}")
+    names = [c.name for c in hooks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"callback names must be unique (they key the checkpointed state), got {names}")
     rank, world, device, started = _setup_distributed(device)
     main = rank == 0
     out = prepare_out_dir(out_dir) if out_dir is not None and main else (Path(out_dir) if out_dir is not None else None)
@@ -274,6 +334,8 @@ def fit(
             scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history, start_epoch = list(state["history"]), state["epoch"] + 1
+        for callback in hooks:
+            callback.load_state_dict(state.get("callbacks", {}).get(callback.name, {}))
     writer = _tensorboard(out) if main and out is not None else None
 
     try:
@@ -314,6 +376,11 @@ def fit(
                 model.eval()
                 val_loader = DataLoader(val_data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
                 metrics.update({f"val/{k}": v for k, v in evaluate(model, val_loader, device).items()})
+            if hooks:
+                ctx = TrainerContext(_unwrap(net), out, rank, world, device, writer, epoch, epochs, metrics)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    for callback in hooks:
+                        callback.on_epoch_end(ctx)
             history.append(metrics)
             if main:
                 if writer is not None:
@@ -327,13 +394,14 @@ def fit(
                         "scheduler": sched.state_dict() if sched is not None else None,
                         "scaler": scaler.state_dict() if use_amp else None, "epoch": epoch, "epochs": epochs,
                         "history": history, "rng": _rng_state(),
+                        "callbacks": {c.name: c.state_dict() for c in hooks},
                     }  # fmt: skip
                     atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
                     atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
             if world > 1:
                 dist.barrier()
-            for callback in callbacks:
-                callback(epoch, metrics)
+            for function in functions:
+                function(epoch, metrics)
     finally:
         if writer is not None:
             writer.close()

@@ -1,0 +1,214 @@
+"""Watch the layers through training: a :class:`~xcnn.training.trainer.Callback` for the shared ``fit``
+loop that, every ``every`` epochs, fits layer-wise probes on held-out images and records their accuracy,
+the top filters by Taylor importance, a summary of each layer's feature correlation and the linear CKA of
+each layer to itself at the previous check.
+
+Records go to ``out_dir/monitor.json`` (rewritten atomically at every check from the checkpointed state,
+so a resumed run continues the same history) and their scalars to the epoch's metrics (TensorBoard and
+``history.json``, under ``monitor/...``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .._io import atomic_write
+from ..data import batches
+from ..models import Classifier, stage_layers
+from ..training.trainer import Callback, TrainerContext
+from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs
+from .importance import Data, filter_importance
+from .probes import fit_linear
+
+__all__ = ["MONITOR_FILE", "Monitor", "load_history"]
+
+MONITOR_FILE = "monitor.json"
+#: |r| above which two filters count as redundant in the correlation summary
+REDUNDANT_R = 0.9
+
+
+def _classifier(model: nn.Module) -> Classifier:
+    """``model`` itself, or the classifier a method's training module wraps."""
+    if isinstance(model, Classifier):
+        return model
+    found = next((m for m in model.modules() if isinstance(m, Classifier)), None)
+    if found is None:
+        raise TypeError(f"the monitor needs an xcnn Classifier; {type(model).__name__} contains none")
+    return found
+
+
+def _stack(data: Data, images: int | None) -> dict[str, Tensor]:
+    """The first ``images`` samples of ``data`` as stacked ``image`` / ``label`` tensors."""
+    parts: dict[str, list[Tensor]] = {"image": [], "label": []}
+    n = 0
+    for batch in batches(data, 256):
+        if isinstance(batch, Mapping):
+            x, y = batch["image"], batch.get("label")
+        elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+            x, y = batch[0], batch[1]
+        else:
+            x, y = batch, None
+        if y is None:
+            raise ValueError("the monitor needs labelled data (samples with a 'label')")
+        take = len(x) if images is None else min(len(x), images - n)
+        parts["image"].append(x[:take])
+        parts["label"].append(torch.as_tensor(y)[:take].long())
+        n += take
+        if images is not None and n >= images:
+            break
+    if n == 0:
+        raise ValueError("the monitor's data set is empty")
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+class Monitor(Callback):
+    """Layer-wise inspection at the end of every ``every``-th epoch (and the last one).
+
+    ``data``: labelled images the model does not train on (the validation set); the first ``images`` of
+    them are used, alternately for fitting the probes (even positions) and for measuring (odd positions:
+    probe accuracy, Taylor importance, correlation, CKA). ``layers``: default the stage outputs;
+    ``importance_layer``: the layer whose filters are ranked (default the deepest of ``layers``).
+    Runs on rank 0 only; the model's weights, BatchNorm statistics and mode are left as they were, and
+    the trainer forks the RNG around it, so a monitored run trains exactly like an unmonitored one.
+    """
+
+    name = "monitor"
+
+    def __init__(
+        self,
+        data: Data,
+        *,
+        layers: Sequence[str] | None = None,
+        every: int = 1,
+        images: int | None = 512,
+        importance_layer: str | None = None,
+        top: int = 10,
+        l2: float = 1e-3,
+        batch_size: int = 64,
+        progress: bool | None = False,
+    ) -> None:
+        if every <= 0:
+            raise ValueError(f"every must be a positive number of epochs, got {every}")
+        if images is not None and images < 4:
+            raise ValueError(f"the monitor needs at least 4 images, got images={images}")
+        if top <= 0:
+            raise ValueError(f"top must be positive, got {top}")
+        self.data, self.images, self.every, self.top = data, images, every, top
+        self.layers = list(layers) if layers is not None else None
+        self.importance_layer = importance_layer
+        self.l2, self.batch_size, self.progress = l2, batch_size, progress
+        self.records: list[dict] = []
+        self.previous: dict[str, Tensor] = {}
+        self._stacked: dict[str, Tensor] | None = None
+
+    # checkpointed state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"records": self.records, "layers": self.layers, "previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.records = list(state.get("records", []))
+        self.previous = dict(state.get("previous", {}))
+        if state.get("layers") is not None:
+            self.layers = list(state["layers"])
+
+    # the check ----------------------------------------------------------------------------------------
+
+    def on_epoch_end(self, ctx: TrainerContext) -> None:
+        due = (ctx.epoch + 1) % self.every == 0 or ctx.epoch == ctx.epochs - 1
+        if ctx.rank != 0 or not due:
+            return
+        clf = _classifier(ctx.model)
+        record = self.check(clf, ctx.epoch)
+        if "val/acc" in ctx.metrics:
+            record["val_acc"] = ctx.metrics["val/acc"]
+        self.records.append(record)
+        for layer, acc in record["probe_accuracy"].items():
+            ctx.metrics[f"monitor/probe_acc/{layer}"] = acc
+        for layer, value in record.get("cka_to_previous", {}).items():
+            if value is not None:
+                ctx.metrics[f"monitor/cka_previous/{layer}"] = value
+        for layer, summary in record["correlation"].items():
+            ctx.metrics[f"monitor/mean_abs_corr/{layer}"] = summary["mean_abs"]
+        if ctx.out_dir is not None:
+            self.write(Path(ctx.out_dir) / MONITOR_FILE)
+
+    def check(self, model: nn.Module, epoch: int) -> dict:
+        """Inspect ``model`` now: one record (plain numbers, lists and dicts)."""
+        clf = _classifier(model)
+        if self._stacked is None:
+            self._stacked = _stack(self.data, self.images)
+            if len(self._stacked["label"]) < 4:
+                raise ValueError("the monitor needs at least 4 labelled images")
+        if self.layers is None:
+            self.layers = stage_layers(clf)
+        layer_for_importance = self.importance_layer or self.layers[-1]
+        stacked = self._stacked
+        fit_rows, eval_rows = slice(0, None, 2), slice(1, None, 2)
+        feats, labels = pooled_features(clf, stacked, self.layers, batch_size=self.batch_size, progress=self.progress)
+        y_fit, y_eval = labels[fit_rows], labels[eval_rows]
+        k = int(labels.max()) + 1
+        record: dict = {"epoch": epoch, "probe_accuracy": {}, "correlation": {}, "cka_to_previous": {}}
+        for layer in self.layers:
+            x_fit, x_eval = feats[layer][fit_rows], feats[layer][eval_rows]
+            w, b = fit_linear(x_fit, y_fit, k, l2=self.l2)
+            record["probe_accuracy"][layer] = float(((x_eval @ w.T + b).argmax(1) == y_eval).double().mean())
+            corr = _pearson_matrix(x_eval)
+            c = corr.shape[0]
+            off = corr[~torch.eye(c, dtype=torch.bool)].abs()
+            record["correlation"][layer] = {
+                "mean_abs": float(off.mean()) if c > 1 else 0.0,
+                "redundant_pairs": int((off > REDUNDANT_R).sum()) // 2,
+                "top_pairs": [[i, j, round(r, 4)] for i, j, r in redundant_pairs(corr, 3)] if c > 1 else [],
+            }
+            if layer in self.previous:
+                try:
+                    record["cka_to_previous"][layer] = linear_cka(x_eval, self.previous[layer].double())
+                except ValueError:  # a constant representation: CKA is undefined
+                    record["cka_to_previous"][layer] = None
+            self.previous[layer] = x_eval.float().clone()
+        evaluation = {key: value[eval_rows] for key, value in stacked.items()}
+        taylor = filter_importance(
+            clf, evaluation, layer_for_importance, "taylor", batch_size=self.batch_size, progress=self.progress
+        )
+        order = taylor.argsort(descending=True)[: self.top]
+        total = float(taylor.sum())
+        record["importance"] = {
+            "layer": layer_for_importance,
+            "top": [[int(i), float(taylor[i])] for i in order],
+            "top_share": float(taylor[order].sum()) / total if total > 0 else None,
+        }
+        return record
+
+    def write(self, path: Path) -> None:
+        payload = {
+            "layers": self.layers,
+            "every": self.every,
+            "images": None if self._stacked is None else len(self._stacked["label"]),
+            "records": self.records,
+        }
+        text = json.dumps(payload, indent=1, allow_nan=False)
+        atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+
+
+def load_history(run_dir: str | Path) -> dict:
+    """The monitor records of a training run (``run_dir/monitor.json``), with a clear error when the run
+    was not monitored."""
+    run_dir = Path(run_dir)
+    path = run_dir / MONITOR_FILE
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run_dir}")
+    if not path.is_file():
+        raise ValueError(
+            f"{run_dir} has no monitor records ({MONITOR_FILE}); train with --monitor (xcnn train benchmark "
+            "--monitor, or a Monitor callback) to record them"
+        )
+    history = json.loads(path.read_text())
+    if not history.get("records"):
+        raise ValueError(f"{path} holds no monitor records")
+    return history
