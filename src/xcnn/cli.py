@@ -244,6 +244,7 @@ def cmd_train_benchmark(args: argparse.Namespace) -> int:
     _, results = fit_benchmark(
         args.out, size=args.size, n_train=args.n_train, epochs=args.epochs, shortcut_prob=args.shortcut,
         seed=args.seed, device=device, resume=args.resume, arch=args.arch, lr=args.lr,
+        monitor_every=args.monitor_every if args.monitor else None, monitor_images=args.monitor_images,
     )  # fmt: skip
     print(json.dumps(results, indent=2))
     print(f"model saved in {args.out} (use it as --model {args.out})")
@@ -327,12 +328,13 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
         knowledge = Knowledge.from_samples(data, fraction, look=look, forbid=forbid, seed=args.seed)
     else:
         knowledge = None
+    monitors = _monitors(args, val, model.input_size)
     trained, history = fit_lap(
         model, data, epochs=args.epochs, knowledge=knowledge, injection=args.injection, where=where, heads=args.heads,
         train=args.train, scratch=args.scratch, lr=args.lr, batch_size=args.batch_size, beta_look=args.beta_look,
         beta_forbid=args.beta_forbid, beta_area=args.beta_area, rrr_weight=args.rrr_weight, cam_weight=args.cam_weight,
         cam_layer=args.cam_layer, val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed,
-        device=device,
+        device=device, callbacks=monitors,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes and reports
         return 0
@@ -415,12 +417,13 @@ def cmd_train_cgc(args: argparse.Namespace) -> int:
             raise ValueError("--unlabeled synthetic:N adds benchmark images; with a folder as --data give a folder")
     else:
         raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
+    monitors = _monitors(args, val, size)
     trained, history = fit_cgc(
         model, data, epochs=args.epochs, unlabeled=unlabeled, labeled_fraction=args.labeled_fraction,
         labeled_repeat=args.labeled_repeat, lam=args.lam,
         tau=args.tau, consistency=args.consistency, layer=args.layer, cam=args.cam, scratch=args.scratch, lr=args.lr,
         batch_size=args.batch_size, val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed,
-        device=device,
+        device=device, callbacks=monitors,
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes and reports
         return 0
@@ -491,6 +494,51 @@ def _add_finetune_run(p: argparse.ArgumentParser, amp_help: str) -> None:
     p.add_argument("--amp", action="store_true", help=amp_help)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--device", default="auto")
+    _add_monitor(p)
+
+
+def _add_monitor(p: argparse.ArgumentParser, folder_option: bool = True) -> None:
+    """--monitor and its settings (layer-wise inspection during training, xcnn.inspection.Monitor)."""
+    p.add_argument(
+        "--monitor", action="store_true",
+        help="watch the layers during training: probe accuracy per stage, top filters, feature correlation and CKA "
+        "to the previous check, in --out/monitor.json and TensorBoard (read it with xcnn inspect --history)",
+    )  # fmt: skip
+    p.add_argument(
+        "--monitor-every", type=_positive_int, default=1, help="epochs between checks (default: %(default)s)"
+    )
+    p.add_argument(
+        "--monitor-images", type=_positive_int, default=512,
+        help="held-out images per check, half to fit the probes, half to measure (default: %(default)s)",
+    )  # fmt: skip
+    if folder_option:
+        p.add_argument(
+            "--monitor-data", default=None,
+            help="labelled held-out images (class folders) for --monitor; default: the synthetic validation set "
+            "(required when --data is a folder)",
+        )  # fmt: skip
+
+
+def _monitors(args: argparse.Namespace, val, size: tuple[int, int]) -> list:
+    """The --monitor callback on --monitor-data (a class folder) or the synthetic validation set ``val``."""
+    if not args.monitor:
+        if getattr(args, "monitor_data", None):
+            raise ValueError("--monitor-data is only used with --monitor")
+        return []
+    from .inspection import Monitor
+
+    data = val
+    if getattr(args, "monitor_data", None):
+        from .data.images import ImageFolder
+
+        if not Path(args.monitor_data).is_dir():
+            raise ValueError(f"--monitor-data must be a folder of class folders; {args.monitor_data} is not a folder")
+        data = ImageFolder(args.monitor_data, size)
+    elif data is None:
+        raise ValueError(
+            "--monitor with an image folder as --data needs --monitor-data FOLDER (labelled held-out images)"
+        )
+    return [Monitor(data, every=args.monitor_every, images=args.monitor_images, progress=None)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -666,6 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--seed", type=int, default=0)
     tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tb.add_argument("--device", default="auto")
+    _add_monitor(tb, folder_option=False)
     tb.set_defaults(func=cmd_train_benchmark)
     tt = tr_sub.add_parser(
         "tame", help="train a TAME attention head for a frozen model",

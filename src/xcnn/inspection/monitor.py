@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .._io import atomic_write
 from ..data import batches
+from ..hooks import named_layer
 from ..models import Classifier, stage_layers
 from ..training.trainer import Callback, TrainerContext
 from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs
@@ -119,6 +120,21 @@ class Monitor(Callback):
 
     # the check ----------------------------------------------------------------------------------------
 
+    def on_train_begin(self, ctx: TrainerContext) -> None:
+        """Check the data and the layers before any training (rank 0)."""
+        if ctx.rank == 0:
+            self._prepare(_classifier(ctx.model))
+
+    def _prepare(self, clf: Classifier) -> None:
+        if self._stacked is None:
+            self._stacked = _stack(self.data, self.images)
+            if len(self._stacked["label"]) < 4:
+                raise ValueError("the monitor needs at least 4 labelled images")
+        if self.layers is None:
+            self.layers = stage_layers(clf)
+        for name in [*self.layers, *([self.importance_layer] if self.importance_layer else [])]:
+            named_layer(clf.backbone, name)
+
     def on_epoch_end(self, ctx: TrainerContext) -> None:
         due = (ctx.epoch + 1) % self.every == 0 or ctx.epoch == ctx.epochs - 1
         if ctx.rank != 0 or not due:
@@ -141,12 +157,7 @@ class Monitor(Callback):
     def check(self, model: nn.Module, epoch: int) -> dict:
         """Inspect ``model`` now: one record (plain numbers, lists and dicts)."""
         clf = _classifier(model)
-        if self._stacked is None:
-            self._stacked = _stack(self.data, self.images)
-            if len(self._stacked["label"]) < 4:
-                raise ValueError("the monitor needs at least 4 labelled images")
-        if self.layers is None:
-            self.layers = stage_layers(clf)
+        self._prepare(clf)
         layer_for_importance = self.importance_layer or self.layers[-1]
         stacked = self._stacked
         fit_rows, eval_rows = slice(0, None, 2), slice(1, None, 2)

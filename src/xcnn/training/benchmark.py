@@ -22,7 +22,7 @@ from .._io import atomic_write, prepare_out_dir
 from ..data.synthetic import CLASSES, Shapes
 from ..models import TRAINED_BY_XCNN, Classifier, _build_arch, save_model
 from ..nets import ShapesNet
-from .trainer import accuracy_eval, fit, one_cycle
+from .trainer import Callback, accuracy_eval, fit, one_cycle
 
 __all__ = ["ARCHITECTURES", "InMemory", "fit_benchmark"]
 
@@ -68,14 +68,17 @@ def fit_benchmark(
     device: str | torch.device | None = None,
     resume: bool = False,
     progress: bool | None = None,
-    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    callbacks: Sequence[Callback | Callable[[int, dict], None]] = (),
     arch: str = "shapesnet",
+    monitor_every: int | None = None,
+    monitor_images: int = 512,
 ) -> tuple[Classifier, dict]:
     """Train the benchmark model; return it and a results dict (also written to ``out_dir/results.json``).
 
     ``arch``: ``"shapesnet"`` (the CNN; ``widths``/``strides`` shape it), ``"vit"`` or ``"vit_patch"`` (see
     :data:`ARCHITECTURES`, :data:`VIT`; ``widths``/``strides`` do not apply; ``size`` must be a multiple of the
-    patch size, 8).
+    patch size, 8). ``monitor_every``: watch the layers every that many epochs on the first
+    ``monitor_images`` validation images (:class:`xcnn.inspection.Monitor`: ``out_dir/monitor.json``).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
@@ -114,6 +117,10 @@ def fit_benchmark(
             class_names=CLASSES,
             spec={"arch": "shapesnet", "kwargs": kwargs},
         )
+    if monitor_every is not None:
+        from ..inspection.monitor import Monitor
+
+        callbacks = [*callbacks, Monitor(val, every=monitor_every, images=monitor_images, progress=progress)]
     start = time.perf_counter()
     history = fit(
         model, train, epochs=epochs, val_data=val, batch_size=batch_size, out_dir=out, resume=resume, seed=seed,

@@ -81,12 +81,17 @@ class Callback:
     for state that must survive a resume (tensors and plain containers only: checkpoints load with
     ``weights_only=True``). ``name`` keys that state in the checkpoint (unique among a run's callbacks).
 
-    ``on_epoch_end`` runs on every process after validation and before the checkpoint, under a forked RNG
-    (a callback's randomness cannot change the training that follows). Plain functions
-    ``callback(epoch, metrics)`` are accepted too; they run after the checkpoint is written.
+    ``on_train_begin`` runs once before the first epoch of this call (after a resume has restored the
+    state; ``ctx.epoch`` is the first epoch to run, ``ctx.metrics`` empty): the place to check settings
+    before any training. ``on_epoch_end`` runs on every process after validation and before the
+    checkpoint. Both run under a forked RNG (a callback's randomness cannot change the training). Plain
+    functions ``callback(epoch, metrics)`` are accepted too; they run after the checkpoint is written.
     """
 
     name: str = "callback"
+
+    def on_train_begin(self, ctx: TrainerContext) -> None:
+        pass
 
     def on_epoch_end(self, ctx: TrainerContext) -> None:
         pass
@@ -339,6 +344,11 @@ def fit(
     writer = _tensorboard(out) if main and out is not None else None
 
     try:
+        if hooks:
+            ctx = TrainerContext(_unwrap(net), out, rank, world, device, writer, start_epoch, epochs, {})
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for callback in hooks:
+                    callback.on_train_begin(ctx)
         for epoch in range(start_epoch, epochs):
             if sampler is not None:
                 sampler.set_epoch(epoch)
