@@ -448,6 +448,41 @@ def cmd_train_cgc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .pipelines import run_inspection
+
+    if args.data != "synthetic" and not Path(args.data).is_dir():
+        raise ValueError(f"--data must be 'synthetic' or a folder of class folders; {args.data} is not a folder")
+    if args.history is not None:
+        from .inspection import load_history
+
+        load_history(args.history)  # before the model is loaded: a run without monitor records is an error now
+    model = _load_model(args, _device(args.device))
+    layers = [name.strip() for name in args.layers.split(",") if name.strip()] if args.layers else None
+    result = run_inspection(
+        model, args.data, args.out, n=args.n, layers=layers, importance_layer=args.importance_layer,
+        history=args.history, samples=args.samples, seed=args.seed, report=not args.no_report,
+    )  # fmt: skip
+    print(f"{model.name} ({model.weights_label}) on {result['data']}\n")
+    print("probe accuracy by depth: " + ", ".join(f"{k} {v:.3f}" for k, v in result["probe_accuracy"].items()))
+    if result["model_accuracy"] is not None:
+        print(f"model output: {result['model_accuracy']:.3f}")
+    effect = result["top_vs_random"]
+    randoms = [r.get("ablated_accuracy", r["logit_drop"]) for r in effect["random"]]
+    key = "ablated_accuracy" if "ablated_accuracy" in effect["top"] else "logit_drop"
+    print(
+        f"{result['importance_layer']}: zeroing the top {effect['filters']} filters by Taylor -> {key} "
+        f"{effect['top'][key]:.3f}; {effect['filters']} random filters -> mean {sum(randoms) / max(len(randoms), 1):.3f}"
+    )
+    if result["taylor_ablation_spearman"] is not None:
+        print(f"Taylor vs ablation Spearman: {result['taylor_ablation_spearman']:.3f}")
+    print(
+        f"\nwritten to {Path(args.out) / 'inspection.json'} (and CSV files)"
+        + ("" if args.no_report else f" and {Path(args.out) / 'report.html'}")
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .pipelines import run_demo
 
@@ -886,6 +921,35 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--epochs", type=_positive_int, default=5, help="(default: %(default)s)")
     _add_finetune_run(tc, amp_help="fp16 autocast on CUDA (the CAM's inner gradient is scaled)")
     tc.set_defaults(func=cmd_train_cgc)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="layer-wise inspection: what each layer predicts, which filters matter, how features correlate",
+        description="Fits a linear probe on every stage's pooled activations (half the images) and measures on the "
+        "other half: probe accuracy by depth, layer-wise top-5 and probe-CAM maps, Taylor filter importance against "
+        "ablation, feature correlation, layer CKA. Writes inspection.json, CSV files and report.html; with --history, "
+        "also the monitored run's probe accuracy by epoch.",
+    )  # fmt: skip
+    _add_model_source(ins)
+    ins.add_argument(
+        "--data", default="synthetic",
+        help="'synthetic' (held-out shapes benchmark images) or a folder of class folders (root/<class>/<image>) "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    ins.add_argument("--out", default="xcnn-inspect", help="output folder (default: %(default)s)")
+    ins.add_argument("--n", type=_positive_int, default=512, help="images (half fit the probes; default: %(default)s)")
+    ins.add_argument("--layers", default=None, help="comma-separated layers (default: every stage's output)")
+    ins.add_argument(
+        "--importance-layer", default=None, help="the layer whose filters are ranked (default: the deepest of --layers)"
+    )
+    ins.add_argument(
+        "--history", default=None, metavar="RUN_DIR", help="a training run's folder trained with --monitor"
+    )
+    ins.add_argument("--samples", type=int, default=4, help="images shown layer by layer (default: %(default)s)")
+    ins.add_argument("--seed", type=int, default=0, help="data draw and random filters (default: %(default)s)")
+    ins.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
+    ins.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    ins.set_defaults(func=cmd_inspect)
 
     de = sub.add_parser(
         "demo",

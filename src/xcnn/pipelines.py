@@ -9,14 +9,22 @@ from pathlib import Path
 
 import torch
 
-from ._io import prepare_out_dir, write_json
+from ._io import atomic_write, prepare_out_dir, write_json
 from .data.images import ImageFolder, load_image
 from .data.synthetic import Shapes
 from .metrics.harness import Evaluation, evaluate
 from .models import Classifier, default_layer
 from .viz.report import ReportSection, write_report
 
-__all__ = ["DEMO_BENCHMARK_METHODS", "DEMO_PHOTO_METHODS", "benchmark_data", "captions", "run_demo", "run_evaluation"]
+__all__ = [
+    "DEMO_BENCHMARK_METHODS",
+    "DEMO_PHOTO_METHODS",
+    "benchmark_data",
+    "captions",
+    "run_demo",
+    "run_evaluation",
+    "run_inspection",
+]
 
 
 def benchmark_data(n: int, size: int, seed: int = 0, shortcut_prob: float = 0.0) -> dict[str, torch.Tensor]:
@@ -88,6 +96,89 @@ def run_evaluation(
         )
         write_report(out / "report.html", [section], title=f"xcnn evaluation: {model.name}")
     return ev
+
+
+def run_inspection(
+    model: Classifier,
+    data: str | Path,
+    out: str | Path,
+    *,
+    n: int = 512,
+    layers: Sequence[str] | None = None,
+    importance_layer: str | None = None,
+    history: str | Path | None = None,
+    samples: int = 4,
+    seed: int = 0,
+    report: bool = True,
+    progress: bool | None = None,
+) -> dict:
+    """Layer-wise inspection of ``model`` on ``data`` (``"synthetic"``: ``n`` held-out benchmark images;
+    or a folder of class folders: ``n`` of its images drawn at random, seeded) into ``out``:
+    ``inspection.json`` (every number), ``probe_accuracy.csv``, ``filter_importance.csv``,
+    ``layer_similarity.csv``, ``feature_correlation.csv`` (the importance layer's matrix), with ``history``
+    (a monitored training run's folder) ``monitor_history.csv``, and ``report.html``. Returns the JSON."""
+    from .inspection import inspect_model, load_history
+    from .viz.inspection import write_inspection_report
+
+    monitor = load_history(history) if history is not None else None  # a bad --history fails before the work
+    out = prepare_out_dir(out)
+    if str(data) == "synthetic":
+        size = model.input_size[0]
+        dataset, class_names = benchmark_data(n, size, seed=seed), None
+        title = f"shapes benchmark ({n} held-out images, {size}x{size})"
+    else:
+        folder = ImageFolder(data, model.input_size)
+        order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        dataset, class_names = torch.utils.data.Subset(folder, order), folder.classes
+        title = f"{data} ({len(order)} of {len(folder)} images, {len(folder.classes)} classes)"
+    ins = inspect_model(
+        model, dataset, layers=layers, importance_layer=importance_layer, images=n, class_names=class_names,
+        samples=samples, seed=seed, progress=progress,
+    )  # fmt: skip
+    result = {"data": title, **ins.to_json(), "history": monitor}
+    write_json(out / "inspection.json", result)
+    _write_csv(out / "probe_accuracy.csv", ["layer", "probe_accuracy"], [[k, v] for k, v in ins.probe_accuracy.items()])
+    _write_csv(
+        out / "filter_importance.csv",
+        ["layer", "channel", "taylor", "ablation"],
+        [[ins.importance_layer, k, t, ins.ablation.get(k, "")] for k, t in enumerate(ins.taylor)],
+    )
+    _write_csv(
+        out / "layer_similarity.csv",
+        ["layer", *ins.layers],
+        [[name, *row] for name, row in zip(ins.layers, ins.similarity.tolist(), strict=True)],
+    )
+    channels = range(ins.correlation_matrix.shape[0])
+    _write_csv(
+        out / "feature_correlation.csv",
+        ["channel", *channels],
+        [[k, *row] for k, row in zip(channels, ins.correlation_matrix.tolist(), strict=True)],
+    )
+    if monitor is not None:
+        rows = [
+            [r["epoch"], name, r["probe_accuracy"].get(name), r.get("cka_to_previous", {}).get(name)]
+            for r in monitor["records"]
+            for name in monitor["layers"]
+        ]
+        _write_csv(out / "monitor_history.csv", ["epoch", "layer", "probe_accuracy", "cka_to_previous"], rows)
+    if report:
+        summary = {**model_summary(model), "data": title, "layers": ", ".join(ins.layers)}
+        summary.pop("explained layer (CAM family)", None)
+        write_inspection_report(
+            out / "report.html", ins, history=monitor, summary=summary, title=f"xcnn inspection: {model.name}"
+        )
+    return result
+
+
+def _write_csv(path: Path, header: Sequence[object], rows: Sequence[Sequence[object]]) -> Path:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    return atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
 def model_summary(model: Classifier) -> dict[str, object]:

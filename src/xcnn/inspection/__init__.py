@@ -14,15 +14,18 @@ from .features import (
     linear_cka,
     pooled_features,
     redundant_pairs,
+    stack_data,
 )
 from .importance import IMPORTANCE_METHODS, ablation_effect, filter_importance
 from .monitor import MONITOR_FILE, Monitor, load_history
 from .probes import PROBE_METHODS, ProbeCAM, Probes, fit_linear, layer_probes
+from .summary import Inspection, inspect_model
 
 __all__ = [
     "IMPORTANCE_METHODS",
     "MONITOR_FILE",
     "PROBE_METHODS",
+    "Inspection",
     "Monitor",
     "ProbeCAM",
     "Probes",
@@ -31,10 +34,12 @@ __all__ = [
     "feature_correlation",
     "filter_importance",
     "fit_linear",
+    "inspect_model",
     "layer_probes",
     "layer_similarity",
     "linear_cka",
     "load_history",
     "pooled_features",
     "redundant_pairs",
+    "stack_data",
 ]

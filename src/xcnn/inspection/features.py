@@ -21,6 +21,7 @@ __all__ = [
     "linear_cka",
     "pooled_features",
     "redundant_pairs",
+    "stack_data",
 ]
 
 
@@ -55,6 +56,24 @@ def pooled_features(
     if not parts[layers[0]]:
         raise ValueError("the data set is empty")
     return {name: torch.cat(p) for name, p in parts.items()}, torch.cat(labels) if labels else None
+
+
+def stack_data(data: Data, images: int | None) -> dict[str, Tensor]:
+    """The first ``images`` (None: all) labelled samples of ``data`` as stacked ``image`` / ``label`` tensors."""
+    parts: dict[str, list[Tensor]] = {"image": [], "label": []}
+    n = 0
+    for x, y in _batches(data, 256):
+        if y is None:
+            raise ValueError("layer-wise inspection needs labelled data (samples with a 'label')")
+        take = len(x) if images is None else min(len(x), images - n)
+        parts["image"].append(x[:take])
+        parts["label"].append(torch.as_tensor(y)[:take].long())
+        n += take
+        if images is not None and n >= images:
+            break
+    if n == 0:
+        raise ValueError("the data set is empty")
+    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 def _pearson_matrix(x: Tensor) -> Tensor:

@@ -79,6 +79,7 @@ def filter_importance(
     *,
     targets: str = "label",
     batch_size: int = 64,
+    channels: Sequence[int] | None = None,
     progress: bool | None = None,
 ) -> Tensor:
     """Importance of every channel of ``layer`` (``[C]``, float64 on the CPU), averaged over ``data``.
@@ -86,8 +87,9 @@ def filter_importance(
     ``method="taylor"``: mean over images of ``|Σ_{h,w} A ⊙ ∂y/∂A|`` (one forward and one backward per
     batch, no weight gradients); ``"ablation"``: mean drop of the target logit when the channel is zeroed
     (one forward per channel and image, several channels per forward pass). ``targets``: the true class
-    (``"label"``, the default) or the model's top-1 (``"predicted"``). The model's mode and weights are
-    left as they were.
+    (``"label"``, the default) or the model's top-1 (``"predicted"``). ``channels``: ablate only these
+    (the others are NaN in the result; Taylor always covers every channel). The model's mode and weights
+    are left as they were.
     """
     if method not in IMPORTANCE_METHODS:
         raise ValueError(f"unknown importance method {method!r}; available: {', '.join(IMPORTANCE_METHODS)}")
@@ -108,7 +110,7 @@ def filter_importance(
                     (g,) = torch.autograd.grad(logits.gather(1, t[:, None]).sum(), a)
                 part = (a.detach() * g).flatten(2).sum(2).abs().double().sum(0)
             else:
-                part = _ablation_sums(clf, images, labels, layer, targets, batch_size)
+                part = _ablation_sums(clf, images, labels, layer, targets, batch_size, channels)
             total = part.cpu() if total is None else total + part.cpu()
             n += len(images)
     if total is None:
@@ -118,20 +120,31 @@ def filter_importance(
 
 @torch.no_grad()
 def _ablation_sums(
-    clf: Classifier, images: Tensor, labels: Tensor | None, layer: str, targets: str, rows: int
+    clf: Classifier,
+    images: Tensor,
+    labels: Tensor | None,
+    layer: str,
+    targets: str,
+    rows: int,
+    subset: Sequence[int] | None = None,
 ) -> Tensor:
-    """Per channel, the summed drop of the target logit over ``images`` when that channel alone is zeroed;
-    ``rows`` bounds the rows of one forward pass (several channels' ablations share it)."""
+    """Per channel, the summed drop of the target logit over ``images`` when that channel alone is zeroed
+    (NaN for channels outside ``subset``); ``rows`` bounds the rows of one forward pass (several
+    channels' ablations share it)."""
     with Tap(clf.backbone, [layer]) as tap:
         logits = clf(images)
     channels = _spatial(tap.get(layer), layer).shape[1]
+    todo = list(range(channels)) if subset is None else [int(k) for k in subset]
+    bad = [k for k in todo if not 0 <= k < channels]
+    if bad:
+        raise ValueError(f"channels {bad} are out of range for layer {layer!r} with {channels} channels")
     t = _targets(targets, logits, labels)
     clean = logits.gather(1, t[:, None])[:, 0].double()
     b = len(images)
     per_forward = max(1, rows // b)
-    sums = torch.zeros(channels, dtype=torch.float64, device=images.device)
-    for start in range(0, channels, per_forward):
-        chunk = list(range(start, min(channels, start + per_forward)))
+    sums = torch.full((channels,), float("nan"), dtype=torch.float64, device=images.device)
+    for start in range(0, len(todo), per_forward):
+        chunk = todo[start : start + per_forward]
         factors = torch.ones(len(chunk) * b, channels, device=images.device)
         for j, k in enumerate(chunk):
             factors[j * b : (j + 1) * b, k] = 0

@@ -11,18 +11,17 @@ so a resumed run continues the same history) and their scalars to the epoch's me
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write
-from ..data import batches
 from ..hooks import named_layer
 from ..models import Classifier, stage_layers
 from ..training.trainer import Callback, TrainerContext
-from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs
+from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs, stack_data
 from .importance import Data, filter_importance
 from .probes import fit_linear
 
@@ -41,30 +40,6 @@ def _classifier(model: nn.Module) -> Classifier:
     if found is None:
         raise TypeError(f"the monitor needs an xcnn Classifier; {type(model).__name__} contains none")
     return found
-
-
-def _stack(data: Data, images: int | None) -> dict[str, Tensor]:
-    """The first ``images`` samples of ``data`` as stacked ``image`` / ``label`` tensors."""
-    parts: dict[str, list[Tensor]] = {"image": [], "label": []}
-    n = 0
-    for batch in batches(data, 256):
-        if isinstance(batch, Mapping):
-            x, y = batch["image"], batch.get("label")
-        elif isinstance(batch, (tuple, list)) and len(batch) > 1:
-            x, y = batch[0], batch[1]
-        else:
-            x, y = batch, None
-        if y is None:
-            raise ValueError("the monitor needs labelled data (samples with a 'label')")
-        take = len(x) if images is None else min(len(x), images - n)
-        parts["image"].append(x[:take])
-        parts["label"].append(torch.as_tensor(y)[:take].long())
-        n += take
-        if images is not None and n >= images:
-            break
-    if n == 0:
-        raise ValueError("the monitor's data set is empty")
-    return {k: torch.cat(v) for k, v in parts.items()}
 
 
 class Monitor(Callback):
@@ -127,7 +102,7 @@ class Monitor(Callback):
 
     def _prepare(self, clf: Classifier) -> None:
         if self._stacked is None:
-            self._stacked = _stack(self.data, self.images)
+            self._stacked = stack_data(self.data, self.images)
             if len(self._stacked["label"]) < 4:
                 raise ValueError("the monitor needs at least 4 labelled images")
         if self.layers is None:

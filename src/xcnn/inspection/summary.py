@@ -1,0 +1,222 @@
+"""Everything layer-wise inspection says about one model on one labelled data set, in one call: the
+numbers behind ``xcnn inspect`` and its report.
+
+The data are split alternately (even positions fit the probes, odd positions measure everything else),
+so no number is measured on the images a probe was fitted on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..explain import explainer
+from ..hooks import frozen
+from ..metrics.sanity import spearman
+from ..models import Classifier, as_classifier, stage_layers
+from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs, stack_data
+from .importance import Data, ablation_effect, filter_importance
+from .monitor import REDUNDANT_R
+from .probes import Probes, _check_labels, fit_linear, probe_accuracy
+
+__all__ = ["Inspection", "inspect_model"]
+
+
+@dataclass
+class Inspection:
+    """The result of :func:`inspect_model` (``to_json()`` for the plain numbers)."""
+
+    model: str
+    layers: list[str]
+    importance_layer: str
+    class_names: list[str]
+    same_task: bool
+    targets: str
+    n_fit: int
+    n_eval: int
+    probe_accuracy: dict[str, float]
+    model_accuracy: float | None
+    taylor: list[float]
+    ablation: dict[int, float]
+    taylor_ablation_spearman: float | None
+    top_vs_random: dict
+    correlation: dict[str, dict]
+    correlation_matrix: Tensor
+    similarity: Tensor
+    samples: dict = field(default_factory=dict)
+    probes: Probes | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model, "layers": self.layers, "importance_layer": self.importance_layer,
+            "class_names": self.class_names, "same_task": self.same_task, "importance_targets": self.targets,
+            "n_fit": self.n_fit, "n_eval": self.n_eval, "probe_accuracy": self.probe_accuracy,
+            "model_accuracy": self.model_accuracy,
+            "taylor": self.taylor, "ablation": {str(k): v for k, v in self.ablation.items()},
+            "taylor_ablation_spearman": self.taylor_ablation_spearman, "top_vs_random": self.top_vs_random,
+            "correlation": self.correlation, "layer_similarity": self.similarity.tolist(),
+            "samples": {
+                "top": self.samples.get("top", {}), "explained": self.samples.get("explained", []),
+                "labels": self.samples.get("labels", []),
+            },
+        }  # fmt: skip
+
+
+@torch.no_grad()
+def _accuracy(clf: Classifier, data: dict[str, Tensor], batch_size: int) -> float:
+    device = next(clf.parameters()).device
+    correct = 0
+    with frozen(clf):
+        for start in range(0, len(data["label"]), batch_size):
+            logits = clf(data["image"][start : start + batch_size].to(device))
+            correct += int((logits.argmax(1).cpu() == data["label"][start : start + batch_size]).sum())
+    return correct / len(data["label"])
+
+
+def _same_task(clf: Classifier, k: int, class_names: Sequence[str] | None) -> bool:
+    if class_names is not None and clf.class_names is not None:
+        return list(class_names) == list(clf.class_names)
+    return k == clf.num_classes
+
+
+def inspect_model(
+    model: nn.Module,
+    data: Data,
+    *,
+    layers: Sequence[str] | None = None,
+    importance_layer: str | None = None,
+    images: int | None = 512,
+    class_names: Sequence[str] | None = None,
+    top: int = 10,
+    draws: int = 5,
+    agreement_channels: int = 64,
+    samples: int = 4,
+    l2: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> Inspection:
+    """Inspect ``model`` on the first ``images`` labelled images of ``data``.
+
+    Probes per layer (``layers``, default the stage outputs) fitted on the even-position images, their
+    accuracy on the odd ones; on the odd ones also: the model's own accuracy (when the data's classes are
+    the model's), Taylor importance of every filter of ``importance_layer`` (default the deepest layer),
+    ablation of ``agreement_channels`` filters (half the top ones by Taylor, half drawn at random;
+    ``taylor_ablation_spearman`` over them), accuracy with the ``top`` filters by Taylor zeroed against
+    ``top`` random filters (``draws`` draws), each layer's feature correlation and the linear CKA between
+    layers; probe-CAM maps and layer-wise top-5 for ``samples`` images. When the data's classes are not
+    the model's (a transfer task), importance targets the model's top-1 instead of the label.
+    """
+    clf = as_classifier(model)
+    layers = list(layers) if layers is not None else stage_layers(clf)
+    importance_layer = importance_layer or layers[-1]
+    stacked = stack_data(data, images)
+    labels = stacked["label"]
+    k = int(labels.max()) + 1
+    if class_names is None and clf.class_names is not None and len(clf.class_names) == k:
+        class_names = clf.class_names
+    names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
+    same = _same_task(clf, k, class_names)
+    targets = "label" if same else "predicted"
+    fit_part = {key: v[0::2] for key, v in stacked.items()}
+    evaluation = {key: v[1::2] for key, v in stacked.items()}
+
+    _check_labels(fit_part["label"], k)
+    tapped = list(dict.fromkeys([*layers, importance_layer]))
+    feats, _ = pooled_features(clf, stacked, tapped, batch_size=batch_size, progress=progress)
+    fit_feats = {name: f[0::2] for name, f in feats.items()}
+    eval_feats = {name: f[1::2] for name, f in feats.items()}
+    weights, biases = {}, {}
+    for name in layers:
+        weights[name], biases[name] = fit_linear(fit_feats[name], fit_part["label"], k, l2=l2)
+    probes = Probes(clf, weights, biases, class_names=names)
+    accuracy = probe_accuracy(probes, {n: eval_feats[n] for n in layers}, evaluation["label"])
+
+    device = next(clf.parameters()).device
+    model_accuracy = _accuracy(clf, evaluation, batch_size) if same else None
+
+    taylor = filter_importance(
+        clf, evaluation, importance_layer, "taylor", targets=targets, batch_size=batch_size, progress=progress
+    )
+    c = len(taylor)
+    gen = torch.Generator().manual_seed(seed)
+    order = taylor.argsort(descending=True)
+    half = min(c, agreement_channels) // 2
+    rest = order[half:]
+    chosen = torch.cat(
+        [order[:half], rest[torch.randperm(len(rest), generator=gen)[: min(c, agreement_channels) - half]]]
+    )
+    ablation_all = filter_importance(
+        clf, evaluation, importance_layer, "ablation", targets=targets, batch_size=batch_size,
+        channels=chosen.tolist(), progress=progress,
+    )  # fmt: skip
+    ablation = {int(ch): float(ablation_all[ch]) for ch in chosen}
+    rho = None
+    if len(chosen) > 2:
+        rho = float(spearman(taylor[chosen].view(1, 1, -1), ablation_all[chosen].view(1, 1, -1))[0])
+
+    n_top = min(top, c)
+    effect_top = ablation_effect(
+        clf, evaluation, importance_layer, order[:n_top].tolist(), targets=targets, batch_size=batch_size
+    )
+    random_effects = [
+        ablation_effect(
+            clf,
+            evaluation,
+            importance_layer,
+            torch.randperm(c, generator=gen)[:n_top].tolist(),
+            targets=targets,
+            batch_size=batch_size,
+        )
+        for _ in range(draws)
+    ]
+    top_vs_random = {"filters": n_top, "top": effect_top, "random": random_effects}
+
+    correlation = {}
+    for name in dict.fromkeys([*layers, importance_layer]):
+        corr = _pearson_matrix(eval_feats[name])
+        m = corr.shape[0]
+        off = corr[~torch.eye(m, dtype=torch.bool)].abs()
+        correlation[name] = {
+            "channels": m,
+            "mean_abs": float(off.mean()) if m > 1 else 0.0,
+            "redundant_pairs": int((off > REDUNDANT_R).sum()) // 2,
+            "top_pairs": [[i, j, round(r, 4)] for i, j, r in redundant_pairs(corr, 10)] if m > 1 else [],
+        }
+    correlation_matrix = _pearson_matrix(eval_feats[importance_layer])
+    similarity = torch.ones(len(layers), len(layers), dtype=torch.float64)
+    for a in range(len(layers)):
+        for b in range(a + 1, len(layers)):
+            try:
+                similarity[a, b] = similarity[b, a] = linear_cka(eval_feats[layers[a]], eval_feats[layers[b]])
+            except ValueError:
+                similarity[a, b] = similarity[b, a] = math.nan
+
+    shown = {key: v[:samples] for key, v in evaluation.items()}
+    sample_info: dict = {"images": shown["image"], "labels": [names[int(y)] for y in shown["label"]]}
+    if samples > 0:
+        top5 = probes.top(shown["image"].to(device), k=5)
+        sample_info["top"] = top5
+        if same:
+            with torch.no_grad(), frozen(clf):
+                explained = clf(shown["image"].to(device)).argmax(1).cpu()
+        else:  # each image's class by the deepest probe
+            explained = probes.logits(shown["image"].to(device))[layers[-1]].argmax(1)
+        sample_info["explained"] = [names[int(t)] for t in explained]
+        sample_info["maps"] = {
+            name: explainer("probe_cam", clf, layer=name, probes=probes)(
+                shown["image"].to(device), explained.to(device)
+            ).cpu()
+            for name in layers
+        }
+    return Inspection(
+        model=clf.name, layers=layers, importance_layer=importance_layer, class_names=names, same_task=same,
+        targets=targets, n_fit=len(fit_part["label"]), n_eval=len(evaluation["label"]), probe_accuracy=accuracy,
+        model_accuracy=model_accuracy, taylor=taylor.tolist(), ablation=ablation, taylor_ablation_spearman=rho,
+        top_vs_random=top_vs_random, correlation=correlation, correlation_matrix=correlation_matrix,
+        similarity=similarity, samples=sample_info, probes=probes,
+    )  # fmt: skip

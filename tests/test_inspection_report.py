@@ -1,0 +1,182 @@
+"""Layer-wise inspection end to end: inspect_model's numbers on a trained model, xcnn inspect (JSON, CSV,
+HTML report checked in headless Chromium), --monitor training read back with --history, folders, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from xcnn.cli import main
+from xcnn.data.synthetic import CLASSES
+from xcnn.inspection import filter_importance, inspect_model
+from xcnn.pipelines import benchmark_data
+
+from .test_viz_report import CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def inspected(bench32):
+    model, _, _ = bench32
+    return model, inspect_model(model, benchmark_data(160, 32, seed=4), images=160, top=5, draws=3, progress=False)
+
+
+def test_inspection_of_a_trained_model(inspected):
+    _, ins = inspected
+    assert ins.layers == ["layer1", "layer2", "layer3", "layer4"] and ins.importance_layer == "layer4"
+    assert ins.same_task and ins.targets == "label" and ins.n_fit == ins.n_eval == 80
+    assert set(ins.probe_accuracy) == set(ins.layers)
+    assert ins.model_accuracy is not None and ins.model_accuracy > 0.3  # the bench32 model learned something
+    assert ins.probe_accuracy["layer4"] > 1 / 6 + 0.1  # its deepest stage encodes the classes
+    assert len(ins.taylor) == 128 and len(ins.ablation) == 64  # ablation: the top 32 by Taylor and 32 random
+    top32 = sorted(range(128), key=lambda k: -ins.taylor[k])[:32]
+    assert set(top32) <= set(ins.ablation)
+    assert -1 <= ins.taylor_ablation_spearman <= 1
+    effect = ins.top_vs_random
+    assert effect["filters"] == 5 and len(effect["random"]) == 3
+    assert effect["top"]["accuracy"] == pytest.approx(ins.model_accuracy)
+    assert ins.similarity.shape == (4, 4) and torch.allclose(
+        ins.similarity.diagonal(), torch.ones(4, dtype=torch.float64)
+    )
+    assert ins.correlation_matrix.shape == (128, 128)
+    maps = ins.samples["maps"]
+    assert set(maps) == set(ins.layers) and maps["layer2"].shape == (4, 32, 32)
+    assert len(ins.samples["top"]["layer1"][0]) == 5
+    json.dumps(ins.to_json(), allow_nan=False)  # plain numbers only
+
+
+def test_ablation_of_a_subset_of_channels_equals_the_full_ablation_there(bench32):
+    model, _, _ = bench32
+    data = benchmark_data(24, 32)
+    full = filter_importance(model, data, "layer3", "ablation")
+    part = filter_importance(model, data, "layer3", "ablation", channels=[3, 40, 7])
+    assert torch.equal(part[[3, 40, 7]], full[[3, 40, 7]])
+    assert int(torch.isnan(part).sum()) == len(part) - 3
+    with pytest.raises(ValueError, match="out of range"):
+        filter_importance(model, data, "layer3", "ablation", channels=[999])
+
+
+@pytest.mark.slow
+def test_monitored_cli_training_then_inspect_with_history(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "inspect"
+    argv = ["train", "benchmark", "--out", str(run), "--epochs", "2", "--n-train", "256", "--size", "32"]
+    assert main([*argv, "--monitor", "--monitor-images", "32", "--device", "cpu"]) == 0
+    history = json.loads((run / "monitor.json").read_text())
+    assert [r["epoch"] for r in history["records"]] == [0, 1]
+    hist = json.loads((run / "history.json").read_text())
+    assert "monitor/probe_acc/layer4" in hist[-1]
+    assert (
+        main(["inspect", "--model", str(run), "--out", str(out), "--n", "48", "--history", str(run), "--device", "cpu"])
+        == 0
+    )
+    result = json.loads((out / "inspection.json").read_text())
+    assert result["history"]["records"] == history["records"]
+    for name in [
+        "probe_accuracy.csv",
+        "filter_importance.csv",
+        "layer_similarity.csv",
+        "feature_correlation.csv",
+        "monitor_history.csv",
+    ]:
+        assert (out / name).is_file(), name
+    with open(out / "monitor_history.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 4 and rows[0]["cka_to_previous"] == "" and rows[-1]["cka_to_previous"] != ""
+    page = (out / "report.html").read_text()
+    for src in [part.split('"')[0] for part in page.split('src="')[1:]]:
+        assert (out / src).is_file(), src
+    assert "Over training" in page and "What each layer would say" in page
+    # a run without monitor records
+    assert main(["inspect", "--model", str(run), "--out", str(tmp_path / "x"), "--history", str(out)]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def test_inspect_a_folder_of_class_folders_with_hostile_names(bench32, tmp_path):
+    _, _, folder = bench32
+    data = benchmark_data(36, 32, seed=9)
+    root = tmp_path / "images"
+    for i, (image, label) in enumerate(zip(data["image"], data["label"], strict=True)):
+        d = root / CLASSES[int(label)]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(d / f"{i}.png")
+    evil = root / "<img src=x onerror=alert(1)>"  # a seventh class: the data's classes are no longer the model's
+    evil.mkdir()
+    for i in range(4):
+        Image.fromarray((data["image"][i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+            evil / f"{i}.png"
+        )
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "inspect",
+                "--model",
+                str(folder),
+                "--data",
+                str(root),
+                "--out",
+                str(out),
+                "--samples",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    result = json.loads((out / "inspection.json").read_text())
+    assert not result["same_task"] and result["importance_targets"] == "predicted" and result["model_accuracy"] is None
+    assert "<img src=x onerror=alert(1)>" in result["class_names"]
+    page = (out / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x" in page
+
+
+@pytest.mark.slow
+def test_inspection_report_renders_in_headless_chromium(inspected, tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is required in CI (.ci/run installs the Debian package)")
+        pytest.skip("chromium not installed")
+    from xcnn.viz.inspection import write_inspection_report
+
+    _, ins = inspected
+    page = write_inspection_report(tmp_path / "report.html", ins, summary={"model": "bench32"})
+    shot = tmp_path / "shot.png"
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400", f"--screenshot={shot}", page.as_uri(),
+    ]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.std() > 20
+    assert 0.01 < (pixels < 128).mean() < 0.9
+
+
+def test_bad_inspect_input(bench32, tmp_path):
+    model, _, folder = bench32
+    assert (
+        main(["inspect", "--model", str(folder), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    )
+    assert (
+        main(["inspect", "--model", str(folder), "--history", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+        == 2
+    )
+    assert main(["inspect", "--model", str(folder), "--layers", "fc", "--n", "12", "--out", str(tmp_path / "o")]) == 2
+    one_class = {"image": benchmark_data(12, 32)["image"], "label": torch.zeros(12, dtype=torch.long)}
+    with pytest.raises(ValueError, match="only one class"):
+        inspect_model(model, one_class, progress=False)
+    with pytest.raises(ValueError, match="fewer than the 6 classes"):
+        inspect_model(model, {k: v[:8] for k, v in benchmark_data(8, 32).items()}, progress=False)
+    assert (
+        main(
+            ["train", "lap", "--model", str(folder), "--data", str(tmp_path), "--out", str(tmp_path / "l"), "--monitor"]
+        )
+        == 2
+    )
