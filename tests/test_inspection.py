@@ -376,3 +376,31 @@ def test_monitored_training_records_every_epoch_survives_resume_and_trains_like_
         )
     with pytest.raises(ValueError, match="every must be a positive"):
         Monitor(val, every=0)
+
+
+MONITOR_DDP_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from test_training_trainer import Blobs, small_net
+from xcnn.inspection import Monitor
+from xcnn.models import Classifier
+from xcnn.training import fit
+net = Classifier(small_net(), input_size=(16, 16))
+fit(net, Blobs(), epochs=2, out_dir={out!r}, batch_size=32, progress=False, callbacks=[Monitor(Blobs(64, seed=1))])
+flat = torch.cat([p.detach().flatten() for p in net.parameters()])
+torch.save(flat, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_the_monitor_under_torchrun_records_on_rank_0_and_the_replicas_stay_identical(tmp_path):
+    from pathlib import Path
+
+    from xcnn.inspection import load_history
+
+    from .conftest import torchrun
+
+    torchrun(MONITOR_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)), tmp_path)
+    assert torch.equal(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
+    history = load_history(tmp_path)
+    assert [r["epoch"] for r in history["records"]] == [0, 1] and history["images"] == 64
