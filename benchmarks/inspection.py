@@ -4,7 +4,8 @@
     python benchmarks/inspection.py --device cuda
 
 * Taylor importance of every filter of a layer (``filter_importance(..., "taylor")``) against one plain
-  forward + backward (cross-entropy, weight gradients) over the same images: ShapesNet at 64x64 (512
+  forward + backward (cross-entropy, weight gradients) over the same images, and against the anchor,
+  captum's ``LayerGradientXActivation`` summed per channel (the same numbers): ShapesNet at 64x64 (512
   images, layers layer2 and layer4) and ResNet-18 at 224x224 (random weights; 64 images, layer3).
 * Layer-wise probes (``layer_probes`` on every stage: features pooled on the fly, then one L-BFGS fit per
   layer) against the plain forward passes (no grad) over the same images.
@@ -74,6 +75,19 @@ def forwards(model: Classifier, data: dict, batch: int):
     return run
 
 
+def captum_taylor(model: Classifier, data: dict, layer: str, batch: int) -> torch.Tensor:
+    """The anchor: captum's LayerGradientXActivation at the layer, summed per channel (the same numbers,
+    tested in tests/test_inspection.py)."""
+    from captum.attr import LayerGradientXActivation
+
+    method = LayerGradientXActivation(model, model.backbone.get_submodule(layer))
+    total = 0
+    for start in range(0, len(data["label"]), batch):
+        x, y = data["image"][start : start + batch], data["label"][start : start + batch]
+        total = total + method.attribute(x, target=y).sum((2, 3)).abs().sum(0)
+    return total / len(data["label"])
+
+
 def importance_rows(args, device) -> list[dict]:
     rows = []
     for name, n, batch, layers in [("shapesnet", 512, 64, ["layer2", "layer4"]), ("resnet18", 64, 16, ["layer3"])]:
@@ -92,6 +106,7 @@ def rows_for(name: str, n: int, batch: int, layers: list[str], args, device: tor
         contenders[("taylor", layer)] = plain(
             lambda layer=layer: filter_importance(model, data, layer, "taylor", batch_size=batch, progress=False)
         )
+        contenders[("captum", layer)] = plain(lambda layer=layer: captum_taylor(model, data, layer, batch))
     times = timed(contenders, device, args.repeats)
     fb, fw = times[("forward+backward", "")], times[("forwards", "")]
     rows = []

@@ -278,7 +278,8 @@ def write_table(out: Path) -> None:
         rand = [x["ablated_accuracy"] for x in r["random10"]]
         lines.append(f"On the bundled photos ({r['views']} views): top-1 kept after zeroing the top-10 bn2 filters by Taylor "
                      f"{r['top10']['ablated_accuracy']:.3f} (logit drop {r['top10']['logit_drop']:.2f}); after 10 random filters "
-                     f"{statistics.mean(rand):.3f} [{min(rand):.3f}, {max(rand):.3f}] (20 draws); Spearman(Taylor, ablation) over "
+                     f"{statistics.mean(rand):.3f} [{min(rand):.3f}, {max(rand):.3f}] (20 draws; logit drop "
+                     f"{statistics.mean(x['logit_drop'] for x in r['random10']):.2f}); Spearman(Taylor, ablation) over "
                      f"128 of the 1280 bn2 filters (the top 64 by Taylor, 64 random) {r['spearman_taylor_ablation_bn2']:.3f}; bn2 mean |r| {r['bn2_mean_abs_corr']:.3f}, "
                      f"{r['bn2_redundant_pairs']} pairs with |r| > 0.9.")  # fmt: skip
         lines.append("")

@@ -98,3 +98,27 @@ def test_cgc_under_float16_autocast_matches_float32():
     assert abs(float(half["cgc"]) - float(full["cgc"])) < 0.05 * abs(float(full["cgc"]))
     _, history = fit_cgc(small_shapesnet(), data, epochs=2, batch_size=32, amp=True, device="cuda", progress=False)
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history)
+
+
+def test_inspection_on_cuda_matches_cpu(full_float32):
+    """Filter importance, pooled features and probe accuracy computed on the GPU equal the CPU's up to
+    float32 rounding (features are pooled on the device and reduced in float64 on the CPU)."""
+    from xcnn.inspection import filter_importance, layer_probes, pooled_features
+    from xcnn.nets import ShapesNet
+    from xcnn.pipelines import benchmark_data
+
+    torch.manual_seed(0)
+    cpu = xcnn.Classifier(ShapesNet(widths=(8, 8, 16, 16)), input_size=(32, 32)).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    data = benchmark_data(48, 32)
+    for method in ("taylor", "ablation"):
+        torch.testing.assert_close(
+            filter_importance(gpu, data, "layer3", method), filter_importance(cpu, data, "layer3", method),
+            rtol=1e-4, atol=1e-6,
+        )  # fmt: skip
+    f_gpu, _ = pooled_features(gpu, data, ["layer2", "layer4"])
+    f_cpu, _ = pooled_features(cpu, data, ["layer2", "layer4"])
+    for name in f_cpu:
+        torch.testing.assert_close(f_gpu[name], f_cpu[name], rtol=1e-4, atol=1e-6)
+    probes = layer_probes(gpu, data)
+    assert set(probes.predict(data["image"][:2].cuda())) == {"layer1", "layer2", "layer3", "layer4"}

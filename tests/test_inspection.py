@@ -376,6 +376,9 @@ def test_monitored_training_records_every_epoch_survives_resume_and_trains_like_
         )
     with pytest.raises(ValueError, match="every must be a positive"):
         Monitor(val, every=0)
+    with pytest.raises(ValueError, match="layer 'fc' outputs \\[6\\] per image"):  # before any training
+        fit(small_shapesnet(), train, out_dir=tmp_path / "c", callbacks=[Monitor(val, layers=["fc"])], **settings)
+    assert not (tmp_path / "c" / "checkpoint.pt").exists()
 
 
 MONITOR_DDP_SCRIPT = """
@@ -404,3 +407,14 @@ def test_the_monitor_under_torchrun_records_on_rank_0_and_the_replicas_stay_iden
     assert torch.equal(torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt"))
     history = load_history(tmp_path)
     assert [r["epoch"] for r in history["records"]] == [0, 1] and history["images"] == 64
+
+
+def test_taylor_importance_equals_captum_gradient_x_activation_summed_per_channel():
+    """captum's LayerGradientXActivation gives A ⊙ ∂y/∂A at a layer: its spatial sum per channel, in
+    absolute value and averaged over images, is the Taylor importance."""
+    from captum.attr import LayerGradientXActivation
+
+    model, d = smooth_model(), data(8)
+    ours = filter_importance(model, d, "features", "taylor", batch_size=3)  # batches of 3: 3 + 3 + 2 images
+    attr = LayerGradientXActivation(model, model.backbone.features).attribute(d["image"], target=d["label"])
+    torch.testing.assert_close(ours, attr.sum((2, 3)).abs().mean(0), rtol=1e-10, atol=1e-12)

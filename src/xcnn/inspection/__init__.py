@@ -9,6 +9,7 @@ library's module for tools that put the package directory on ``sys.path``.
 
 from .features import (
     class_association,
+    correlation_summary,
     feature_correlation,
     layer_similarity,
     linear_cka,
@@ -31,6 +32,7 @@ __all__ = [
     "Probes",
     "ablation_effect",
     "class_association",
+    "correlation_summary",
     "feature_correlation",
     "filter_importance",
     "fit_linear",

@@ -16,6 +16,8 @@ from .importance import Data, _batches, progress_bar
 
 __all__ = [
     "class_association",
+    "class_means",
+    "correlation_summary",
     "feature_correlation",
     "layer_similarity",
     "linear_cka",
@@ -97,6 +99,22 @@ def feature_correlation(model: nn.Module, data: Data, layer: str, *, batch_size:
     return _pearson_matrix(feats[layer])
 
 
+def correlation_summary(corr: Tensor, top: int = 3, threshold: float = 0.9) -> dict:
+    """A correlation matrix ``[C,C]`` in a few numbers: ``{"channels", "mean_abs"`` (mean ``|r|`` between
+    distinct filters), ``"redundant_pairs"`` (pairs with ``|r| > threshold``), ``"top_pairs"`` (the ``top``
+    most correlated ``[i, j, r]``)``}``."""
+    c = corr.shape[0]
+    if c < 2:
+        return {"channels": c, "mean_abs": 0.0, "redundant_pairs": 0, "top_pairs": []}
+    off = corr[~torch.eye(c, dtype=torch.bool)].abs()
+    return {
+        "channels": c,
+        "mean_abs": float(off.mean()),
+        "redundant_pairs": int((off > threshold).sum()) // 2,
+        "top_pairs": [[i, j, round(r, 4)] for i, j, r in redundant_pairs(corr, top)],
+    }
+
+
 def redundant_pairs(corr: Tensor, top: int = 10) -> list[tuple[int, int, float]]:
     """The ``top`` channel pairs ``(i, j, r)`` with ``i < j`` and the largest ``|r|`` (the most redundant
     filters: one nearly determines the other), most correlated first."""
@@ -113,13 +131,16 @@ def class_association(model: nn.Module, data: Data, layer: str, *, batch_size: i
     feats, labels = pooled_features(model, data, [layer], batch_size=batch_size)
     if labels is None:
         raise ValueError("class association needs labelled data (samples with a 'label')")
-    k = as_classifier(model).num_classes
-    x = feats[layer]
-    out = torch.full((k, x.shape[1]), float("nan"), dtype=torch.float64)
-    for c in range(k):
+    return class_means(feats[layer], labels, as_classifier(model).num_classes)
+
+
+def class_means(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Mean of the rows of ``x`` ``[N,C]`` per class, ``[K,C]`` (NaN rows for absent classes)."""
+    out = torch.full((num_classes, x.shape[1]), float("nan"), dtype=torch.float64)
+    for c in range(num_classes):
         mine = labels == c
         if bool(mine.any()):
-            out[c] = x[mine].mean(0)
+            out[c] = x[mine].double().mean(0)
     return out
 
 

@@ -14,22 +14,19 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 from .._io import atomic_write
 from ..hooks import named_layer
-from ..models import Classifier, stage_layers
+from ..models import Classifier, stage_layers, survey_layers
 from ..training.trainer import Callback, TrainerContext
-from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs, stack_data
+from .features import _pearson_matrix, correlation_summary, linear_cka, pooled_features, stack_data
 from .importance import Data, filter_importance
-from .probes import fit_linear
+from .probes import _check_labels, fit_linear
 
 __all__ = ["MONITOR_FILE", "Monitor", "load_history"]
 
 MONITOR_FILE = "monitor.json"
-#: |r| above which two filters count as redundant in the correlation summary
-REDUNDANT_R = 0.9
 
 
 def _classifier(model: nn.Module) -> Classifier:
@@ -105,10 +102,17 @@ class Monitor(Callback):
             self._stacked = stack_data(self.data, self.images)
             if len(self._stacked["label"]) < 4:
                 raise ValueError("the monitor needs at least 4 labelled images")
+            labels = self._stacked["label"]
+            _check_labels(labels[0::2], int(labels.max()) + 1)  # one class only, fewer images than classes
         if self.layers is None:
             self.layers = stage_layers(clf)
+        shapes = survey_layers(clf).shapes
         for name in [*self.layers, *([self.importance_layer] if self.importance_layer else [])]:
             named_layer(clf.backbone, name)
+            if len(shapes.get(name, ())) != 3:
+                raise ValueError(
+                    f"layer {name!r} outputs {list(shapes.get(name, ()))} per image; the monitor needs feature maps [C,h,w]"
+                )
 
     def on_epoch_end(self, ctx: TrainerContext) -> None:
         due = (ctx.epoch + 1) % self.every == 0 or ctx.epoch == ctx.epochs - 1
@@ -144,14 +148,7 @@ class Monitor(Callback):
             x_fit, x_eval = feats[layer][fit_rows], feats[layer][eval_rows]
             w, b = fit_linear(x_fit, y_fit, k, l2=self.l2)
             record["probe_accuracy"][layer] = float(((x_eval @ w.T + b).argmax(1) == y_eval).double().mean())
-            corr = _pearson_matrix(x_eval)
-            c = corr.shape[0]
-            off = corr[~torch.eye(c, dtype=torch.bool)].abs()
-            record["correlation"][layer] = {
-                "mean_abs": float(off.mean()) if c > 1 else 0.0,
-                "redundant_pairs": int((off > REDUNDANT_R).sum()) // 2,
-                "top_pairs": [[i, j, round(r, 4)] for i, j, r in redundant_pairs(corr, 3)] if c > 1 else [],
-            }
+            record["correlation"][layer] = correlation_summary(_pearson_matrix(x_eval), top=3)
             if layer in self.previous:
                 try:
                     record["cka_to_previous"][layer] = linear_cka(x_eval, self.previous[layer].double())

@@ -18,9 +18,8 @@ from ..explain import explainer
 from ..hooks import frozen
 from ..metrics.sanity import spearman
 from ..models import Classifier, as_classifier, stage_layers
-from .features import _pearson_matrix, linear_cka, pooled_features, redundant_pairs, stack_data
+from .features import _pearson_matrix, class_means, correlation_summary, linear_cka, pooled_features, stack_data
 from .importance import Data, ablation_effect, filter_importance
-from .monitor import REDUNDANT_R
 from .probes import Probes, _check_labels, fit_linear, probe_accuracy
 
 __all__ = ["Inspection", "inspect_model"]
@@ -47,6 +46,7 @@ class Inspection:
     correlation: dict[str, dict]
     correlation_matrix: Tensor
     similarity: Tensor
+    association: Tensor
     samples: dict = field(default_factory=dict)
     probes: Probes | None = None
 
@@ -59,6 +59,7 @@ class Inspection:
             "taylor": self.taylor, "ablation": {str(k): v for k, v in self.ablation.items()},
             "taylor_ablation_spearman": self.taylor_ablation_spearman, "top_vs_random": self.top_vs_random,
             "correlation": self.correlation, "layer_similarity": self.similarity.tolist(),
+            "class_association": [[None if math.isnan(v) else v for v in row] for row in self.association.tolist()],
             "samples": {
                 "top": self.samples.get("top", {}), "explained": self.samples.get("explained", []),
                 "labels": self.samples.get("labels", []),
@@ -107,8 +108,8 @@ def inspect_model(
     the model's), Taylor importance of every filter of ``importance_layer`` (default the deepest layer),
     ablation of ``agreement_channels`` filters (half the top ones by Taylor, half drawn at random;
     ``taylor_ablation_spearman`` over them), accuracy with the ``top`` filters by Taylor zeroed against
-    ``top`` random filters (``draws`` draws), each layer's feature correlation and the linear CKA between
-    layers; probe-CAM maps and layer-wise top-5 for ``samples`` images. When the data's classes are not
+    ``top`` random filters (``draws`` draws), each layer's feature correlation, the importance layer's
+    filter-class association (mean pooled activation per class) and the linear CKA between layers; probe-CAM maps and layer-wise top-5 for ``samples`` images. When the data's classes are not
     the model's (a transfer task), importance targets the model's top-1 instead of the label.
     """
     clf = as_classifier(model)
@@ -176,18 +177,12 @@ def inspect_model(
     ]
     top_vs_random = {"filters": n_top, "top": effect_top, "random": random_effects}
 
-    correlation = {}
-    for name in dict.fromkeys([*layers, importance_layer]):
-        corr = _pearson_matrix(eval_feats[name])
-        m = corr.shape[0]
-        off = corr[~torch.eye(m, dtype=torch.bool)].abs()
-        correlation[name] = {
-            "channels": m,
-            "mean_abs": float(off.mean()) if m > 1 else 0.0,
-            "redundant_pairs": int((off > REDUNDANT_R).sum()) // 2,
-            "top_pairs": [[i, j, round(r, 4)] for i, j, r in redundant_pairs(corr, 10)] if m > 1 else [],
-        }
+    correlation = {
+        name: correlation_summary(_pearson_matrix(eval_feats[name]), top=10)
+        for name in dict.fromkeys([*layers, importance_layer])
+    }
     correlation_matrix = _pearson_matrix(eval_feats[importance_layer])
+    association = class_means(eval_feats[importance_layer], evaluation["label"], k)
     similarity = torch.ones(len(layers), len(layers), dtype=torch.float64)
     for a in range(len(layers)):
         for b in range(a + 1, len(layers)):
@@ -218,5 +213,5 @@ def inspect_model(
         targets=targets, n_fit=len(fit_part["label"]), n_eval=len(evaluation["label"]), probe_accuracy=accuracy,
         model_accuracy=model_accuracy, taylor=taylor.tolist(), ablation=ablation, taylor_ablation_spearman=rho,
         top_vs_random=top_vs_random, correlation=correlation, correlation_matrix=correlation_matrix,
-        similarity=similarity, samples=sample_info, probes=probes,
+        similarity=similarity, association=association, samples=sample_info, probes=probes,
     )  # fmt: skip

@@ -13,6 +13,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from .._io import atomic_write, prepare_out_dir
@@ -20,6 +21,7 @@ from .overlay import overlay
 from .report import _figure_png, _png
 
 __all__ = [
+    "association_figure",
     "depth_figure",
     "history_figure",
     "importance_figure",
@@ -70,6 +72,7 @@ def history_figure(history: Mapping) -> Figure:
         if xs:
             right.plot(xs, ys, marker=".", label=name)
     right.set_ylim(0, 1.02)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("epoch")
     right.set_ylabel("linear CKA to the previous check")
     right.set_title("how much each layer still changes")
@@ -122,6 +125,27 @@ def matrix_figure(matrix: Tensor, title: str, labels: Sequence[str] | None = Non
     return fig
 
 
+def association_figure(
+    association: Tensor, taylor: Sequence[float], class_names: Sequence[str], top: int = 20
+) -> Figure:
+    """Mean pooled activation per class of the ``top`` filters by Taylor importance, each filter's column
+    standardised over the classes (which classes a filter responds to, not how strongly it fires)."""
+    import torch
+
+    order = sorted(range(len(taylor)), key=lambda k: -taylor[k])[:top]
+    a = association[:, order].float()
+    a = (a - a.nanmean(0, keepdim=True)) / a.std(0, keepdim=True).clamp_min(1e-12)
+    fig = _figure(max(6, 0.3 * len(order) + 2.5), max(2.6, 0.3 * len(class_names) + 1.2))
+    ax = fig.subplots()
+    image = ax.imshow(torch.nan_to_num(a).numpy(), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2)
+    ax.set_xticks(range(len(order)), [str(k) for k in order], fontsize=7, rotation=90)
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_xlabel("filter (most important first)")
+    ax.set_title("filter-class association (mean activation per class, standardised per filter)")
+    fig.colorbar(image, ax=ax, fraction=0.04)
+    return fig
+
+
 def _rgb(image: Tensor):
     return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
 
@@ -154,6 +178,11 @@ def write_inspection_report(
             matrix_figure(ins.similarity, "layer similarity (linear CKA)", ins.layers, vmin=0),
         ),
         "history": _figure_png(assets / "history.png", history_figure(history)) if history else None,
+        "association": _figure_png(
+            assets / "association.png", association_figure(ins.association, ins.taylor, ins.class_names)
+        )
+        if len(ins.class_names) <= 50
+        else None,
     }
     rows = []
     images = ins.samples.get("images")
