@@ -3,14 +3,14 @@ top-10 Taylor filters against 10 random filters, Taylor against ablation, CKA, o
 
     python experiments/inspection.py --out runs/inspection
 
-Parts (``--parts shapesnet,vgg,lite0``; ``table`` only rewrites ``OUT/inspection.md`` from the JSON):
+Parts (``--parts shapesnet,vgg,lite0,curve``; ``table`` only rewrites ``OUT/inspection.md`` from the JSON):
 
 * ``shapesnet``: the benchmark recipe (``xcnn train benchmark``: 6000 images at 64x64, 10 epochs, one-cycle
   AdamW) for each seed with the monitor on (every epoch, 512 validation images: probes fitted on 256,
   measured on 256); then ``inspect_model`` on 1000 held-out test images (probes on 500, everything else on
   the other 500): probe accuracy by stage, Taylor importance of every ``layer4`` filter against its
-  ablation (all 128 filters), accuracy with the top-10 filters by Taylor zeroed against 10 random filters
-  (20 draws), linear CKA between stages. Seed 0 is the reference model's recipe and seed: its test
+  ablation (all 128 filters), accuracy with the top-10 filters by Taylor (ranked on the probe-fitting
+  images) zeroed against 10 random filters (20 draws), linear CKA between stages. Seed 0 is the reference model's recipe and seed: its test
   accuracy must equal ``runs/clean``'s (monitoring does not change training).
 * ``vgg``: torchvision ``vgg11_bn`` at 64x64 (its convolutional part unchanged; the 4096-wide classifier,
   100 M parameters on a replicated 2x2 map, replaced by global average pooling and one linear layer),
@@ -22,6 +22,10 @@ Parts (``--parts shapesnet,vgg,lite0``; ``table`` only rewrites ``OUT/inspection
   feature correlation of ``bn2`` on the bundled photos (5 photos x 8 seeded crops/flips = 40 views),
   targets = the model's top-1 on each view, "accuracy" = the top-1 kept after zeroing filters; ablation
   for 128 of the 1280 filters (the top 64 by Taylor and 64 random ones: each costs a forward pass per view).
+
+* ``curve``: for the trained ShapesNets and the VGG, three stages each, the accuracy on the odd test images
+  with the top-k filters zeroed (k = 10, 20, 40; ranked by Taylor importance on the even test images)
+  against k random filters (10 draws).
 
 Nothing here was tuned: the probe (logistic, l2 = 1e-3), the monitor's settings and the recipes are the
 defaults, fixed before the runs. Trained models stay in their folders and are reused.
@@ -191,10 +195,51 @@ def _pooled(model: Classifier, images: torch.Tensor, layer: str) -> torch.Tensor
     return pooled_features(model, {"image": images}, [layer], progress=False)[0][layer]
 
 
+CURVE_K = (10, 20, 40)
+
+
+def ablation_curve(model: Classifier, layers: list[str], draws: int = 10) -> dict:
+    """Accuracy on the odd test images with the top-k filters of each layer zeroed (ranked by Taylor on the
+    even test images) against k random filters, for k in CURVE_K."""
+    data = benchmark_data(N_TEST, model.input_size[0])
+    fit_half = {k: v[0::2] for k, v in data.items()}
+    measure = {k: v[1::2] for k, v in data.items()}
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in layers:
+        ranking = filter_importance(model, fit_half, layer, "taylor").argsort(descending=True)
+        c = len(ranking)
+        out[layer] = {"channels": c}
+        for k in CURVE_K:
+            if k >= c:
+                continue
+            top = ablation_effect(model, measure, layer, ranking[:k].tolist())
+            rand = [
+                ablation_effect(model, measure, layer, torch.randperm(c, generator=gen)[:k].tolist())
+                for _ in range(draws)
+            ]
+            out[layer][str(k)] = {"accuracy": top["accuracy"], "top": top["ablated_accuracy"],
+                                  "random": [r["ablated_accuracy"] for r in rand]}  # fmt: skip
+    return out
+
+
+def part_curve(out: Path, seeds: list[int]) -> dict:
+    result = {"shapesnet": {}, "vgg": None}
+    for seed in seeds:
+        run = out / f"shapesnet-s{seed}"
+        if (run / "results.json").is_file():
+            result["shapesnet"][seed] = ablation_curve(load_model(run).eval(), ["layer2", "layer3", "layer4"])
+            print(f"curve shapesnet seed {seed}", flush=True)
+    if (out / "vgg11_bn" / "results.json").is_file():
+        result["vgg"] = ablation_curve(_load_vgg(out / "vgg11_bn"), ["features.14", "features.21", "features.28"])
+    write_json(out / "curve.json", result)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/inspection")
-    parser.add_argument("--parts", default="shapesnet,vgg,lite0,table")
+    parser.add_argument("--parts", default="shapesnet,vgg,lite0,curve,table")
     parser.add_argument("--seeds", default="0,1,2")
     args = parser.parse_args()
     out = prepare_out_dir(args.out)
@@ -205,6 +250,8 @@ def main() -> None:
         part_vgg(out)
     if "lite0" in parts:
         part_lite0(out)
+    if "curve" in parts:
+        part_curve(out, [int(s) for s in args.seeds.split(",")])
     if "table" in parts:
         write_table(out)
 
@@ -267,6 +314,28 @@ def write_table(out: Path) -> None:
             lines.append(
                 f"| {a} | " + " | ".join(_mean_sd([r["cka"][i][j] for r in runs]) for j in range(len(layers))) + " |"
             )
+        lines.append("")
+    if (out / "curve.json").is_file():
+        curve = json.loads((out / "curve.json").read_text())
+        lines += ["### Zeroing more filters (`--parts curve`)", ""]
+        lines += ["Accuracy on 500 test images with the top-k filters of a stage zeroed (ranked by Taylor on the other 500) "
+                  "against k random filters (10 draws per seed: mean [min, max]):", ""]  # fmt: skip
+        lines += [
+            "| model | stage (filters) | k | no filter zeroed | top-k by Taylor | k random |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        groups = [("ShapesNet", list(curve["shapesnet"].values()))] + (
+            [("vgg11_bn", [curve["vgg"]])] if curve["vgg"] else []
+        )
+        for name, runs in groups:
+            for layer in runs[0]:
+                for k in CURVE_K:
+                    if str(k) not in runs[0][layer]:
+                        continue
+                    cells = [r[layer][str(k)] for r in runs]
+                    rand = [a for c in cells for a in c["random"]]
+                    lines.append(f"| {name} | {layer} ({runs[0][layer]['channels']}) | {k} | {_mean_sd([c['accuracy'] for c in cells])} | "
+                                 f"{_mean_sd([c['top'] for c in cells])} | {statistics.mean(rand):.3f} [{min(rand):.3f}, {max(rand):.3f}] |")  # fmt: skip
         lines.append("")
     if (out / "lite0.json").is_file():
         r = json.loads((out / "lite0.json").read_text())

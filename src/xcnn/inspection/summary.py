@@ -107,8 +107,8 @@ def inspect_model(
     accuracy on the odd ones; on the odd ones also: the model's own accuracy (when the data's classes are
     the model's), Taylor importance of every filter of ``importance_layer`` (default the deepest layer),
     ablation of ``agreement_channels`` filters (half the top ones by Taylor, half drawn at random;
-    ``taylor_ablation_spearman`` over them), accuracy with the ``top`` filters by Taylor zeroed against
-    ``top`` random filters (``draws`` draws), each layer's feature correlation, the importance layer's
+    ``taylor_ablation_spearman`` over them), accuracy with the ``top`` filters by Taylor (ranked on the
+    probe-fitting half) zeroed against ``top`` random filters (``draws`` draws), each layer's feature correlation, the importance layer's
     filter-class association (mean pooled activation per class) and the linear CKA between layers; probe-CAM maps and layer-wise top-5 for ``samples`` images. When the data's classes are not
     the model's (a transfer task), importance targets the model's top-1 instead of the label.
     """
@@ -160,10 +160,14 @@ def inspect_model(
     if len(chosen) > 2:
         rho = float(spearman(taylor[chosen].view(1, 1, -1), ablation_all[chosen].view(1, 1, -1))[0])
 
+    # the filters to zero are ranked on the other half of the images, so that the accuracy they are judged
+    # by is not measured on the images that selected them
     n_top = min(top, c)
-    effect_top = ablation_effect(
-        clf, evaluation, importance_layer, order[:n_top].tolist(), targets=targets, batch_size=batch_size
+    ranking = filter_importance(
+        clf, fit_part, importance_layer, "taylor", targets=targets, batch_size=batch_size, progress=progress
     )
+    top_filters = ranking.argsort(descending=True)[:n_top].tolist()
+    effect_top = ablation_effect(clf, evaluation, importance_layer, top_filters, targets=targets, batch_size=batch_size)
     random_effects = [
         ablation_effect(
             clf,
@@ -175,7 +179,7 @@ def inspect_model(
         )
         for _ in range(draws)
     ]
-    top_vs_random = {"filters": n_top, "top": effect_top, "random": random_effects}
+    top_vs_random = {"filters": n_top, "top_filters": top_filters, "top": effect_top, "random": random_effects}
 
     correlation = {
         name: correlation_summary(_pearson_matrix(eval_feats[name]), top=10)

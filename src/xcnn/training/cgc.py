@@ -33,7 +33,7 @@ from ..explain.cam import CAM_COMBINE, cam_maps
 from ..hooks import frozen
 from ..metrics.consistency import apply_each, random_crop_flips
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
-from .trainer import accuracy_eval, fit, one_cycle, settings_record, training_device
+from .trainer import Callback, accuracy_eval, fit, one_cycle, settings_record, training_device
 
 __all__ = ["CONSISTENCY", "CGCData", "CGCTraining", "cgc_loss", "fit_cgc"]
 
@@ -306,7 +306,7 @@ def fit_cgc(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    callbacks: Sequence[Callback | Callable[[int, dict], None]] = (),
     num_workers: int = 0,
 ) -> tuple[Classifier, list[dict]]:
     """Train a copy of ``model`` with cross-entropy on the labelled images and ``lam`` times the CGC loss

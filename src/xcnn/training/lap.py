@@ -34,7 +34,7 @@ from ..hooks import Tap, frozen, named_layer
 from ..interpretable.lap import _linear_after, insert_lap, lap_layers
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
 from .knowledge import Knowledge, WithKnowledge, attention_losses, cam_guidance_loss, rrr_loss
-from .trainer import fit, one_cycle, settings_record, to_device, training_device
+from .trainer import Callback, fit, one_cycle, settings_record, to_device, training_device
 
 __all__ = ["INJECTIONS", "KnowledgeTraining", "fit_lap", "reinitialise"]
 
@@ -180,7 +180,7 @@ def fit_lap(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    callbacks: Sequence[Callback | Callable[[int, dict], None]] = (),
     num_workers: int = 0,
 ) -> tuple[Classifier, list[dict]]:
     """Train a copy of ``model`` on ``data`` (labelled samples) with ``knowledge`` injected; return the

@@ -30,7 +30,7 @@ from .._io import atomic_write, prepare_out_dir
 from ..explain.tame import TAMEHead, head_features, save_tame_head, tame_head
 from ..hooks import frozen
 from ..models import Classifier, as_classifier
-from .trainer import fit, to_device, training_device
+from .trainer import Callback, fit, to_device, training_device
 
 __all__ = ["TAMELoss", "TAMETraining", "fit_tame", "tv_loss"]
 
@@ -168,7 +168,7 @@ def fit_tame(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: bool | None = None,
-    callbacks: Sequence[Callable[[int, dict], None]] = (),
+    callbacks: Sequence[Callback | Callable[[int, dict], None]] = (),
     num_workers: int = 0,
 ) -> tuple[TAMEHead, list[dict]]:
     """Train a TAME head for the frozen ``model`` on ``data`` (images; labels are not used: the model's
