@@ -23,7 +23,8 @@ Parts (``--parts shapesnet,vgg,lite0,curve``; ``table`` only rewrites ``OUT/insp
   targets = the model's top-1 on each view, "accuracy" = the top-1 kept after zeroing filters; ablation
   for 128 of the 1280 filters (the top 64 by Taylor and 64 random ones: each costs a forward pass per view).
 
-* ``curve``: for the trained ShapesNets and the VGG, three stages each, the accuracy on the odd test images
+* ``curve`` (``vgg-curve`` adds the VGG, about 10 minutes more on 2 cores): for the trained ShapesNets,
+  three stages each, the accuracy on the odd test images
   with the top-k filters zeroed (k = 10, 20, 40; ranked by Taylor importance on the even test images)
   against k random filters (10 draws).
 
@@ -223,14 +224,14 @@ def ablation_curve(model: Classifier, layers: list[str], draws: int = 10) -> dic
     return out
 
 
-def part_curve(out: Path, seeds: list[int]) -> dict:
+def part_curve(out: Path, seeds: list[int], vgg: bool) -> dict:
     result = {"shapesnet": {}, "vgg": None}
     for seed in seeds:
         run = out / f"shapesnet-s{seed}"
         if (run / "results.json").is_file():
             result["shapesnet"][seed] = ablation_curve(load_model(run).eval(), ["layer2", "layer3", "layer4"])
             print(f"curve shapesnet seed {seed}", flush=True)
-    if (out / "vgg11_bn" / "results.json").is_file():
+    if vgg and (out / "vgg11_bn" / "results.json").is_file():
         result["vgg"] = ablation_curve(_load_vgg(out / "vgg11_bn"), ["features.14", "features.21", "features.28"])
     write_json(out / "curve.json", result)
     return result
@@ -251,7 +252,7 @@ def main() -> None:
     if "lite0" in parts:
         part_lite0(out)
     if "curve" in parts:
-        part_curve(out, [int(s) for s in args.seeds.split(",")])
+        part_curve(out, [int(s) for s in args.seeds.split(",")], vgg="vgg-curve" in parts)
     if "table" in parts:
         write_table(out)
 
