@@ -132,6 +132,7 @@ def test_inspect_a_folder_of_class_folders_with_hostile_names(bench32, tmp_path)
     )
     result = json.loads((out / "inspection.json").read_text())
     assert not result["same_task"] and result["importance_targets"] == "predicted" and result["model_accuracy"] is None
+    assert result["top_vs_random"]["top"]["accuracy"] == 1.0  # judged by the model's own top-1 surviving
     assert "<img src=x onerror=alert(1)>" in result["class_names"]
     page = (out / "report.html").read_text()
     assert "<img src=x" not in page and "&lt;img src=x" in page

@@ -68,14 +68,13 @@ class Inspection:
 
 
 @torch.no_grad()
-def _accuracy(clf: Classifier, data: dict[str, Tensor], batch_size: int) -> float:
+def _predictions(clf: Classifier, images: Tensor, batch_size: int) -> Tensor:
+    """The model's top-1 class of each image (CPU)."""
     device = next(clf.parameters()).device
-    correct = 0
     with frozen(clf):
-        for start in range(0, len(data["label"]), batch_size):
-            logits = clf(data["image"][start : start + batch_size].to(device))
-            correct += int((logits.argmax(1).cpu() == data["label"][start : start + batch_size]).sum())
-    return correct / len(data["label"])
+        return torch.cat(
+            [clf(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+        )
 
 
 def _same_task(clf: Classifier, k: int, class_names: Sequence[str] | None) -> bool:
@@ -138,7 +137,11 @@ def inspect_model(
     accuracy = probe_accuracy(probes, {n: eval_feats[n] for n in layers}, evaluation["label"])
 
     device = next(clf.parameters()).device
-    model_accuracy = _accuracy(clf, evaluation, batch_size) if same else None
+    predicted = _predictions(clf, evaluation["image"], batch_size)
+    model_accuracy = float((predicted == evaluation["label"]).double().mean()) if same else None
+    # zeroing filters is judged by accuracy against the labels, or on another task than the model's by
+    # how often the model's own top-1 survives
+    judged = evaluation if same else {"image": evaluation["image"], "label": predicted}
 
     taylor = filter_importance(
         clf, evaluation, importance_layer, "taylor", targets=targets, batch_size=batch_size, progress=progress
@@ -167,11 +170,11 @@ def inspect_model(
         clf, fit_part, importance_layer, "taylor", targets=targets, batch_size=batch_size, progress=progress
     )
     top_filters = ranking.argsort(descending=True)[:n_top].tolist()
-    effect_top = ablation_effect(clf, evaluation, importance_layer, top_filters, targets=targets, batch_size=batch_size)
+    effect_top = ablation_effect(clf, judged, importance_layer, top_filters, targets=targets, batch_size=batch_size)
     random_effects = [
         ablation_effect(
             clf,
-            evaluation,
+            judged,
             importance_layer,
             torch.randperm(c, generator=gen)[:n_top].tolist(),
             targets=targets,
