@@ -277,6 +277,10 @@ def test_transfer_probes_and_bad_probe_input():
     two = {"image": d["image"], "label": (d["label"] == 0).long()}
     probes = layer_probes(model, two, ["feat"], class_names=["other", "red"], progress=False)
     assert probes.num_classes == 2 and probes.class_names == ["other", "red"]
+    assert not probes.model_task and layer_probes(model, d, ["feat"], progress=False).model_task
+    # as many classes as the model, but declared another task: targets=None is the probe's own top-1
+    other = layer_probes(model, d, ["feat"], num_classes=3, progress=False)
+    assert not other.model_task
     maps = xcnn.explainer("probe_cam", model, probes=probes)(d["image"][:3])  # None: the probe's own top-1
     assert maps.shape == (3, 8, 8)
     with pytest.raises(ValueError, match="only one class"):

@@ -40,6 +40,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -945,7 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument(
         "--history", default=None, metavar="RUN_DIR", help="a training run's folder trained with --monitor"
     )
-    ins.add_argument("--samples", type=int, default=4, help="images shown layer by layer (default: %(default)s)")
+    ins.add_argument(
+        "--samples", type=_non_negative_int, default=4, help="images shown layer by layer (default: %(default)s)"
+    )
     ins.add_argument("--seed", type=int, default=0, help="data draw and random filters (default: %(default)s)")
     ins.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ins.add_argument("--no-report", action="store_true", help="skip the HTML report")

@@ -52,7 +52,7 @@ def pooled_features(
                     raise ValueError(
                         f"layer {name!r} has output shape {list(a.shape)}; pooled features need a feature map [B,C,h,w]"
                     )
-                parts[name].append(a.float().mean((2, 3)).double().cpu())
+                parts[name].append(a.mean((2, 3), dtype=torch.float64).cpu())
             if labels is not None:
                 labels = None if y is None else [*labels, y.long().cpu()]
     if not parts[layers[0]]:
@@ -60,8 +60,16 @@ def pooled_features(
     return {name: torch.cat(p) for name, p in parts.items()}, torch.cat(labels) if labels else None
 
 
-def stack_data(data: Data, images: int | None) -> dict[str, Tensor]:
-    """The first ``images`` (None: all) labelled samples of ``data`` as stacked ``image`` / ``label`` tensors."""
+def stack_data(data: Data, images: int | None, seed: int | None = None) -> dict[str, Tensor]:
+    """``images`` (None: all) labelled samples of ``data`` as stacked ``image`` / ``label`` tensors: the
+    first ones, or with ``seed`` a seeded random draw (a folder is ordered class by class)."""
+    total = len(data["image"]) if isinstance(data, dict) else len(data)
+    if seed is not None and images is not None and images < total:
+        pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:images]
+        if isinstance(data, dict):
+            data = {k: v[pick] for k, v in data.items()}
+        else:
+            data = torch.utils.data.Subset(data, pick.tolist())
     parts: dict[str, list[Tensor]] = {"image": [], "label": []}
     n = 0
     for x, y in _batches(data, 256):

@@ -42,12 +42,12 @@ def _classifier(model: nn.Module) -> Classifier:
 class Monitor(Callback):
     """Layer-wise inspection at the end of every ``every``-th epoch (and the last one).
 
-    ``data``: labelled images the model does not train on (the validation set); the first ``images`` of
-    them are used, alternately for fitting the probes (even positions) and for measuring (odd positions:
+    ``data``: labelled images the model does not train on (the validation set); ``images`` of them (a
+    seeded random draw, the same at every check) are used, alternately for fitting the probes (even positions) and for measuring (odd positions:
     probe accuracy, Taylor importance, correlation, CKA). ``layers``: default the stage outputs;
     ``importance_layer``: the layer whose filters are ranked (default the deepest of ``layers``).
     Runs on rank 0 only; the model's weights, BatchNorm statistics and mode are left as they were, and
-    the trainer forks the RNG around it, so a monitored run trains exactly like an unmonitored one.
+    the trainer restores every RNG after it, so a monitored run trains exactly like an unmonitored one.
     """
 
     name = "monitor"
@@ -99,7 +99,7 @@ class Monitor(Callback):
 
     def _prepare(self, clf: Classifier) -> None:
         if self._stacked is None:
-            self._stacked = stack_data(self.data, self.images)
+            self._stacked = stack_data(self.data, self.images, seed=0)
             if len(self._stacked["label"]) < 4:
                 raise ValueError("the monitor needs at least 4 labelled images")
             labels = self._stacked["label"]

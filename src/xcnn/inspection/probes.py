@@ -43,8 +43,11 @@ class Probes:
         *,
         class_names: Sequence[str] | None = None,
         method: str = "logistic",
+        model_task: bool = True,
     ) -> None:
         self.model: Classifier = as_classifier(model)
+        #: whether the probes classify the model's own classes (False: a transfer task)
+        self.model_task = model_task
         self.layers = list(weights)
         self.weights, self.biases = weights, biases
         self.num_classes = int(next(iter(weights.values())).shape[0])
@@ -64,7 +67,7 @@ class Probes:
 
     def layer_logits(self, activations: Tensor, layer: str) -> Tensor:
         """Probe logits ``[B,K]`` (float64, CPU) of one layer's activations ``[B,C,h,w]``."""
-        pooled = activations.float().mean((2, 3)).double().cpu()
+        pooled = activations.mean((2, 3), dtype=torch.float64).cpu()
         return pooled @ self.weights[layer].T + self.biases[layer]
 
     @torch.no_grad()
@@ -227,7 +230,11 @@ def layer_probes(
     weights, biases = {}, {}
     for name in layers:
         weights[name], biases[name] = fit_linear(feats[name], labels, k, method=method, l2=l2, max_iter=max_iter)
-    return Probes(clf, weights, biases, class_names=class_names, method=method)
+    if clf.class_names is not None and class_names is not None:
+        model_task = list(class_names) == list(clf.class_names)
+    else:
+        model_task = num_classes is None and k == clf.num_classes
+    return Probes(clf, weights, biases, class_names=class_names, method=method, model_task=model_task)
 
 
 @register("probe_cam")
@@ -235,7 +242,7 @@ class ProbeCAM(Explainer):
     """Class maps of layer-wise probes: ``W_l[k] · A_l + b_l[k]`` at every position of layer ``l``
     (``probes=`` from :func:`layer_probes`, fitted on this model or a copy of it; ``layer`` default the
     probes' deepest layer; several layers average their normalised maps). ``targets=None`` explains the model's top-1 class, as every explainer
-    does; for probes fitted on another task than the model's (another number of classes), target indices
+    does; for probes fitted on another task than the model's (``Probes.model_task`` False), target indices
     are in the probes' class space and ``None`` explains each layer's probe's own top-1."""
 
     uses_layer = True
@@ -259,7 +266,7 @@ class ProbeCAM(Explainer):
         maps = []
         with torch.no_grad(), Tap(self.model.backbone, self.layers) as tap:
             logits = self.model(images)
-            if targets is None and logits.shape[1] == self.probes.num_classes:
+            if targets is None and self.probes.model_task and logits.shape[1] == self.probes.num_classes:
                 targets = logits.argmax(1)
             for layer in self.layers:
                 a = tap.get(layer)

@@ -133,7 +133,7 @@ def inspect_model(
     weights, biases = {}, {}
     for name in layers:
         weights[name], biases[name] = fit_linear(fit_feats[name], fit_part["label"], k, l2=l2)
-    probes = Probes(clf, weights, biases, class_names=names)
+    probes = Probes(clf, weights, biases, class_names=names, model_task=same)
     accuracy = probe_accuracy(probes, {n: eval_feats[n] for n in layers}, evaluation["label"])
 
     device = next(clf.parameters()).device

@@ -84,7 +84,7 @@ class Callback:
     ``on_train_begin`` runs once before the first epoch of this call (after a resume has restored the
     state; ``ctx.epoch`` is the first epoch to run, ``ctx.metrics`` empty): the place to check settings
     before any training. ``on_epoch_end`` runs on every process after validation and before the
-    checkpoint. Both run under a forked RNG (a callback's randomness cannot change the training). Plain
+    checkpoint. Every RNG (torch, NumPy, Python) is restored after both, so a callback cannot change the training. Plain
     functions ``callback(epoch, metrics)`` are accepted too; they run after the checkpoint is written.
     """
 
@@ -195,6 +195,17 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(int(v) for v in p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _kept_rng():
+    """Every RNG the trainer checkpoints (torch CPU and CUDA, NumPy, Python) restored on exit: what a
+    callback draws does not change the training that follows."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _set_rng_state(state)
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -346,7 +357,7 @@ def fit(
     try:
         if hooks:
             ctx = TrainerContext(_unwrap(net), out, rank, world, device, writer, start_epoch, epochs, {})
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with _kept_rng():
                 for callback in hooks:
                     callback.on_train_begin(ctx)
         for epoch in range(start_epoch, epochs):
@@ -388,7 +399,7 @@ def fit(
                 metrics.update({f"val/{k}": v for k, v in evaluate(model, val_loader, device).items()})
             if hooks:
                 ctx = TrainerContext(_unwrap(net), out, rank, world, device, writer, epoch, epochs, metrics)
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                with _kept_rng():
                     for callback in hooks:
                         callback.on_epoch_end(ctx)
             history.append(metrics)

@@ -134,7 +134,8 @@ def association_figure(
 
     order = sorted(range(len(taylor)), key=lambda k: -taylor[k])[:top]
     a = association[:, order].float()
-    a = (a - a.nanmean(0, keepdim=True)) / a.std(0, keepdim=True).clamp_min(1e-12)
+    centred = a - a.nanmean(0, keepdim=True)  # classes absent from the data are NaN rows
+    a = centred / (centred**2).nanmean(0, keepdim=True).sqrt().clamp_min(1e-12)
     fig = _figure(max(6, 0.3 * len(order) + 2.5), max(2.6, 0.3 * len(class_names) + 1.2))
     ax = fig.subplots()
     image = ax.imshow(torch.nan_to_num(a).numpy(), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2)
