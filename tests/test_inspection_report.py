@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from xcnn.data.synthetic import CLASSES
 from xcnn.inspection import filter_importance, inspect_model
 from xcnn.pipelines import benchmark_data
 
-from .test_viz_report import CHROMIUM
+from .test_viz_report import screenshot
 
 
 @pytest.fixture(scope="module")
@@ -140,22 +138,11 @@ def test_inspect_a_folder_of_class_folders_with_hostile_names(bench32, tmp_path)
 
 @pytest.mark.slow
 def test_inspection_report_renders_in_headless_chromium(inspected, tmp_path):
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is required in CI (.ci/run installs the Debian package)")
-        pytest.skip("chromium not installed")
     from xcnn.viz.inspection import write_inspection_report
 
     _, ins = inspected
     page = write_inspection_report(tmp_path / "report.html", ins, summary={"model": "bench32"})
-    shot = tmp_path / "shot.png"
-    cmd = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400", f"--screenshot={shot}", page.as_uri(),
-    ]  # fmt: skip
-    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    pixels = screenshot(page, tmp_path, height=2400)
     assert pixels.std() > 20
     assert 0.01 < (pixels < 128).mean() < 0.9
 

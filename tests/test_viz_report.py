@@ -54,22 +54,28 @@ def test_user_strings_are_escaped(evaluation, tmp_path):
         assert (tmp_path / src).is_file()  # every image the page shows exists beside it
 
 
-@pytest.mark.slow
-def test_report_renders_in_headless_chromium(evaluation, tmp_path):
+def screenshot(page, tmp_path, height: int) -> np.ndarray:
+    """``page`` rendered by headless Chromium at 1400 x ``height``, as grey levels (skips without Chromium;
+    fails in CI, where .ci/run installs it)."""
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is required in CI (.ci/run installs the Debian package)")
         pytest.skip("chromium not installed")
-    model, ev = evaluation
-    page = write_report(tmp_path / "report.html", [ReportSection("benchmark", ev, {"model": model.name})])
     shot = tmp_path / "shot.png"
     cmd = [
         CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1600", f"--screenshot={shot}", page.as_uri(),
+        f"--user-data-dir={tmp_path / 'profile'}", f"--window-size=1400,{height}", f"--screenshot={shot}", page.as_uri(),
     ]  # fmt: skip
     subprocess.run(cmd, capture_output=True, timeout=120, check=True)
-    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    return np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(evaluation, tmp_path):
+    model, ev = evaluation
+    page = write_report(tmp_path / "report.html", [ReportSection("benchmark", ev, {"model": model.name})])
+    pixels = screenshot(page, tmp_path, height=1600)
     assert pixels.std() > 20  # text, tables, heatmaps: far from a blank page
     dark = (pixels < 128).mean()
     assert 0.01 < dark < 0.9

@@ -203,9 +203,8 @@ def inspect_model(
     if samples > 0:
         top5 = probes.top(shown["image"].to(device), k=5)
         sample_info["top"] = top5
-        if same:
-            with torch.no_grad(), frozen(clf):
-                explained = clf(shown["image"].to(device)).argmax(1).cpu()
+        if same:  # the shown images are the first measured ones: their top-1 is already known
+            explained = predicted[:samples]
         else:  # each image's class by the deepest probe
             explained = probes.logits(shown["image"].to(device))[layers[-1]].argmax(1)
         sample_info["explained"] = [names[int(t)] for t in explained]
