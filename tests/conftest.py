@@ -160,15 +160,19 @@ def assert_equal_up_to_rounding(
 def prepared_model(name: str, model: nn.Module) -> nn.Module:
     """The model an explainer can explain: ``lap`` reads a LAP layer, so it gets a copy of ``model`` with a
     2-head global LAP layer (heads make its maps depend on the target) whose attention is random (seeded,
-    built on the CPU, then moved to ``model``'s device) instead of the constant it starts with; every other
-    method gets ``model`` itself."""
-    from xcnn.interpretable import insert_lap, lap_layers
-
-    if name != "lap" or lap_layers(model):
-        return model
+    built on the CPU, then moved to ``model``'s device) instead of the constant it starts with; ``prototype``
+    gets a prototype network on ``model``'s backbone (2 prototypes of 8 channels per class, seeded, built on the
+    CPU); every other method gets ``model`` itself."""
     import copy
 
+    from xcnn.interpretable import PrototypeLayer, insert_lap, lap_layers, protopnet
+
     device = next(model.parameters()).device
+    if name == "prototype" and not any(isinstance(m, PrototypeLayer) for m in model.modules()):
+        with torch.inference_mode(False):
+            return protopnet(copy.deepcopy(model).cpu(), 2, dim=8, seed=0).to(device)
+    if name != "lap" or lap_layers(model):
+        return model
     # a test may build its explainer inside torch.inference_mode(): the copy's parameters must stay trainable
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

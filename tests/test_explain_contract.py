@@ -34,6 +34,7 @@ def test_registry_lists_every_documented_method():
     expected = {
         "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "scorecam",
         "saliency", "integrated_gradients", "smoothgrad", "occlusion", "rise", "random", "tame", "mdm", "extremal",
+        "lap", "probe_cam", "prototype",
     }  # fmt: skip
     assert expected <= set(ALL)
 
@@ -134,9 +135,10 @@ def test_hooks_removed_and_state_restored_when_the_model_raises(name, images32):
 
 @pytest.mark.parametrize("name", ALL)
 def test_explicit_targets_equal_top1_when_they_are_the_top1(name, tiny, images32):
+    model = prepared_model(name, tiny)  # the top-1 of the model explained (a LAP or prototype copy for those)
     with torch.no_grad():
-        top1 = tiny.eval()(images32).argmax(1)
-    torch.testing.assert_close(make(name, tiny)(images32), make(name, tiny)(images32, top1))
+        top1 = model.eval()(images32).argmax(1)
+    torch.testing.assert_close(make(name, model)(images32), make(name, model)(images32, top1))
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n != "random"])
@@ -197,10 +199,11 @@ def test_explainers_work_under_an_outer_no_grad(name, tiny, images32):
 
 @pytest.mark.parametrize("name", ALL)
 def test_inputs_made_in_inference_mode_are_accepted(name, tiny, images32):
+    model = prepared_model(name, tiny)
     with torch.inference_mode():
         images = images32.clone()
-        targets = tiny.eval()(images).argmax(1)
-    torch.testing.assert_close(make(name, tiny)(images, targets), make(name, tiny)(images32))
+        targets = model.eval()(images).argmax(1)
+    torch.testing.assert_close(make(name, model)(images, targets), make(name, model)(images32))
 
 
 @pytest.mark.parametrize("weighting", ["probability", "channel_softmax"])

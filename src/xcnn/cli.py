@@ -1,4 +1,4 @@
-"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark|tame|lap``, ``demo``."""
+"""The ``xcnn`` command line: ``explain``, ``evaluate``, ``train benchmark|tame|lap|cgc|protopnet``, ``inspect``, ``demo``."""
 
 from __future__ import annotations
 
@@ -86,8 +86,11 @@ def _parse_value(text: str) -> object:
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def _method_options(methods: list[str], args: argparse.Namespace) -> dict[str, dict[str, object]]:
-    """Per-method keyword options: the shared flags where a method takes them, plus ``--opt NAME=VALUE``."""
+def _method_options(
+    methods: list[str], args: argparse.Namespace, also: Sequence[str] = ()
+) -> dict[str, dict[str, object]]:
+    """Per-method keyword options: the shared flags where a method takes them, plus ``--opt NAME=VALUE``
+    (each must belong to one of ``methods`` or of the methods ``also`` run, such as a prototype search)."""
     from .explain import explainer_options
 
     extra: dict[str, object] = {}
@@ -98,11 +101,11 @@ def _method_options(methods: list[str], args: argparse.Namespace) -> dict[str, d
         extra[key.strip()] = _parse_value(value.strip())
     shared = {"batch_size": args.batch_size, "seed": args.seed, "amp": args.amp, "head": args.tame_head}
     options = {}
-    for method in methods:
+    for method in [*methods, *also]:
         accepted = set(explainer_options(method))
         options[method] = {k: v for k, v in {**shared, **extra}.items() if k in accepted and v is not None}
     for key in extra:
-        if not any(key in explainer_options(m) for m in methods):
+        if not any(key in explainer_options(m) for m in [*methods, *also]):
             raise ValueError(f"--opt {key}: none of the methods {methods} has this option")
     return options
 
@@ -131,7 +134,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.layer and not layer_methods:
         raise ValueError(f"--layer was given, but none of the methods {methods} uses a layer")
     layer = args.layer.split(",") if args.layer else [default_layer(model)] if layer_methods else None
-    options = _method_options(methods, args)
+    from .interpretable.protopnet import PrototypeLayer
+
+    prototypes = any(isinstance(m, PrototypeLayer) for m in model.backbone.modules())
+    search = [args.prototype_search] if prototypes and args.prototype_search != "none" else []
+    options = _method_options(methods, args, also=search)
     images = torch.stack([load_image(src, model.input_size) for src in args.images]).to(device)
 
     with torch.inference_mode():
@@ -153,6 +160,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     # sparse maps (input gradients) are displayed clipped, as in the report; --save-maps writes them unclipped
     percentiles = {m: display_percentile(m) for m in methods}
+    looks_like = _this_looks_like_that(model, images, targets, labels, out, args, options)
     records = []
     for i, (src, label) in enumerate(zip(args.images, labels, strict=True)):
         top_p, top_i = probs[i].topk(min(5, probs.shape[1]))
@@ -186,6 +194,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 ],
                 "grid": grid.name,
                 "maps": files,
+                **({"prototypes": looks_like[i]} if looks_like is not None else {}),
             }
         )
     write_json(
@@ -197,6 +206,67 @@ def cmd_explain(args: argparse.Namespace) -> int:
         best = rec["top5"][0]
         print(f"{rec['label']}: {best['name']} ({best['probability']:.1%}){random} -> {out / rec['grid']}")
     return 0
+
+
+def _this_looks_like_that(
+    model, images, targets, labels, out: Path, args: argparse.Namespace, options: dict
+) -> list | None:
+    """For a prototype network: per image, its top prototypes for the target class (similarity, contribution
+    to the logit, source patch) and a figure ``LABEL_prototypes.png`` with each prototype's similarity map
+    (native and searched with ``--prototype-search``) beside its source patch. None for other models."""
+    from .explain import explainer, normalize_maps
+    from .interpretable.protopnet import PrototypeLayer, find_prototype_layer, prototype_evidence, prototype_view
+    from .viz.prototypes import save_prototype_figure
+
+    if not any(isinstance(m, PrototypeLayer) for m in model.backbone.modules()):
+        if args.prototype_search != "mdm" or args.prototypes != 3:
+            raise ValueError("--prototype-search and --prototypes apply to a prototype network (xcnn train protopnet)")
+        return None
+    layer = find_prototype_layer(model)[1]
+    ev = prototype_evidence(model, images, targets, top=args.prototypes)
+    k = ev.prototypes.shape[1]
+    size = tuple(images.shape[-2:])
+    native = normalize_maps(ev.maps.flatten(0, 1), size).view(len(images), k, *size).cpu()
+    searched = None
+    if args.prototype_search != "none":
+        method = args.prototype_search
+        search = explainer(method, prototype_view(model), **options[method])
+        searched = search(images.repeat_interleave(k, 0), ev.prototypes.flatten()).view(len(images), k, *size).cpu()
+    sources: dict[int, dict] = {}
+    folder = Path(args.model) if isinstance(args.model, str) and Path(args.model).is_dir() else None
+    if folder is not None and (folder / "prototypes.json").is_file():
+        sources = {int(r["prototype"]): r for r in json.loads((folder / "prototypes.json").read_text())}
+    from .data.images import load_image
+
+    out_records = []
+    for i, label in enumerate(labels):
+        rows, recs = [], []
+        t = int(ev.targets[i])
+        for r in range(k):
+            j = int(ev.prototypes[i, r])
+            src = sources.get(j)
+            source_image = None
+            if src is not None and (folder / src.get("image", "")).is_file():
+                source_image = load_image(str(folder / src["image"]), None)
+            sim, contrib = float(ev.similarity[i, r]), float(ev.contribution[i, r])
+            own = model.class_name(int(layer.prototype_class[j]))
+            rows.append({
+                "native": native[i, r], "search": None if searched is None else searched[i, r],
+                "source": source_image, "box": None if src is None else src.get("box"),
+                "caption": f"prototype {j} ({own}): similarity {sim:.3f}, contribution {contrib:+.3f} to {model.class_name(t)}"
+                + ("" if src is None else f"; source: training image {src['index']}" + (f" {src['file']}" if "file" in src else "")),
+            })  # fmt: skip
+            recs.append({
+                "prototype": j, "class": own, "similarity": round(sim, 6), "contribution": round(contrib, 6),
+                "source": None if src is None else {key: src[key] for key in ("index", "box", "image", "file") if key in src},
+            })  # fmt: skip
+        figure = out / f"{label}_prototypes.png"
+        save_prototype_figure(
+            figure, images[i].cpu(), rows, search_name=args.prototype_search,
+            title=f"{label}: why {model.class_name(t)}? this looks like that",
+        )  # fmt: skip
+        out_records.append({"figure": figure.name, "top": recs})
+    return out_records
 
 
 def _load_model(args: argparse.Namespace, device: torch.device):
@@ -365,6 +435,59 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
         atomic_write(Path(args.out) / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
     print(json.dumps({k: v for k, v in results.items() if k != "training"} | {"final": history[-1]}, indent=2))
     print(f"model saved in {args.out} (use it as --model {args.out}; explain it with --method lap)")
+    return 0
+
+
+def cmd_train_protopnet(args: argparse.Namespace) -> int:
+    from ._io import write_json
+    from .training.protopnet import fit_protopnet
+
+    if not 0.0 <= args.shortcut <= 1.0:
+        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
+    if args.shortcut and args.data != "synthetic":
+        raise ValueError("--shortcut plants a patch in the synthetic benchmark; it does not apply to a folder")
+    device = _device(args.device)
+    model = _load_model(args, device)
+    val = names = None
+    if args.data == "synthetic":
+        from .data.synthetic import Shapes
+        from .training.benchmark import InMemory
+
+        size = model.input_size[0]
+        data = InMemory(Shapes("train", args.n_train, size=size, seed=args.seed, shortcut_prob=args.shortcut))
+        val = InMemory(Shapes("val", args.n_val, size=size, seed=args.seed))  # clean: is the model right for shapes?
+    elif Path(args.data).is_dir():
+        from .data.images import ImageFolder
+
+        data = ImageFolder(args.data, model.input_size)
+        names = [str(Path(data.name(i)).relative_to(args.data)) for i in range(len(data))]
+    else:
+        raise ValueError(f"--data must be 'synthetic' or an image folder; {args.data} is not a folder")
+    trained, _, prototypes = fit_protopnet(
+        model, data, prototypes_per_class=args.prototypes_per_class, dim=args.dim, warm_epochs=args.warm_epochs,
+        joint_epochs=args.joint_epochs, last_epochs=args.last_epochs, cycles=args.cycles, batch_size=args.batch_size,
+        val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed, device=device, names=names,
+    )  # fmt: skip
+    results = json.loads((Path(args.out) / "results.json").read_text())
+    if args.data == "synthetic":
+        from torch.utils.data import DataLoader
+
+        from .data.synthetic import Shapes
+        from .training.trainer import accuracy_eval
+
+        size = model.input_size[0]
+        dev = next(trained.parameters()).device
+        clean = Shapes("test", args.n_test, size=size, seed=args.seed)
+        results["test_acc"] = accuracy_eval(trained, DataLoader(clean, batch_size=256), dev)["acc"]
+        if args.shortcut > 0:
+            patched = Shapes("test", args.n_test, size=size, seed=args.seed, shortcut_prob=args.shortcut)
+            results["test_acc_random_patch"] = accuracy_eval(trained, DataLoader(patched, batch_size=256), dev)["acc"]
+        write_json(Path(args.out) / "results.json", results)
+    print(json.dumps({k: v for k, v in results.items() if k != "training"}, indent=2))
+    print(
+        f"prototype network ({len(prototypes)} prototypes) saved in {args.out} (use it as --model {args.out}; "
+        "explain it with --method prototype)"
+    )
     return 0
 
 
@@ -655,6 +778,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--tame-head", default=None, metavar="DIR", help="for --method tame: a head folder written by `xcnn train tame`"
     )
+    ex.add_argument(
+        "--prototypes", type=_positive_int, default=3,
+        help="prototype networks: how many prototypes to show per image ('this looks like that') (default: %(default)s)",
+    )  # fmt: skip
+    ex.add_argument(
+        "--prototype-search", choices=["mdm", "gradcam", "rise", "none"], default="mdm",
+        help="prototype networks: the method that searches each shown prototype's region beside its native "
+        "(upsampled) similarity map, run on the prototype view (default: %(default)s)",
+    )  # fmt: skip
     ex.set_defaults(func=cmd_explain)
 
     ev = sub.add_parser(
@@ -879,6 +1011,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_finetune_run(tl, amp_help="fp16 autocast on CUDA")
     tl.set_defaults(func=cmd_train_lap)
+
+    tp = tr_sub.add_parser(
+        "protopnet", help="build and train a prototype network (ProtoPNet, 'this looks like that') on a model's backbone",
+        description="Puts a prototype layer in place of the model's global pool (docs/methods.md#protopnet) and trains "
+        "it in the paper's stages: warm-up, then --cycles x (joint, push, last layer). Writes model.safetensors + "
+        "model.json (use as --model DIR), prototypes.json and prototypes/ (each prototype's source image and region), "
+        "history.json, results.json and one folder per stage (checkpoint, TensorBoard scalars).",
+    )  # fmt: skip
+    _add_model_source(tp)
+    tp.add_argument(
+        "--data", default="synthetic",
+        help="'synthetic' (the shapes benchmark's train split) or an image folder (root/<class>/<image>) "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    tp.add_argument("--out", required=True, help="output folder")
+    tp.add_argument(
+        "--prototypes-per-class", type=_positive_int, default=10, help="(default: %(default)s, the paper's)"
+    )
+    tp.add_argument("--dim", type=_positive_int, default=128, help="prototype channels (default: %(default)s)")
+    tp.add_argument("--warm-epochs", type=_non_negative_int, default=5, help="warm-up epochs (default: %(default)s)")
+    tp.add_argument(
+        "--joint-epochs", type=_positive_int, default=10, help="joint epochs per cycle (default: %(default)s)"
+    )
+    tp.add_argument(
+        "--last-epochs", type=_non_negative_int, default=20, help="last-layer epochs per cycle (default: %(default)s)"
+    )
+    tp.add_argument("--cycles", type=_positive_int, default=1, help="joint-push-last cycles (default: %(default)s)")
+    tp.add_argument(
+        "--shortcut", type=float, default=0.0,
+        help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
+    )  # fmt: skip
+    tp.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
+    tp.add_argument(
+        "--n-train", type=_positive_int, default=6000, help="synthetic training images (default: %(default)s)"
+    )
+    tp.add_argument(
+        "--n-val", type=_positive_int, default=500, help="synthetic clean validation images (default: %(default)s)"
+    )
+    tp.add_argument(
+        "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
+    )
+    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (warm-up and joint stages)")
+    tp.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in --out (finished stages are skipped)"
+    )
+    tp.add_argument("--device", default="auto")
+    tp.set_defaults(func=cmd_train_protopnet)
 
     tc = tr_sub.add_parser(
         "cgc", help="fine-tune (or train) a model so its Grad-CAM is consistent under crops and flips (CGC)",

@@ -605,7 +605,11 @@ MODEL_FORMAT = "xcnn-model/1"
 #: ``(backbone, where, **args)`` that edits the freshly built backbone in place, before its weights load
 ARCHITECTURE_EDITS: dict[str, Callable[..., None]] = {}
 #: modules that register edit ops when imported (so a saved model can name an op before its module is used)
-_EDIT_PROVIDERS = {"lap": "xcnn.interpretable.lap", "lap_conv": "xcnn.interpretable.lap"}
+_EDIT_PROVIDERS = {
+    "lap": "xcnn.interpretable.lap",
+    "lap_conv": "xcnn.interpretable.lap",
+    "protopnet": "xcnn.interpretable.protopnet",
+}
 
 
 def register_edit(op: str) -> Callable[[Callable[..., None]], Callable[..., None]]:

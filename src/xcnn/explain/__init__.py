@@ -1,6 +1,7 @@
 """Post-hoc explainers. Importing this package registers every method."""
 
 from ..interpretable import lap as _lap  # noqa: F401  (registers the `lap` explainer)
+from ..interpretable import protopnet as _protopnet  # noqa: F401  (registers `prototype`)
 from . import cam, extremal, gradients, mdm, perturbation, tame  # noqa: F401  (registration side effect)
 from .base import Explainer, explainer, explainer_class, explainer_options, list_explainers, normalize_maps, register
 from .cam import cam_maps

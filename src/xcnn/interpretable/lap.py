@@ -134,6 +134,24 @@ def _global_avg_pool(module: nn.Module) -> bool | None:
     return None
 
 
+def global_pool_place(backbone: nn.Module, who: str, hint: str = "") -> str:
+    """The name of ``backbone``'s one global average-pooling module (the innermost, for timm's pooling
+    wrapper); a clear error, naming ``who`` asked, when there is none or several."""
+    found = [name for name, module in backbone.named_modules() if name and _global_avg_pool(module) is not None]
+    if not found:
+        raise ValueError(
+            f"{who}: {type(backbone).__name__} has no global average-pooling module{hint}; name the pooling module "
+            "with where=... (a model that pools with a function call has none)"
+        )
+    places = [n for n in found if not any(other.startswith(n + ".") for other in found)]
+    if len(places) > 1:
+        raise ValueError(
+            f"{who}: {type(backbone).__name__} has several global average pools {places} (squeeze-and-excitation "
+            "blocks have their own); name the one before the classifier with where=..."
+        )
+    return places[0]
+
+
 def _square(module: nn.Module, attrs: Sequence[str]) -> bool:
     return all(isinstance(getattr(module, a), int) or len(set(getattr(module, a))) == 1 for a in attrs)
 
@@ -250,22 +268,9 @@ def _insert_lap(
         already = [n for n in lap_layers(backbone) if named_layer(backbone, n).global_pool]
         if already:
             raise ValueError(f"insert_lap: {type(backbone).__name__} already has a global LAP layer: {already}")
-        found = [name for name, module in backbone.named_modules() if name and _global_avg_pool(module) is not None]
-        if not found:
-            already = lap_layers(backbone)
-            hint = f" (it already has LAP layers: {already})" if already else ""
-            raise ValueError(
-                f"insert_lap: {type(backbone).__name__} has no global average-pooling module{hint}; name the "
-                "pooling modules to replace with where=[...] (a model that pools with a function call has none)"
-            )
-        # timm's pooling wrapper holds an average pool: one place, the innermost module
-        places = [n for n in found if not any(other.startswith(n + ".") for other in found)]
-        if len(places) > 1:
-            raise ValueError(
-                f"insert_lap: {type(backbone).__name__} has several global average pools {places} (squeeze-and-"
-                "excitation blocks have their own); name the one before the classifier with where=..."
-            )
-        names = places
+        already = lap_layers(backbone)
+        hint = f" (it already has LAP layers: {already})" if already else ""
+        names = [global_pool_place(backbone, "insert_lap", hint)]
     else:
         names = [where] if isinstance(where, str) else list(where)
         if not names or len(set(names)) != len(names):
