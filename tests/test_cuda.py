@@ -122,3 +122,30 @@ def test_inspection_on_cuda_matches_cpu(full_float32):
         torch.testing.assert_close(f_gpu[name], f_cpu[name], rtol=1e-4, atol=1e-6)
     probes = layer_probes(gpu, data)
     assert set(probes.predict(data["image"][:2].cuda())) == {"layer1", "layer2", "layer3", "layer4"}
+
+
+def test_protopnet_push_and_training_on_cuda(full_float32):
+    """Push on the GPU finds patches as near as the CPU's (the same distances up to float32 rounding; ties
+    may pick other images), the prototype view matches, and fit_protopnet with amp=True trains (finite
+    losses, similarity computed in float32 under autocast)."""
+    from xcnn.data.synthetic import Shapes
+    from xcnn.interpretable import protopnet, prototype_view
+    from xcnn.training.benchmark import InMemory
+    from xcnn.training.protopnet import fit_protopnet, push_prototypes
+
+    from .test_protopnet import small_net
+
+    data = InMemory(Shapes("train", 128, size=32, seed=0))
+    cpu = protopnet(small_net(), 2, dim=8).eval()
+    gpu = copy.deepcopy(cpu).cuda()
+    x = data.tensors["image"][:8]
+    with torch.no_grad():
+        torch.testing.assert_close(prototype_view(gpu)(x.cuda()).cpu(), prototype_view(cpu)(x), rtol=1e-4, atol=1e-4)
+    on_cpu, on_gpu = push_prototypes(cpu, data), push_prototypes(gpu, data)
+    for a, b in zip(on_cpu, on_gpu, strict=True):
+        assert b["distance"] == pytest.approx(a["distance"], rel=1e-4, abs=1e-5)
+    _, history, _ = fit_protopnet(
+        small_net(), data, warm_epochs=1, joint_epochs=1, last_epochs=1, batch_size=32, amp=True, device="cuda",
+        progress=False,
+    )  # fmt: skip
+    assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history if "train/loss" in h)

@@ -48,11 +48,13 @@ class SquaredDistance(nn.Module):
 
     def forward(self, z: Tensor, prototypes: Tensor) -> Tensor:
         dtype = torch.promote_types(z.dtype, torch.float32)
-        z, p = z.to(dtype), prototypes.to(dtype)
-        zz = (z * z).sum(1, keepdim=True)
-        zp = F.conv2d(z, p[:, :, None, None])
-        pp = (p * p).sum(1)[None, :, None, None]
-        return (zz - 2 * zp + pp).clamp_min(0)
+        # autocast would run the convolution in float16, where ||z||^2 - 2 z.p + ||p||^2 cancels badly
+        with torch.autocast(z.device.type, enabled=False):
+            z, p = z.to(dtype), prototypes.to(dtype)
+            zz = (z * z).sum(1, keepdim=True)
+            zp = F.conv2d(z, p[:, :, None, None])
+            pp = (p * p).sum(1)[None, :, None, None]
+            return (zz - 2 * zp + pp).clamp_min(0)
 
 
 class PrototypeLayer(nn.Module):
