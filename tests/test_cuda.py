@@ -149,3 +149,18 @@ def test_protopnet_push_and_training_on_cuda(full_float32):
         progress=False,
     )  # fmt: skip
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in history if "train/loss" in h)
+
+
+def test_fit_lap_checks_its_cam_layer_with_a_model_already_on_the_gpu():
+    """fit_lap's check of the Grad-CAM layer runs one training image through the model before training: the
+    image must go where the model is (a model handed over on the GPU failed here)."""
+    from xcnn.data.synthetic import Shapes
+    from xcnn.training.benchmark import InMemory
+    from xcnn.training.lap import fit_lap
+
+    from .test_lap_training import small_shapesnet
+
+    data = InMemory(Shapes("train", 64, size=32, seed=0))
+    _, history = fit_lap(small_shapesnet().cuda(), data, epochs=1, injection="gradcam", batch_size=32, device="cuda",
+                         progress=False)  # fmt: skip
+    assert torch.isfinite(torch.tensor(history[-1]["train/loss"]))

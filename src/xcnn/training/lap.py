@@ -241,8 +241,9 @@ def fit_lap(
     layer = cam_layer or (default_layer(clf) if injection == "gradcam" else None)
     if layer is not None:  # a wrong layer fails here, before anything is written
         sample = data[0]
+        where = next(clf.parameters()).device  # the model may already be on the GPU, the data is not
         with frozen(clf):
-            cam_maps(clf, sample["image"][None], sample["label"].view(1), layer)
+            cam_maps(clf, sample["image"][None].to(where), sample["label"].view(1).to(where), layer)
     weights = {"beta_look": beta_look, "beta_forbid": beta_forbid, "beta_area": beta_area,
                "rrr_weight": rrr_weight, "cam_weight": cam_weight}  # fmt: skip
     k = data.knowledge
