@@ -13,8 +13,9 @@ LAP experiment (for the comparison table). Parts (``--parts train,search,table,s
   cycle of 10 joint epochs, push and 20 last-layer epochs) on each backbone, on the 6000 training images the
   backbone was trained on; clean test accuracy (1000 images) and wall time against the plain CNN's.
 * ``search``: for each of N test images, the prototype contributing most to the predicted class; its
-  native upsampled similarity map, MDM (defaults), Grad-CAM and RISE (2000 masks) on the prototype view,
-  scored by the pointing game and the energy in the object mask.
+  native upsampled similarity map, MDM (defaults), Grad-CAM and RISE (1000 masks) on the prototype view,
+  scored by the pointing game, the energy in the object mask, and the share of the prototype's similarity
+  kept when only the map's top 20 % of pixels are kept (the rest set to the image's mean colour).
 * ``table``: the prototype network's own map ("prototype"), Grad-CAM of it, LAP's own map of the LAP
   model, and Grad-CAM, Grad-CAM++ and Score-CAM of the plain CNN, on the harness's metrics (64 test images).
 * ``shortcut``: a prototype network on the shortcut model's backbone, trained on its training images
@@ -106,34 +107,45 @@ def search_part(args: argparse.Namespace, out: Path) -> None:
         native = xcnn.explain.normalize_maps(ev.maps[:, 0], (SIZE, SIZE))
         maps = {"native (upsampled)": native}
         timing = {}
-        for name, options in (("mdm", {"progress": False}), ("gradcam", {}), ("rise", {"masks": 2000, "seed": 0})):
+        for name, options in (("mdm", {"progress": False}), ("gradcam", {}), ("rise", {"masks": 1000, "seed": 0})):
             start = time.perf_counter()
             expl = xcnn.explainer(name, view, **options)
             maps[name] = torch.cat([expl(images[i : i + 16], j[i : i + 16]) for i in range(0, len(images), 16)])
             timing[name] = (time.perf_counter() - start) / len(images)
-        # does the searched region keep the prototype? its similarity with only the top 20 % of the map kept
+        with torch.no_grad():
+            full = view(images)[torch.arange(len(images)), j]
         for name, m in maps.items():
             pointing = pointing_game(m, masks, per_image=True).float()
             energy = energy_in_box(m, masks, per_image=True)
+            # does the region keep the prototype? its similarity with only the map's top 20 % of pixels kept
+            # (the rest set to the image's mean colour), as a share of its similarity on the whole image
+            top = m.flatten(1) >= m.flatten(1).quantile(0.8, dim=1, keepdim=True)
+            keep = top.view_as(m)[:, None].float()
+            mean = images.mean((2, 3), keepdim=True)
+            with torch.no_grad():
+                kept = view(images * keep + mean * (1 - keep))[torch.arange(len(images)), j] / full
             rows.append({
                 "seed": s, "method": name, "pointing": float(pointing.mean()), "energy": float(energy.mean()),
-                "pointing_per_image": pointing.tolist(), "energy_per_image": energy.tolist(),
-                "seconds_per_image": timing.get(name), "images": len(images),
+                "kept_similarity": float(kept.mean()), "pointing_per_image": pointing.tolist(),
+                "energy_per_image": energy.tolist(), "seconds_per_image": timing.get(name), "images": len(images),
             })  # fmt: skip
         print(s, {r["method"]: (round(r["pointing"], 3), round(r["energy"], 2)) for r in rows if r["seed"] == s})
     write_json(out / "search.json", rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [
-        f"| map of the top prototype | pointing (mean ± sd over {len(args.seeds)} seeds) | energy in mask, % | s / image |",
-        "|---|---:|---:|---:|",
+        f"| map of the top prototype | pointing (mean ± sd over {len(args.seeds)} seeds) | energy in mask, % | "
+        "similarity kept by the top 20 % | s / image |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name in methods:
         rs = [r for r in rows if r["method"] == name]
         p = torch.tensor([r["pointing"] for r in rs])
         e = torch.tensor([r["energy"] for r in rs])
+        k = torch.tensor([r["kept_similarity"] for r in rs])
         t = rs[0]["seconds_per_image"]
         lines.append(
-            f"| {name} | {float(p.mean()):.3f}{sd(p)} | {float(e.mean()):.1f}{sd(e)} | {'' if t is None else f'{t:.3f}'} |"
+            f"| {name} | {float(p.mean()):.3f}{sd(p)} | {float(e.mean()):.1f}{sd(e)} | {float(k.mean()):.3f}{sd(k)} | "
+            f"{'' if t is None else f'{t:.3f}'} |"
         )
     # paired comparison MDM vs native over all images of all seeds
     diff = []
@@ -178,40 +190,63 @@ def table_part(args: argparse.Namespace, out: Path) -> None:
 
 
 def shortcut_part(args: argparse.Namespace, out: Path) -> None:
+    """Where do a shortcut-trained prototype network's prototypes come from, and where do they match?"""
     folder = out / "shortcut"
     row = train_one(Path(args.shortcut), folder, SHORTCUT)
-    records = json.loads((folder / "prototypes.json").read_text())
+    model = xcnn.load_model(folder)
     seed = row["seed"]
     train = InMemory(Shapes("train", N_TRAIN, size=SIZE, seed=seed, shortcut_prob=SHORTCUT))
-    clean = json.loads((out / "clean-s0" / "prototypes.json").read_text())
+    corner = train.tensors["shortcut_mask"].any(0)  # where the patch is planted (always the same place)
     clean_train = InMemory(Shapes("train", N_TRAIN, size=SIZE, seed=0))
 
-    def on_patch(recs, data):
-        """Per prototype: its source image has the patch and its latent cell (8 px) overlaps it; the share of
-        its 95th-percentile box covered by the patch."""
-        cell, hits, cover = SIZE // recs[0]["grid"][0], [], []
-        patch_region = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    def sources(recs, data):
+        """Per prototype: does its source image carry the patch; does its latent cell (8 px) overlap the patch's
+        place; the share of its 95th-percentile box on that place."""
+        cell = SIZE // recs[0]["grid"][0]
+        out_rows = []
         for r in recs:
-            mask = data.tensors["shortcut_mask"][r["index"]]
             y, x = r["position"]
-            hits.append(bool(mask[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell].any()))
             t, left, b, rt = r["box"]
-            box = patch_region.clone()
+            box = torch.zeros(SIZE, SIZE, dtype=torch.bool)
             box[t:b, left:rt] = True
-            cover.append(float((box & mask).sum() / box.sum()))
-        return hits, cover
+            out_rows.append({
+                "has_patch": bool(data.tensors["shortcut_mask"][r["index"]].any()),
+                "cell_on_corner": bool(corner[y * cell : (y + 1) * cell, x * cell : (x + 1) * cell].any()),
+                "box_share_on_corner": float((box & corner).sum() / box.sum()),
+            })  # fmt: skip
+        return out_rows
 
-    hits, cover = on_patch(records, train)
-    clean_hits, clean_cover = on_patch(clean, clean_train)
-    with_patch = sum(bool(train.tensors["shortcut_mask"][r["index"]].any()) for r in records)
-    result = {
-        **row, "prototypes_on_patch": sum(hits), "source_images_with_patch": with_patch,
-        "mean_box_share_on_patch": sum(cover) / len(cover),
-        "clean_prototypes_on_patch_cell": sum(clean_hits), "clean_mean_box_share_on_patch_region": sum(clean_cover) / len(clean_cover),
-        "per_class_on_patch": [sum(h for h, r in zip(hits, records, strict=True) if r["class"] == c) for c in range(6)],
+    records = json.loads((folder / "prototypes.json").read_text())
+    mine = sources(records, train)
+    clean = sources(json.loads((out / "clean-s0" / "prototypes.json").read_text()), clean_train)
+    summary = {
+        **row, "corner_pixels": int(corner.sum()),
+        "source_images_with_patch": sum(r["has_patch"] for r in mine),
+        "training_images_with_patch": int(train.tensors["shortcut_mask"].flatten(1).any(1).sum()),
+        "cells_on_corner": sum(r["cell_on_corner"] for r in mine),
+        "box_share_on_corner": sum(r["box_share_on_corner"] for r in mine) / len(mine),
+        "clean_cells_on_corner": sum(r["cell_on_corner"] for r in clean),
+        "clean_box_share_on_corner": sum(r["box_share_on_corner"] for r in clean) / len(clean),
     }  # fmt: skip
-    write_json(out / "shortcut.json", result)
-    print(json.dumps(result, indent=2))
+    # where the top prototype matches on images that carry the label-coloured patch (validation split: the
+    # patch in its class's colour, as in training): share of each map's energy on the patch, and pointing
+    val = Shapes("val", args.n, size=SIZE, seed=seed + 1, shortcut_prob=1.0)
+    batch = next(iter(DataLoader(val, batch_size=args.n)))
+    images, patch = batch["image"], batch["shortcut_mask"]
+    ev = prototype_evidence(model, images, top=1)
+    j = ev.prototypes[:, 0]
+    view = prototype_view(model)
+    maps = {"native (upsampled)": xcnn.explain.normalize_maps(ev.maps[:, 0], (SIZE, SIZE))}
+    for name, options in (("mdm", {"progress": False}), ("gradcam", {}), ("rise", {"masks": 1000, "seed": 0})):
+        expl = xcnn.explainer(name, view, **options)
+        maps[name] = torch.cat([expl(images[i : i + 16], j[i : i + 16]) for i in range(0, len(images), 16)])
+    summary["maps_on_patch"] = {
+        name: {"energy_on_patch": energy_in_box(m, patch), "pointing_on_patch": pointing_game(m, patch)}
+        for name, m in maps.items()
+    }  # fmt: skip
+    summary["patch_share_of_image"] = float(patch.float().mean())
+    write_json(out / "shortcut.json", summary)
+    print(json.dumps(summary, indent=2))
 
 
 def main() -> None:

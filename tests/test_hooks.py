@@ -85,3 +85,16 @@ def test_trace_outputs_in_execution_order_and_cleans_up():
     names = [name for name, _, _ in trace_outputs(model, torch.randn(1, 3, 32, 32))]
     assert names == ["0", "1", "2", "3", "4"]
     assert hook_count(model) == 0
+
+
+def test_swapped_copy_shares_everything_but_the_swapped_module():
+    from xcnn.hooks import swapped_copy
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.ReLU(), nn.Flatten(), nn.LazyLinear(2)))
+    net(torch.rand(1, 3, 5, 5))
+    view = swapped_copy(net, "1.2", nn.Identity())
+    assert isinstance(net[1][2], nn.Linear) and isinstance(view[1][2], nn.Identity)  # the original unchanged
+    assert view[0] is net[0] and view[1][0] is net[1][0]  # shared, not copied
+    assert view(torch.rand(1, 3, 5, 5)).shape == (1, 36)
+    with pytest.raises(ValueError, match="not in the model"):
+        swapped_copy(net, "1.7", nn.Identity())

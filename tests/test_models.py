@@ -179,3 +179,8 @@ def test_stage_layers_of_the_bundled_model_and_a_token_model(lite0):
     vit = load_model("vit_tiny_patch16_224", pretrained=False)
     with pytest.raises(ValueError, match="no spatial stages"):
         stage_layers(vit)
+
+
+def test_a_path_that_holds_no_saved_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no saved xcnn model at .*missing"):
+        xcnn.load_model(tmp_path / "missing")

@@ -16,6 +16,7 @@ All hooks are removed when the ``with`` block ends, also when it ends with an ex
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -226,6 +227,18 @@ def replaced(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[n
     finally:
         for name, old in reversed(done):
             replace_module(model, name, old)
+
+
+def swapped_copy(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """A shallow copy of ``model`` whose submodule ``name`` is ``new``: every other module and parameter is
+    shared with ``model``, which is left unchanged (only the modules on the path to ``name`` are copied).
+    A lasting view of a model, such as a prototype network up to its prototype layer."""
+    named_layer(model, name)  # a clear error for a wrong name
+    head, _, rest = name.partition(".")
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)
+    clone._modules[head] = new if not rest else swapped_copy(model._modules[head], rest, new)
+    return clone
 
 
 @contextlib.contextmanager

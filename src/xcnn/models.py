@@ -335,6 +335,8 @@ def load_model(
         net = _saved_model(_saved_model_json(model))
     elif isinstance(model, str):
         net = _named_model(model, pretrained, weights, num_classes, class_names, mean, std, input_size)
+    elif isinstance(model, Path):
+        raise FileNotFoundError(f"no saved xcnn model at {model} (expected a folder holding model.json)")
     else:
         raise TypeError(f"model must be a name, a saved model's path or an nn.Module, got {type(model).__name__}")
     net.eval()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..explain.base import Explainer, check_images, check_targets, register
-from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module
+from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module, swapped_copy
 from ..models import Classifier, as_classifier, register_edit
 from .lap import _global_avg_pool, _linear_after, global_pool_place
 
@@ -273,16 +273,6 @@ def _make_protopnet(backbone: nn.Module, where: str, classifier: str, dropout: S
 # ---- the prototype view ------------------------------------------------------------------------------
 
 
-def _shallow_replace(module: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` with the submodule at ``path`` replaced by ``new``: every other module and
-    parameter is shared with ``module`` (which is left unchanged)."""
-    head, _, rest = path.partition(".")
-    clone = copy.copy(module)
-    clone._modules = dict(module._modules)
-    clone._modules[head] = new if not rest else _shallow_replace(module._modules[head], rest, new)
-    return clone
-
-
 def prototype_view(model: nn.Module) -> Classifier:
     """The prototype network seen up to its prototype layer: a :class:`Classifier` whose outputs are the
     ``m`` similarity scores (output ``j`` = prototype ``j``, named ``"prototype j (class)"``). It shares every
@@ -293,7 +283,7 @@ def prototype_view(model: nn.Module) -> Classifier:
     _, layer, last = find_prototype_layer(clf)
     backbone = clf.backbone
     classifier = next(n for n, m in backbone.named_modules() if m is last)
-    view = _shallow_replace(backbone, classifier, nn.Identity())
+    view = swapped_copy(backbone, classifier, nn.Identity())
     names = [f"prototype {j} ({clf.class_name(int(c))})" for j, c in enumerate(layer.prototype_class.tolist())]
     out = Classifier(
         view, clf.mean.flatten().tolist(), clf.std.flatten().tolist(), name=f"{clf.name} prototypes",
