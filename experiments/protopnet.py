@@ -3,7 +3,7 @@ similarity maps vs MDM, Grad-CAM and RISE on the prototype view), one table acro
 and post-hoc maps, and the shortcut.
 
     python experiments/protopnet.py --out runs/protopnet --backbones runs/inspection --shortcut runs/shortcut \\
-        --lap runs/lap/clean-lap
+        --lap runs/lap/clean-lap --n 64
 
 ``--backbones``: a folder holding ``shapesnet-s0``, ``-s1``, ``-s2`` (the reference recipe, seeds 0-2,
 ``xcnn train benchmark --seed S``); ``--shortcut``: the shortcut-0.9 model; ``--lap``: the LAP model of the
@@ -134,7 +134,7 @@ def search_part(args: argparse.Namespace, out: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [
         f"| map of the top prototype | pointing (mean ± sd over {len(args.seeds)} seeds) | energy in mask, % | "
-        "similarity kept by the top 20 % | s / image |",
+        "similarity kept by the top 20 % | s / image (seed 0) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name in methods:

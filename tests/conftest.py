@@ -165,10 +165,10 @@ def prepared_model(name: str, model: nn.Module) -> nn.Module:
     CPU); every other method gets ``model`` itself."""
     import copy
 
-    from xcnn.interpretable import PrototypeLayer, insert_lap, lap_layers, protopnet
+    from xcnn.interpretable import has_prototypes, insert_lap, lap_layers, protopnet
 
     device = next(model.parameters()).device
-    if name == "prototype" and not any(isinstance(m, PrototypeLayer) for m in model.modules()):
+    if name == "prototype" and not has_prototypes(model):
         with torch.inference_mode(False):
             return protopnet(copy.deepcopy(model).cpu(), 2, dim=8, seed=0).to(device)
     if name != "lap" or lap_layers(model):

@@ -136,7 +136,10 @@ def test_prototype_explainer_weights_similarity_maps_by_their_contribution():
         logits = net(x)
     # contributions of all prototypes add up to the target's logit
     torch.testing.assert_close(every.contribution.sum(1), logits[[0, 1], [1, 4]], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(every.maps.flatten(2).amax(2), every.similarity)
+    # the similarities are the prototype view's scores
+    with torch.no_grad():
+        view = prototype_view(net)(x)
+    torch.testing.assert_close(every.similarity, view.gather(1, every.prototypes))
     ev = prototype_evidence(net, x, targets=[1, 4], top=2)
     assert torch.equal(ev.prototypes, every.prototypes[:, :2])
     raw = (ev.contribution[:, :, None, None] * ev.maps).sum(1)
@@ -231,33 +234,53 @@ def test_a_short_training_lowers_the_loss_and_pulls_prototypes_to_their_class(be
     assert saved == json.loads(json.dumps(records)) and (tmp_path / "run" / saved[0]["image"]).is_file()
 
 
-def test_resume_skips_finished_stages_and_gives_the_uninterrupted_result(shapes32, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["push", "joint"])
+def test_resume_skips_finished_stages_and_gives_the_uninterrupted_result(where, shapes32, tmp_path, monkeypatch):
+    """Cut at the second push (finished stages skipped), or inside the second joint stage after its first
+    epoch (that stage resumes from its checkpoint, its learning rates decayed by the joint epochs before it:
+    joint_lr_step=1 makes every joint epoch's rate different, so a wrong offset changes the weights)."""
     import xcnn.training.protopnet as tp
 
     settings = {"warm_epochs": 1, "joint_epochs": 2, "last_epochs": 1, "cycles": 2, "batch_size": 64,
-                "progress": False, "device": "cpu"}  # fmt: skip
+                "joint_lr_step": 1, "progress": False, "device": "cpu"}  # fmt: skip
     full, full_history, full_records = fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "full", **settings)
-    real = tp.push_prototypes
-    calls = []
+    real_push, real_fit = tp.push_prototypes, tp.fit
+    pushes = []
 
-    def cut(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:  # the second push: after warm-up, joint, push, last and the second joint
+    def cut_push(*args, **kwargs):
+        pushes.append(1)
+        if len(pushes) == 2:  # after warm-up, joint, push, last and the second joint
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real_push(*args, **kwargs)
 
-    monkeypatch.setattr(tp, "push_prototypes", cut)
+    def stop(epoch, metrics):
+        raise KeyboardInterrupt
+
+    def cut_fit(*args, **kwargs):
+        if kwargs["out_dir"].name == "05-joint":  # after its first epoch's checkpoint
+            kwargs["callbacks"] = [stop]
+        return real_fit(*args, **kwargs)
+
+    if where == "push":
+        monkeypatch.setattr(tp, "push_prototypes", cut_push)
+    else:
+        monkeypatch.setattr(tp, "fit", cut_fit)
     with pytest.raises(KeyboardInterrupt):
         fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "cut", **settings)
     done = json.loads((tmp_path / "cut" / "stages.json").read_text())["done"]
-    assert done == ["01-warmup", "02-joint", "03-push", "04-last", "05-joint"]
-    monkeypatch.setattr(tp, "push_prototypes", real)
+    assert done == ["01-warmup", "02-joint", "03-push", "04-last"] + (["05-joint"] if where == "push" else [])
+    monkeypatch.setattr(tp, "push_prototypes", real_push)
+    monkeypatch.setattr(tp, "fit", real_fit)
     resumed, history, records = fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "cut", resume=True, **settings)
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
     assert records == full_records
     assert history == full_history
     assert [h["stage"] for h in history][-2:] == ["06-push", "07-last"]
+    # a fresh (not resumed) run in the same folder starts over: no earlier progress is left to pick up
+    fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "cut", **{**settings, "cycles": 1})
+    assert json.loads((tmp_path / "cut" / "stages.json").read_text())["done"][-1] == "04-last"
+    assert not (tmp_path / "cut" / "stages" / "05-joint").exists()
 
 
 def test_the_cli_trains_and_explains_a_prototype_network(tmp_path, capsys):
@@ -291,6 +314,10 @@ def test_the_cli_trains_and_explains_a_prototype_network(tmp_path, capsys):
     first = protos["top"][0]
     assert first["source"]["image"].startswith("prototypes/") and len(first["source"]["box"]) == 4
     assert first["contribution"] >= protos["top"][1]["contribution"]
+    # the prototype options on a model without prototypes: refused before anything is explained
+    code = main(["explain", str(image), "--model", str(base), "--prototypes", "3", "--out", str(tmp_path / "no")])
+    assert code == 2 and "apply to a prototype network" in capsys.readouterr().err
+    assert not (tmp_path / "no" / "img_gradcam.png").exists()
 
 
 def test_bad_input_is_refused_clearly():
@@ -314,6 +341,23 @@ def test_bad_input_is_refused_clearly():
         protopnet(model, 2, where="layer4")
     with pytest.raises(ValueError, match="cycles must be a positive integer"):
         fit_protopnet(model, InMemory(Shapes("train", 64, size=32, seed=0)), cycles=0)
+    # data without some of the model's classes: refused before any training (push would fail at its end)
+    some = InMemory(Shapes("train", 96, size=32, seed=0))
+    keep = some.tensors["label"] < 4
+    some.tensors = {k: v[keep] for k, v in some.tensors.items()}
+    some.n = int(keep.sum())
+    with pytest.raises(ValueError, match=r"no image of 2 of the model's 6 classes \(\[4, 5\]\)"):
+        fit_protopnet(model, some, batch_size=16)
+    # a head that is not a linear classifier read directly from the pool
+    mlp = xcnn.Classifier(
+        nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 8), nn.ReLU(),
+                      nn.Linear(8, 3)),
+        input_size=(16, 16),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="is not the classifier read directly"):
+        protopnet(mlp, 2)
+    with pytest.raises(ValueError, match="no last layer"):
+        xcnn.explainer("prototype", prototype_view(net))
 
 
 def test_costs_pull_own_class_and_push_other_classes():

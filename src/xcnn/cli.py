@@ -134,9 +134,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.layer and not layer_methods:
         raise ValueError(f"--layer was given, but none of the methods {methods} uses a layer")
     layer = args.layer.split(",") if args.layer else [default_layer(model)] if layer_methods else None
-    from .interpretable.protopnet import PrototypeLayer
+    from .interpretable.protopnet import has_prototypes
 
-    prototypes = any(isinstance(m, PrototypeLayer) for m in model.backbone.modules())
+    prototypes = has_prototypes(model)
+    if not prototypes and (args.prototype_search is not None or args.prototypes is not None):
+        raise ValueError("--prototype-search and --prototypes apply to a prototype network (xcnn train protopnet)")
+    args.prototype_search = args.prototype_search or "mdm"
+    args.prototypes = args.prototypes or 3
     search = [args.prototype_search] if prototypes and args.prototype_search != "none" else []
     options = _method_options(methods, args, also=search)
     images = torch.stack([load_image(src, model.input_size) for src in args.images]).to(device)
@@ -215,12 +219,10 @@ def _this_looks_like_that(
     to the logit, source patch) and a figure ``LABEL_prototypes.png`` with each prototype's similarity map
     (native and searched with ``--prototype-search``) beside its source patch. None for other models."""
     from .explain import explainer, normalize_maps
-    from .interpretable.protopnet import PrototypeLayer, find_prototype_layer, prototype_evidence, prototype_view
+    from .interpretable.protopnet import find_prototype_layer, has_prototypes, prototype_evidence, prototype_view
     from .viz.prototypes import save_prototype_figure
 
-    if not any(isinstance(m, PrototypeLayer) for m in model.backbone.modules()):
-        if args.prototype_search != "mdm" or args.prototypes != 3:
-            raise ValueError("--prototype-search and --prototypes apply to a prototype network (xcnn train protopnet)")
+    if not has_prototypes(model):
         return None
     layer = find_prototype_layer(model)[1]
     ev = prototype_evidence(model, images, targets, top=args.prototypes)
@@ -779,13 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--tame-head", default=None, metavar="DIR", help="for --method tame: a head folder written by `xcnn train tame`"
     )
     ex.add_argument(
-        "--prototypes", type=_positive_int, default=3,
-        help="prototype networks: how many prototypes to show per image ('this looks like that') (default: %(default)s)",
+        "--prototypes", type=_positive_int, default=None,
+        help="prototype networks: how many prototypes to show per image ('this looks like that') (default: 3)",
     )  # fmt: skip
     ex.add_argument(
-        "--prototype-search", choices=["mdm", "gradcam", "rise", "none"], default="mdm",
+        "--prototype-search", choices=["mdm", "gradcam", "rise", "none"], default=None,
         help="prototype networks: the method that searches each shown prototype's region beside its native "
-        "(upsampled) similarity map, run on the prototype view (default: %(default)s)",
+        "(upsampled) similarity map, run on the prototype view (default: mdm)",
     )  # fmt: skip
     ex.set_defaults(func=cmd_explain)
 
@@ -1014,7 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tp = tr_sub.add_parser(
         "protopnet", help="build and train a prototype network (ProtoPNet, 'this looks like that') on a model's backbone",
-        description="Puts a prototype layer in place of the model's global pool (docs/methods.md#protopnet) and trains "
+        description="Puts a prototype layer in place of the model's global pool (docs/methods.md#protopnet-prototype-networks-prototype) and trains "
         "it in the paper's stages: warm-up, then --cycles x (joint, push, last layer). Writes model.safetensors + "
         "model.json (use as --model DIR), prototypes.json and prototypes/ (each prototype's source image and region), "
         "history.json, results.json and one folder per stage (checkpoint, TensorBoard scalars).",

@@ -232,7 +232,9 @@ def replaced(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[n
 def swapped_copy(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """A shallow copy of ``model`` whose submodule ``name`` is ``new``: every other module and parameter is
     shared with ``model``, which is left unchanged (only the modules on the path to ``name`` are copied).
-    A lasting view of a model, such as a prototype network up to its prototype layer."""
+    A lasting view of a model, such as a prototype network up to its prototype layer. The copies on the path
+    share their parameters, buffers and hook tables with the originals: a hook registered on one of them
+    fires on both."""
     named_layer(model, name)  # a clear error for a wrong name
     head, _, rest = name.partition(".")
     clone = copy.copy(model)

@@ -5,12 +5,20 @@
 """
 
 from .lap import LocalAttentionPooling, insert_lap, lap_layers
-from .protopnet import PrototypeLayer, find_prototype_layer, protopnet, prototype_evidence, prototype_view
+from .protopnet import (
+    PrototypeLayer,
+    find_prototype_layer,
+    has_prototypes,
+    protopnet,
+    prototype_evidence,
+    prototype_view,
+)
 
 __all__ = [
     "LocalAttentionPooling",
     "PrototypeLayer",
     "find_prototype_layer",
+    "has_prototypes",
     "insert_lap",
     "lap_layers",
     "protopnet",

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..explain.base import Explainer, check_images, check_targets, register
 from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module, swapped_copy
 from ..models import Classifier, as_classifier, register_edit
-from .lap import _global_avg_pool, _linear_after, global_pool_place
+from .lap import _global_avg_pool, global_pool_place
 
 __all__ = [
     "PrototypeEvidence",
@@ -146,6 +146,11 @@ def last_layer_init(layer: nn.Linear, prototype_class: Tensor, wrong: float = -0
         layer.weight.copy_(torch.where(own, 1.0, wrong))
 
 
+def has_prototypes(model: nn.Module) -> bool:
+    """Whether ``model`` (a Classifier or a bare module) holds a :class:`PrototypeLayer`."""
+    return any(isinstance(m, PrototypeLayer) for m in model.modules())
+
+
 def find_prototype_layer(model: nn.Module) -> tuple[str, PrototypeLayer, nn.Linear]:
     """``(name, layer, last_layer)`` of a prototype network's :class:`PrototypeLayer` and the linear layer
     that reads its scores; a clear error for a model that has none."""
@@ -159,8 +164,15 @@ def find_prototype_layer(model: nn.Module) -> tuple[str, PrototypeLayer, nn.Line
     if len(found) > 1:
         raise ValueError(f"{type(backbone).__name__} has several prototype layers {[n for n, _ in found]}")
     name, layer = found[0]
-    last = _linear_after(backbone, name, layer.num_prototypes)
-    return name, layer, last
+    names = [n for n, _ in backbone.named_modules()]
+    for later in names[names.index(name) + 1 :]:
+        module = named_layer(backbone, later)
+        if isinstance(module, nn.Linear) and module.in_features == layer.num_prototypes:
+            return name, layer, module
+    raise ValueError(
+        f"{type(backbone).__name__} has a prototype layer {name!r} but no last layer (nn.Linear with "
+        f"{layer.num_prototypes} inputs) after it; a prototype view has none: explain the prototype network itself"
+    )
 
 
 def protopnet(
@@ -189,7 +201,7 @@ def protopnet(
     with torch.inference_mode(False):  # new parameters must be trainable even when called in inference mode
         clf = as_classifier(model)
         backbone = clf.backbone
-        if any(isinstance(m, PrototypeLayer) for m in backbone.modules()):
+        if has_prototypes(backbone):
             raise ValueError(f"protopnet: {type(backbone).__name__} already has a prototype layer")
         place = where if where is not None else global_pool_place(backbone, "protopnet")
         flatten = _global_avg_pool(named_layer(backbone, place))
@@ -226,6 +238,7 @@ def protopnet(
             torch.manual_seed(seed)
             _make_protopnet(new_backbone, place, **args)
         named_layer(new_backbone, place).train(named_layer(backbone, place).training)
+        _check_head(backbone, new_backbone, place, classifier, (dummy - clf.mean) / clf.std)
         edit = {"op": "protopnet", "where": place, "args": args}
         spec = None if clf.spec is None else {**clf.spec, "edits": [*clf.spec.get("edits", []), edit]}
         out = Classifier(
@@ -235,6 +248,25 @@ def protopnet(
         )  # fmt: skip
         out.training = clf.training
         return out
+
+
+def _check_head(old: nn.Module, new: nn.Module, place: str, classifier: str, x: Tensor) -> None:
+    """The new network must output what the old one did (one score per class) and its logits must be the last
+    layer applied to the similarity scores: nothing but dropout may lie between the pool and the classifier."""
+    with frozen(old), frozen(new), torch.no_grad(), Tap(new, [place]) as tap:
+        before, after = old(x), new(x)
+    scores = tap.get(place).flatten(1)
+    again = named_layer(new, classifier)(scores.to(named_layer(new, classifier).weight.dtype))
+    if (
+        before.shape != after.shape
+        or again.shape != after.shape
+        or not torch.allclose(again.float(), after.float(), rtol=1e-4, atol=1e-4)
+    ):
+        raise ValueError(
+            f"protopnet: {classifier!r} is not the classifier read directly from {place!r} (a hidden layer, a "
+            "normalisation or another head lies between, or it does not give the model's classes); the prototype "
+            "network's logits must be its last layer applied to the similarity scores"
+        )
 
 
 def _classifier_after(backbone: nn.Module, place: str, channels: int) -> str:

@@ -1,4 +1,4 @@
-"""Training a prototype network (ProtoPNet) on the shared loop (docs/methods.md#protopnet).
+"""Training a prototype network (ProtoPNet) on the shared loop (docs/methods.md#protopnet-prototype-networks-prototype).
 
 ``fit_protopnet(model, data)`` builds the prototype network on ``model``'s backbone (unless ``model`` is
 one already) and runs the paper's stages: (1) warm-up: add-on layers and prototypes only, backbone frozen;
@@ -14,8 +14,10 @@ folder, so ``resume=True`` skips what is done and continues the stage that was c
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,9 +29,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .._io import atomic_write, prepare_out_dir, write_json
 from ..hooks import Tap, frozen
-from ..interpretable.protopnet import PrototypeLayer, find_prototype_layer, protopnet, prototype_view
+from ..interpretable.protopnet import (
+    PrototypeLayer,
+    find_prototype_layer,
+    has_prototypes,
+    protopnet,
+    prototype_view,
+)
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, save_model
-from .trainer import fit, settings_record, to_device, training_device
+from .trainer import accuracy_eval, fit, settings_record, to_device, training_device
 
 __all__ = ["ProtoPNetLoss", "fit_protopnet", "protopnet_costs", "push_prototypes", "stage_plan"]
 
@@ -105,17 +113,8 @@ def _step(net: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, f
     return out["loss"], logs
 
 
-@torch.no_grad()
 def _evaluate(net: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    model = net.model
-    loss = correct = total = 0
-    for batch in loader:
-        batch = to_device(batch, device)
-        logits = model(batch["image"])
-        loss += F.cross_entropy(logits.float(), batch["label"], reduction="sum").item()
-        correct += int((logits.argmax(1) == batch["label"]).sum())
-        total += len(batch["label"])
-    return {"loss": loss / total, "acc": correct / total}
+    return accuracy_eval(net.model, loader, device)
 
 
 def stage_plan(warm_epochs: int, joint_epochs: int, last_epochs: int, cycles: int) -> list[tuple[str, str, int]]:
@@ -167,8 +166,9 @@ def push_prototypes(
     grid = None
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     offset = 0
+    home = layer.prototypes.device
     with frozen(clf):
-        clf.to(dev)
+        clf.to(dev)  # moved back below: the caller's model stays where it was
         for batch in loader:
             batch = to_device(batch, dev)
             images, labels = batch["image"], batch["label"]
@@ -192,18 +192,20 @@ def push_prototypes(
             offset += b
     missing = (where[:, 0] < 0).nonzero()[:, 0].tolist()
     if missing:
+        clf.to(home)
         classes = sorted({int(layer.prototype_class[j]) for j in missing})
         raise ValueError(
             f"push: the data has no image of class(es) {classes}, so prototypes {missing} could not be pushed "
             "(push needs images of every class)"
         )
     layer.prototypes.data.copy_(patches.to(layer.prototypes.device))
+    clf.to(home)
     records = [
         {"prototype": j, "class": int(layer.prototype_class[j]), "index": int(where[j, 0]),
          "position": [int(where[j, 1]), int(where[j, 2])], "distance": float(best[j]), "grid": list(grid)}
         for j in range(m)
     ]  # fmt: skip
-    _source_boxes(clf, name, layer, data, records, dev, percentile, batch_size)
+    _source_boxes(clf, name, layer, data, records, home, percentile, batch_size)
     return records
 
 
@@ -267,6 +269,36 @@ def _scores(model: Classifier, data: Dataset, batch_size: int, device: torch.dev
             scores.append(s.cpu())
             labels.append(batch["label"].cpu())
     return TensorDataset(torch.cat(scores), torch.cat(labels))
+
+
+def _known_labels(data: Dataset) -> Tensor | None:
+    """The labels of ``data`` when it exposes them without loading images (in-memory tensors, an image
+    folder's samples); None otherwise."""
+    tensors = getattr(data, "tensors", None)
+    if isinstance(tensors, dict) and "label" in tensors:
+        return tensors["label"]
+    if isinstance(tensors, (tuple, list)) and len(tensors) > 1:
+        return tensors[1]
+    samples = getattr(data, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+        return torch.tensor([int(s[1]) for s in samples])
+    return None
+
+
+def _check_classes(model: Classifier, data: Dataset) -> None:
+    """Push needs images of every class: refuse data that lacks some before anything is trained."""
+    labels = _known_labels(data)
+    if labels is None:
+        return  # push checks it in any case
+    k = model.num_classes
+    missing = sorted(set(range(k)) - set(labels.unique().tolist()))
+    if missing:
+        shown = missing[:20] + (["..."] if len(missing) > 20 else [])
+        raise ValueError(
+            f"the training data has no image of {len(missing)} of the model's {k} classes ({shown}); push gives "
+            "every prototype a patch of a training image of its class, so every class needs images (build the "
+            "network on a model with the data's classes)"
+        )
 
 
 def _param_groups(model: Classifier, kind: str, lrs: dict[str, float], weight_decay: float) -> list[dict]:
@@ -337,12 +369,13 @@ def fit_protopnet(
     if len(data) < batch_size:
         raise ValueError(f"the training data has {len(data)} samples, fewer than one batch ({batch_size})")
     clf = as_classifier(model)
+    _check_classes(clf, data)
     if out_dir is not None and clf.spec is None:
         raise ValueError(
             "fit_protopnet: out_dir saves the model by architecture name, and this model has none (load it with "
             "xcnn.load_model by name or from a saved folder, or train without out_dir)"
         )
-    fresh = not any(isinstance(m, PrototypeLayer) for m in clf.backbone.modules())
+    fresh = not has_prototypes(clf.backbone)
     clf = protopnet(clf, prototypes_per_class, dim=dim, seed=seed) if fresh else protopnet_copy(clf)
     _, layer, last = find_prototype_layer(clf)
     plan = stage_plan(warm_epochs, joint_epochs, last_epochs, cycles)
@@ -357,6 +390,11 @@ def fit_protopnet(
     main = int(os.environ.get("RANK", "0")) == 0
     write_settings = settings_record(out_dir, SETTINGS, settings, resume)
     out = prepare_out_dir(out_dir) if out_dir is not None and main else None
+    if out is not None and not resume:  # an earlier run's progress must not be picked up by a later resume
+        for stale in (out / PROGRESS, out / STATE):
+            stale.unlink(missing_ok=True)
+        for folder in (out / "stages", out / "prototypes"):
+            shutil.rmtree(folder, ignore_errors=True)
     if out is not None:
         write_settings(0, {})
     dev = training_device(device)
@@ -465,22 +503,12 @@ class _Pairs(torch.utils.data.Dataset):
         return {"image": self.scores[i], "label": self.labels[i]}
 
 
-@torch.no_grad()
 def _evaluate_last(net: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    loss = correct = total = 0
-    for batch in loader:
-        batch = to_device(batch, device)
-        logits = net.last(batch["image"])
-        loss += F.cross_entropy(logits.float(), batch["label"], reduction="sum").item()
-        correct += int((logits.argmax(1) == batch["label"]).sum())
-        total += len(batch["label"])
-    return {"loss": loss / total, "acc": correct / total}
+    return accuracy_eval(net.last, loader, device)
 
 
 def protopnet_copy(model: Classifier) -> Classifier:
     """A deep copy of a prototype network (training never changes the caller's model)."""
-    import copy
-
     out = copy.deepcopy(model)
     out.training = model.training
     return out
