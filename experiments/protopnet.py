@@ -183,7 +183,7 @@ def table_part(args: argparse.Namespace, out: Path) -> None:
         if not parts:
             parts += ["| model " + header, "|---" + rule]
         parts += [f"| {label} " + line for line in body if line.startswith("|")]
-        records.append({"model": label, "rows": ev.rows if hasattr(ev, "rows") else md})
+        records.append({"model": label, "rows": ev.rows})
     (out / "table.md").write_text("\n".join(parts) + "\n")
     write_json(out / "table.json", records)
     print("\n".join(parts))
