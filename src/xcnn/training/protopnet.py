@@ -402,13 +402,16 @@ def fit_protopnet(
     done: list[str] = []
     history: list[dict] = []
     records: list[dict] = []
-    if resume and out is not None and (out / PROGRESS).is_file():
-        progress_state = json.loads((out / PROGRESS).read_text())
-        done, history, records = progress_state["done"], progress_state["history"], progress_state["prototypes"]
-        if done:
-            from safetensors.torch import load_file
+    if resume and out is not None and (out / STATE).is_file():
+        # the weights and the list of finished stages live in one file, written in one rename: a run cut
+        # between two writes cannot resume with weights and progress that disagree
+        from safetensors import safe_open
+        from safetensors.torch import load_file
 
-            clf.backbone.load_state_dict(load_file(str(out / STATE), device=str(dev)))
+        with safe_open(str(out / STATE), "pt") as fh:
+            progress_state = json.loads(fh.metadata()["progress"])
+        done, history, records = progress_state["done"], progress_state["history"], progress_state["prototypes"]
+        clf.backbone.load_state_dict(load_file(str(out / STATE), device=str(dev)))
     trainable = {id(p): p.requires_grad for p in clf.parameters()}
     joint_seen = 0  # joint epochs before this stage, for the step decay
     for index, (stage, kind, epochs) in enumerate(plan):
@@ -470,8 +473,10 @@ def fit_protopnet(
             from safetensors.torch import save_file
 
             state = {k: v.detach().cpu().contiguous() for k, v in clf.backbone.state_dict().items()}
-            atomic_write(out / STATE, lambda tmp, s=state: save_file(s, str(tmp)))
-            write_json(out / PROGRESS, {"done": done, "history": history, "prototypes": records})
+            progress_state = {"done": done, "history": history, "prototypes": records}
+            meta = {"progress": json.dumps(progress_state)}
+            atomic_write(out / STATE, lambda tmp, s=state, m=meta: save_file(s, str(tmp), metadata=m))
+            write_json(out / PROGRESS, progress_state)  # a readable copy; resume reads the state file
             ckpt = folder / "checkpoint.pt" if folder is not None else None
             if ckpt is not None and ckpt.is_file():
                 ckpt.unlink()  # the stage is done: its weights are in the state file
