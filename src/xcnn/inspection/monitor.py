@@ -22,7 +22,7 @@ from ..models import Classifier, stage_layers, survey_layers
 from ..training.trainer import Callback, TrainerContext
 from .features import _pearson_matrix, correlation_summary, linear_cka, pooled_features, stack_data
 from .importance import Data, filter_importance
-from .probes import _check_labels, fit_linear
+from .probes import _check_labels, fit_alternate
 
 __all__ = ["MONITOR_FILE", "Monitor", "load_history"]
 
@@ -139,15 +139,13 @@ class Monitor(Callback):
         self._prepare(clf)
         layer_for_importance = self.importance_layer or self.layers[-1]
         stacked = self._stacked
-        fit_rows, eval_rows = slice(0, None, 2), slice(1, None, 2)
+        eval_rows = slice(1, None, 2)  # the probes fit the even positions and are measured on these
         feats, labels = pooled_features(clf, stacked, self.layers, batch_size=self.batch_size, progress=self.progress)
-        y_fit, y_eval = labels[fit_rows], labels[eval_rows]
         k = int(labels.max()) + 1
-        record: dict = {"epoch": epoch, "probe_accuracy": {}, "correlation": {}, "cka_to_previous": {}}
+        _, _, accuracy = fit_alternate(feats, labels, self.layers, k, self.l2)
+        record: dict = {"epoch": epoch, "probe_accuracy": accuracy, "correlation": {}, "cka_to_previous": {}}
         for layer in self.layers:
-            x_fit, x_eval = feats[layer][fit_rows], feats[layer][eval_rows]
-            w, b = fit_linear(x_fit, y_fit, k, l2=self.l2)
-            record["probe_accuracy"][layer] = float(((x_eval @ w.T + b).argmax(1) == y_eval).double().mean())
+            x_eval = feats[layer][eval_rows]
             record["correlation"][layer] = correlation_summary(_pearson_matrix(x_eval), top=3)
             if layer in self.previous:
                 try:

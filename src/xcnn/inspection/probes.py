@@ -116,6 +116,22 @@ def probe_accuracy(probes: Probes, features: dict[str, Tensor], labels: Tensor) 
     return {n: float((z.argmax(1) == labels).double().mean()) for n, z in probes.logits_from_features(features).items()}
 
 
+def fit_alternate(
+    features: dict[str, Tensor], labels: Tensor, layers: list[str], num_classes: int, l2: float
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, float]]:
+    """Probes fitted on the even positions of already pooled ``features`` and measured on the odd ones (the
+    split :func:`~xcnn.inspection.inspect_model` and the training ``Monitor`` use): ``(weights, biases,
+    accuracy)`` per layer."""
+    labels = labels.long().cpu()
+    weights, biases, accuracy = {}, {}, {}
+    for name in layers:
+        x = features[name].double().cpu()
+        weights[name], biases[name] = fit_linear(x[0::2], labels[0::2], num_classes, l2=l2)
+        logits = x[1::2] @ weights[name].T + biases[name]
+        accuracy[name] = float((logits.argmax(1) == labels[1::2]).double().mean())
+    return weights, biases, accuracy
+
+
 def _check_labels(labels: Tensor | None, num_classes: int | None) -> int:
     if labels is None:
         raise ValueError("layer probes are fitted on labelled data (samples with a 'label')")

@@ -20,7 +20,7 @@ from ..metrics.sanity import spearman
 from ..models import Classifier, as_classifier, stage_layers
 from .features import _pearson_matrix, class_means, correlation_summary, linear_cka, pooled_features, stack_data
 from .importance import Data, ablation_effect, filter_importance
-from .probes import Probes, _check_labels, fit_linear, probe_accuracy
+from .probes import Probes, _check_labels, fit_alternate
 
 __all__ = ["Inspection", "inspect_model"]
 
@@ -128,13 +128,9 @@ def inspect_model(
     _check_labels(fit_part["label"], k)
     tapped = list(dict.fromkeys([*layers, importance_layer]))
     feats, _ = pooled_features(clf, stacked, tapped, batch_size=batch_size, progress=progress)
-    fit_feats = {name: f[0::2] for name, f in feats.items()}
     eval_feats = {name: f[1::2] for name, f in feats.items()}
-    weights, biases = {}, {}
-    for name in layers:
-        weights[name], biases[name] = fit_linear(fit_feats[name], fit_part["label"], k, l2=l2)
+    weights, biases, accuracy = fit_alternate(feats, labels, layers, k, l2)
     probes = Probes(clf, weights, biases, class_names=names, model_task=same)
-    accuracy = probe_accuracy(probes, {n: eval_feats[n] for n in layers}, evaluation["label"])
 
     device = next(clf.parameters()).device
     predicted = _predictions(clf, evaluation["image"], batch_size)
