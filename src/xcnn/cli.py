@@ -363,8 +363,32 @@ def cmd_train_tame(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthetic_test_results(trained, args: argparse.Namespace) -> dict:
+    """The run's ``results.json``; with synthetic data, plus the clean test accuracy and (with a planted
+    shortcut) the accuracy on test images whose patch has a random colour, written back."""
+    from ._io import write_json
+
+    path = Path(args.out) / "results.json"
+    results = json.loads(path.read_text())
+    if args.data != "synthetic":
+        return results
+    from torch.utils.data import DataLoader
+
+    from .data.synthetic import Shapes
+    from .training.trainer import accuracy_eval
+
+    size = trained.input_size[0]
+    dev = next(trained.parameters()).device
+    clean = Shapes("test", args.n_test, size=size, seed=args.seed)
+    results["test_acc"] = accuracy_eval(trained, DataLoader(clean, batch_size=256), dev)["acc"]
+    if args.shortcut > 0:
+        patched = Shapes("test", args.n_test, size=size, seed=args.seed, shortcut_prob=args.shortcut)
+        results["test_acc_random_patch"] = accuracy_eval(trained, DataLoader(patched, batch_size=256), dev)["acc"]
+    write_json(path, results)
+    return results
+
+
 def cmd_train_lap(args: argparse.Namespace) -> int:
-    from ._io import atomic_write
     from .training.knowledge import Knowledge
     from .training.lap import fit_lap
 
@@ -420,28 +444,13 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes and reports
         return 0
-    results = json.loads((Path(args.out) / "results.json").read_text())
-    if args.data == "synthetic":
-        from torch.utils.data import DataLoader
-
-        from .data.synthetic import Shapes
-        from .training.trainer import accuracy_eval
-
-        size = model.input_size[0]
-        dev = next(trained.parameters()).device
-        clean = Shapes("test", args.n_test, size=size, seed=args.seed)
-        results["test_acc"] = accuracy_eval(trained, DataLoader(clean, batch_size=256), dev)["acc"]
-        if args.shortcut > 0:
-            patched = Shapes("test", args.n_test, size=size, seed=args.seed, shortcut_prob=args.shortcut)
-            results["test_acc_random_patch"] = accuracy_eval(trained, DataLoader(patched, batch_size=256), dev)["acc"]
-        atomic_write(Path(args.out) / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=2) + "\n"))
+    results = _synthetic_test_results(trained, args)
     print(json.dumps({k: v for k, v in results.items() if k != "training"} | {"final": history[-1]}, indent=2))
     print(f"model saved in {args.out} (use it as --model {args.out}; explain it with --method lap)")
     return 0
 
 
 def cmd_train_protopnet(args: argparse.Namespace) -> int:
-    from ._io import write_json
     from .training.protopnet import fit_protopnet
 
     if not 0.0 <= args.shortcut <= 1.0:
@@ -470,21 +479,7 @@ def cmd_train_protopnet(args: argparse.Namespace) -> int:
         joint_epochs=args.joint_epochs, last_epochs=args.last_epochs, cycles=args.cycles, batch_size=args.batch_size,
         val_data=val, out_dir=args.out, resume=args.resume, amp=args.amp, seed=args.seed, device=device, names=names,
     )  # fmt: skip
-    results = json.loads((Path(args.out) / "results.json").read_text())
-    if args.data == "synthetic":
-        from torch.utils.data import DataLoader
-
-        from .data.synthetic import Shapes
-        from .training.trainer import accuracy_eval
-
-        size = model.input_size[0]
-        dev = next(trained.parameters()).device
-        clean = Shapes("test", args.n_test, size=size, seed=args.seed)
-        results["test_acc"] = accuracy_eval(trained, DataLoader(clean, batch_size=256), dev)["acc"]
-        if args.shortcut > 0:
-            patched = Shapes("test", args.n_test, size=size, seed=args.seed, shortcut_prob=args.shortcut)
-            results["test_acc_random_patch"] = accuracy_eval(trained, DataLoader(patched, batch_size=256), dev)["acc"]
-        write_json(Path(args.out) / "results.json", results)
+    results = _synthetic_test_results(trained, args)
     print(json.dumps({k: v for k, v in results.items() if k != "training"}, indent=2))
     print(
         f"prototype network ({len(prototypes)} prototypes) saved in {args.out} (use it as --model {args.out}; "
