@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_positive
 from ..hooks import frozen, named_layer
 from ..models import Classifier, as_classifier, default_layer
 
@@ -243,11 +242,3 @@ class Explainer:
         with torch.no_grad(), self._autocast(images):  # no_grad, not inference_mode: targets feed autograd later
             probs = torch.cat([self.model(chunk).float().softmax(1) for chunk in images.split(self._rows(images))])
         return self._resolve_targets(probs, targets), probs
-
-
-def check_positive(name: str, value: object, *, integer: bool = True) -> None:
-    """Raise a clear error unless ``value`` is a positive integer (or a positive finite number)."""
-    kinds = (numbers.Integral,) if integer else (numbers.Real,)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < math.inf:
-        what = "a positive integer" if integer else "a positive number"
-        raise ValueError(f"{name} must be {what}, got {value!r}")
