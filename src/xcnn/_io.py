@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,10 @@ import numpy as np
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_write", "prepare_out_dir", "write_json", "write_npy"]
+__all__ = ["atomic_write", "prepare_out_dir", "remove_temporaries", "write_json", "write_npy"]
+
+#: the names :func:`atomic_write` gives its temporary files: ``.NAME.XXXXXXXX.tmp[.SUFFIX]``
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
 
 
 def prepare_out_dir(path: str | Path) -> Path:
@@ -26,19 +30,53 @@ def prepare_out_dir(path: str | Path) -> Path:
     return path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path`` in one rename: readers never see half a file."""
+def atomic_write(path: str | Path, write: Callable[[Path], None], *, durable: bool = False) -> Path:
+    """Call ``write(tmp_path)`` and move the result to ``path`` in one rename: readers never see half a file.
+
+    ``durable=True`` also flushes the file and its folder to the disk (``fsync``) before returning, so the new
+    file survives a power loss or an operating-system crash; without it, a crash of the machine (not of the
+    process) within the operating system's write-back delay can leave the old file or an empty one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
     os.close(fd)
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        _fsync(path.parent)
     return path
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder; the file itself was flushed
+        if not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_write` calls left in ``folder`` (a process
+    killed between writing and renaming); returns what was removed. Call it only where no other process is
+    writing into ``folder`` (a resumed run, before it writes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if _TEMPORARY.match(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def write_json(path: str | Path, data: object) -> Path:

@@ -1,0 +1,100 @@
+"""The bottom-floor helpers: atomic writes, leftovers of interrupted writes, argument checks, JSON reading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from xcnn._io import atomic_write, remove_temporaries, write_json
+from xcnn._validate import check_memory, check_number, physical_memory, read_json
+
+
+def test_temporaries_of_a_killed_write_are_found_and_only_they_are_removed(tmp_path):
+    # a process killed between writing its temporary file and renaming it (SIGKILL: no cleanup runs)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from xcnn._io import atomic_write
+        def write(tmp):
+            tmp.write_text("half")
+            os.kill(os.getpid(), signal.SIGKILL)
+        atomic_write(Path({str(tmp_path)!r}) / "checkpoint.pt", write)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".checkpoint.pt.") and left[0].endswith(".tmp.pt")
+    keep = ["checkpoint.pt", ".hidden", "model.tmp.json", ".x.tmp", ".a.abcdefghi.tmp.pt"]
+    for name in keep:
+        (tmp_path / name).write_text("mine")
+    write_json(tmp_path / "history.json", [1])
+    removed = remove_temporaries(tmp_path)
+    assert [p.name for p in removed] == left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, "history.json"])
+    assert remove_temporaries(tmp_path / "missing") == []
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("new")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, fail, durable=True)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
+    atomic_write(target, lambda tmp: tmp.write_text("new"), durable=True)
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["a.json"]
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "error"),
+    [
+        (0, {"low": 0, "low_open": True}, ValueError),
+        (float("nan"), {}, ValueError),
+        (float("inf"), {"low": 0}, ValueError),
+        (True, {}, TypeError),
+        ("1", {}, TypeError),
+        (1.5, {"integer": True}, TypeError),
+        (2, {"high": 1}, ValueError),
+        (1, {"high": 1, "high_open": True}, ValueError),
+    ],
+)
+def test_check_number_refuses(value, kwargs, error):
+    with pytest.raises(error, match="x must"):
+        check_number("x", value, **kwargs)
+
+
+def test_check_number_accepts_bounds_and_converts():
+    assert check_number("x", 0, low=0) == 0.0 and isinstance(check_number("x", 3), float)
+    assert check_number("x", 3, integer=True, low=1, high=3) == 3
+
+
+def test_check_memory_names_the_request():
+    total = physical_memory()
+    assert total is None or total > 2**28
+    check_memory(2**20, "a small buffer")
+    if total is not None:
+        with pytest.raises(ValueError, match=r"a huge layer would need .* GiB"):
+            check_memory(total * 2, "a huge layer")
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"model description .*deep\.json: nested too deeply"):
+        read_json(deep, "model description")
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        read_json(bad)
+    (tmp_path / "ok.json").write_text('{"a": [1, 2]}')
+    assert read_json(tmp_path / "ok.json") == {"a": [1, 2]}
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "none.json")
