@@ -10,7 +10,7 @@ from torch import nn
 import xcnn
 from xcnn.explain import explainer_class
 
-from .conftest import TinyCNN, assert_equal_up_to_rounding, prepared_model, required_options
+from .conftest import TinyCNN, assert_equal_up_to_rounding, prepared_model, raw_maps, required_options
 
 # small settings so the whole matrix runs in seconds; defaults are exercised elsewhere
 FAST = {
@@ -229,10 +229,15 @@ def test_scorecam_weightings_follow_their_definitions(weighting, sharp, images32
                 else sharp(x[None] * masks[:, None]).softmax(1)[:, t]
             )
             expected.append((alpha[:, None, None] * a).sum(0).relu())
+    flat = acts.flatten(2)
+    assert bool((flat.amax(2) == flat.amin(2)).any())  # the premise: constant channels (they mask to black)
+    expl = make("scorecam", sharp, layer=layer, weighting=weighting)
+    # the raw maps too: normalisation hides a common factor (the channel softmax's sum, over black images too)
+    torch.testing.assert_close(raw_maps(expl, images32), torch.stack(expected), rtol=1e-4, atol=1e-5)
     raw = F.interpolate(torch.stack(expected)[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     low = raw.amin(dim=(1, 2), keepdim=True)
     reference = (raw - low) / (raw.amax(dim=(1, 2), keepdim=True) - low)
-    maps = make("scorecam", sharp, layer=layer, weighting=weighting)(images32)
+    maps = expl(images32)
     torch.testing.assert_close(maps, reference, rtol=0, atol=1e-4)  # batch sizes differ: rounding only
     other = "probability" if weighting == "channel_softmax" else "channel_softmax"  # far above that rounding
     assert (make("scorecam", sharp, layer=layer, weighting=other)(images32) - maps).abs().amax() > 1e-3

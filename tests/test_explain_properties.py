@@ -82,3 +82,45 @@ def test_map_is_zero_where_the_model_does_not_look(name, region_model):
         assert (maps[:, far] - maps[:, far].amin()).abs().max() < 1e-6
     else:
         assert maps[:, far].abs().max() < 1e-6
+
+
+class ConstantProbability(nn.Module):
+    """p(class 0) = 0.3 whatever the input."""
+
+    def forward(self, x):
+        return torch.log(torch.tensor([0.3, 0.7])).expand(len(x), 2) + 0 * x.sum((1, 2, 3))[:, None]
+
+
+def test_rise_raw_map_estimates_the_expected_probability_given_the_pixel():
+    """RISE's raw map is sum_i P_i M_i / (N p): for a model with P = 0.3 everywhere it estimates
+    E[P | pixel kept] = 0.3 at every pixel (a mask's mean is p). Over 2000 masks the Monte-Carlo error of a
+    pixel is ~0.006 (p = 0.5) to ~0.01 (p = 0.25); 0.05 allows its maximum over the 1024 pixels, and a map
+    not divided by p (0.15 or 0.075) is far outside it."""
+    from .conftest import raw_maps
+
+    model = xcnn.load_model(ConstantProbability(), raw_pixels=True, input_size=(SIZE, SIZE))
+    images = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    for p in (0.5, 0.25):
+        raw = raw_maps(xcnn.explainer("rise", model, p=p, masks=2000), images, torch.zeros(1, dtype=torch.long))
+        assert (raw - 0.3).abs().max() < 0.05, (p, raw.min().item(), raw.max().item())
+
+
+class MeanBrightness(nn.Module):
+    """Class 1's logit is 20 * (mean pixel value - 0.25), class 0's its negative."""
+
+    def forward(self, x):
+        z = 20 * (x.mean((1, 2, 3)) - 0.25)
+        return torch.stack([-z, z], 1)
+
+
+def test_occlusion_raw_map_is_the_mean_drop_over_the_covering_windows():
+    """On a constant image every (full) window removes the same brightness, so every window's drop is
+    p(x) - p(x with one 4x4 square black), by hand; each pixel's value, the mean over the windows that cover
+    it (1 to 4 of them here), is that drop everywhere."""
+    from .conftest import raw_maps
+
+    model = xcnn.load_model(MeanBrightness(), raw_pixels=True, input_size=(SIZE, SIZE))
+    images = torch.full((1, 3, SIZE, SIZE), 0.25)  # p = 0.5 on the clean image: a drop of ~0.04, not ~1e-5
+    raw = raw_maps(xcnn.explainer("occlusion", model, patch=4, stride=2), images, torch.ones(1, dtype=torch.long))
+    occluded = torch.sigmoid(torch.tensor(2 * 20 * (0.25 * (1 - 16 / SIZE**2) - 0.25), dtype=torch.float64))
+    torch.testing.assert_close(raw, torch.full_like(raw, float(0.5 - occluded)), rtol=1e-4, atol=1e-6)

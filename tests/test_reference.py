@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+
 import captum.attr as captum_attr
+import numpy as np
 import pytest
 import pytorch_grad_cam as gradcam_lib
 import torch
@@ -11,7 +14,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 import xcnn
 
-from .conftest import pearson
+from .conftest import pearson, raw_maps
 
 # captum's Saliency warns that it switched on requires_grad for the plain images we hand it (as a user
 # would): a note about the anchor's own input handling, silenced here so that the suite's warnings stay ours.
@@ -60,6 +63,57 @@ def test_gradient_cams_match_gradcam_on_bundled_model(name, lite0, photos):
     ours = xcnn.explainer(name, lite0, layer="bn2")(photos, targets).numpy()
     ref = reference_cam(GRADIENT_CAMS[name], lite0, lite0.backbone.bn2, photos, targets)
     assert_agree(ours, ref)
+
+
+def reference_raw_cam(cls, model, layer_module, images, targets) -> np.ndarray:
+    """grad-cam's map at the layer's resolution before its min-max scaling: its ``get_cam_image`` on the
+    activations and gradients it recorded, then the ReLU its ``compute_cam_per_layer`` applies."""
+    with cls(model=model, target_layers=[layer_module]) as cam:
+        wanted = [ClassifierOutputTarget(int(t)) for t in targets]
+        cam(input_tensor=images, targets=wanted)
+        acts = cam.activations_and_grads.activations[0].cpu().numpy()
+        grads = cam.activations_and_grads.gradients[0].cpu().numpy()
+        return np.maximum(cam.get_cam_image(images, layer_module, wanted, acts, grads, False), 0)
+
+
+def loud(model, head: str, gain: float = 1000.0):
+    """A copy of ``model`` with its classifier ``head`` scaled by ``gain`` (so every gradient is): grad-cam adds
+    1e-7 to Grad-CAM++'s denominator 2 G^2 + sum(A) G^3, as large as G^2 itself for the ~3e-4 gradients of a
+    random ResNet-18's inner layer; with gradients 1000x larger that epsilon is negligible."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in model.backbone.get_submodule(head).parameters():
+            param.mul_(gain)
+    return model
+
+
+@pytest.fixture(scope="module")
+def loud_models(resnet18, lite0):
+    """``model name -> (loud copy, inner layer, targets)``; the targets are not the top-1 classes."""
+    return {
+        "resnet18": (loud(resnet18, "fc"), "layer3", torch.tensor([3, 3])),
+        "lite0": (loud(lite0, "classifier"), "blocks.5", torch.tensor([285, 967])),
+    }
+
+
+@pytest.mark.parametrize("name", list(GRADIENT_CAMS))
+@pytest.mark.parametrize("model_name", ["resnet18", "lite0"])
+def test_raw_gradient_cams_equal_gradcam_at_an_inner_layer(name, model_name, loud_models, small_photos):
+    """The unnormalised maps, value for value, at a layer that global pooling does not follow (there
+    XGrad-CAM's and HiResCAM's weights differ from Grad-CAM's), for a class that is not the top-1 (part of
+    its map is negative evidence, which the final ReLU must clip to exactly 0). Tolerance: 1e-3 of the
+    map's maximum (grad-cam adds 1e-7 to XGrad-CAM's activation sums; float32 rounding is ~1e-6)."""
+    model, layer, targets = loud_models[model_name]
+    ours = raw_maps(xcnn.explainer(name, model, layer=layer), small_photos, targets)
+    ref = torch.from_numpy(reference_raw_cam(GRADIENT_CAMS[name], model, model.backbone.get_submodule(layer),
+                                             small_photos, targets))  # fmt: skip
+    assert ours.shape == ref.shape
+    # the premise: part of the map is clipped, except where it cannot be: Grad-CAM++ and Layer-CAM weigh by
+    # ReLU(G) (weights >= 0), and ResNet's layer3 is a ReLU output (A >= 0); Lite0's block outputs are signed
+    if not (model_name == "resnet18" and name in ("gradcam++", "layercam")):
+        assert bool((ref == 0).any()) and bool((ref > 0).any())
+    scale = ref.abs().amax(dim=(1, 2), keepdim=True)
+    assert bool(((ours - ref).abs() <= 1e-3 * scale).all()), ((ours - ref).abs() / scale).amax(dim=(1, 2)).tolist()
 
 
 @pytest.mark.slow

@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_positive
 from ..explain.base import check_images, check_targets
 from ..models import Classifier, as_classifier
 
-__all__ = ["check_maps", "check_masks", "prepare", "resolve", "target_probs"]
+__all__ = ["check_maps", "check_masks", "check_positive", "check_seed", "prepare", "resolve", "target_probs"]
 
 
-def check_maps(maps: object, shape: tuple[int, ...] | None = None) -> Tensor:
-    """Maps ``[B,H,W]``, finite, float; ``shape`` = the expected ``(B,H,W)``."""
+def check_seed(seed: object, name: str = "seed") -> int:
+    """A seed for ``torch.Generator.manual_seed``: an integer in [0, 2**63)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
+    return int(seed)
+
+
+def check_maps(maps: object, shape: tuple[int, ...] | None = None, unit: bool = False) -> Tensor:
+    """Maps ``[B,H,W]``, finite, float; ``shape`` = the expected ``(B,H,W)``; ``unit``: values must lie in
+    [0,1] (where a metric multiplies the image by the map)."""
     if not isinstance(maps, Tensor):
         raise TypeError(f"maps must be a torch.Tensor [B,H,W], got {type(maps).__name__}")
     if maps.dim() != 3:
@@ -27,6 +40,13 @@ def check_maps(maps: object, shape: tuple[int, ...] | None = None) -> Tensor:
         maps = maps.float()
     if not bool(torch.isfinite(maps).all()):
         raise ValueError("maps contain NaN or Inf")
+    if unit:
+        low, high = torch.aminmax(maps.detach())
+        if low.item() < 0 or high.item() > 1:
+            raise ValueError(
+                f"maps must be in [0,1] here (the image is multiplied by them), got values in "
+                f"[{low.item():.3g}, {high.item():.3g}]"
+            )
     return maps.detach().float()
 
 
@@ -37,19 +57,20 @@ def check_masks(masks: object, shape: tuple[int, ...], name: str = "masks") -> T
     if tuple(masks.shape) != tuple(shape):
         raise ValueError(f"{name} have shape {list(masks.shape)} but the maps have {list(shape)}")
     if masks.dtype != torch.bool:
-        if masks.is_floating_point() and not bool(((masks == 0) | (masks == 1)).all()):
+        if not bool(((masks == 0) | (masks == 1)).all()):
             raise ValueError(f"{name} must be boolean (or 0/1), got values outside {{0, 1}}")
         masks = masks != 0
     return masks
 
 
 def prepare(
-    model: nn.Module, images: Tensor, maps: Tensor, targets
+    model: nn.Module, images: Tensor, maps: Tensor, targets, unit: bool = False
 ) -> tuple[Classifier, Tensor, Tensor, Tensor | None]:
-    """Validated ``(classifier, images, maps, targets)``; targets stay None for "top-1" (see ``resolve``)."""
+    """Validated ``(classifier, images, maps, targets)``; targets stay None for "top-1" (see ``resolve``);
+    ``unit``: the maps must be in [0,1]."""
     clf = as_classifier(model)
     images = check_images(images)
-    maps = check_maps(maps, (images.shape[0], *images.shape[-2:])).to(images.device)
+    maps = check_maps(maps, (images.shape[0], *images.shape[-2:]), unit).to(images.device)
     return clf, images, maps, check_targets(targets, images.shape[0], images.device)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torchvision.transforms.functional import hflip, resized_crop
 
 from ..explain.base import check_images, check_targets
+from ._checks import check_seed
 
 __all__ = ["CropFlip", "apply_each", "consistency", "random_crop_flips"]
 
@@ -97,6 +98,7 @@ def consistency(
     """
     if isinstance(n_transforms, bool) or not isinstance(n_transforms, int) or n_transforms < 1:
         raise ValueError(f"n_transforms must be a positive integer, got {n_transforms!r}")
+    seed = check_seed(seed)
     images = check_images(images)
     targets = check_targets(targets, images.shape[0], images.device)
     if targets is None:

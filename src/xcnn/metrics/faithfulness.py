@@ -10,7 +10,7 @@ All perturbations happen in pixel space ("removed" = 0) and go through the model
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
 from ..hooks import frozen
-from ._checks import prepare, resolve, target_probs
+from ._checks import check_positive, prepare, resolve, target_probs
 
 __all__ = ["average_drop_increase", "insertion_deletion", "pixel_ranks"]
 
@@ -46,11 +46,17 @@ def average_drop_increase(
     For each keep fraction q the image is multiplied by the map with only its top q of pixels kept (soft
     values; the rest 0): ``O = p(c | x * E_q)``, ``Y = p(c | x)``. ``AD = 100 * mean(max(0, Y - O) / Y)``,
     ``IC = 100 * mean(O > Y)``. Keys ``"AD@100"``, ``"IC@100"``, ``"AD@50"``, ... With ``per_image=True``
-    the values are tensors ``[B]`` (their means are the batch values).
+    the values are tensors ``[B]`` (their means are the batch values). The maps must be in [0,1] (as the
+    explainers return them): they scale the pixels.
     """
+    if isinstance(keep, (str, bytes)) or not isinstance(keep, Sequence):
+        raise TypeError(f"keep must be a sequence of fractions in (0, 1], got {type(keep).__name__} {keep!r}")
+    if any(isinstance(q, bool) or not isinstance(q, numbers.Real) for q in keep):
+        raise TypeError(f"keep fractions must be numbers in (0, 1], got {list(keep)}")
     if not keep or any(not 0 < q <= 1 for q in keep):
         raise ValueError(f"keep fractions must be in (0, 1], got {list(keep)}")
-    clf, images, maps, targets = prepare(model, images, maps, targets)
+    check_positive("batch_size", batch_size)
+    clf, images, maps, targets = prepare(model, images, maps, targets, unit=True)
     n_pixels = maps[0].numel()
     ranks = pixel_ranks(maps)
     out: dict = {}
@@ -78,17 +84,26 @@ def insertion_deletion(
 ) -> dict:
     """Insertion and deletion AUC (RISE protocol) and their curves.
 
-    Pixels are taken in the map's order, ``ceil(H*W / steps)`` per step. Deletion starts from the image
-    and sets them to 0; insertion starts from a blurred copy (Gaussian, kernel 11, sigma 5) and reveals
-    them. Each curve has ``steps + 1`` points (both ends included) of ``p(c | .)``; AUC = trapezoid over
-    [0, 1]. Returns ``{"insertion", "deletion", "curves": {"insertion": [B, steps+1], "deletion": ...}}``
-    (AUCs averaged over images, or tensors ``[B]`` with ``per_image=True``).
+    Pixels are taken in the map's order: point ``k`` (of ``steps + 1``, both ends included) has the first
+    ``n_k = round(k * H*W / steps)`` pixels changed (half up), so the last point is the whole image for any
+    ``steps``. Deletion starts from the image and sets them to 0; insertion starts from a blurred copy
+    (Gaussian, kernel 11, sigma 5) and reveals them. Each curve holds ``p(c | .)`` at those points; AUC =
+    trapezoid over the fractions ``n_k / (H*W)`` actually changed. Returns ``{"insertion", "deletion",
+    "curves": {"insertion": [B, steps+1], "deletion": ...}, "fractions": [steps+1]}`` (AUCs averaged over
+    images, or tensors ``[B]`` with ``per_image=True``).
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_positive("batch_size", batch_size)
     clf, images, maps, targets = prepare(model, images, maps, targets)
     b, _, h, w = images.shape
-    per_step = math.ceil(h * w / steps)
+    if steps > h * w:
+        raise ValueError(f"steps must be at most the number of pixels ({h}x{w} = {h * w}), got {steps}")
+    # pixel counts rounded per point, not a fixed ceil(H*W/steps) per step: that reaches the whole image
+    # before the last point when steps does not divide H*W, and an AUC over k/steps is then biased (deletion
+    # low, insertion high); the trapezoid runs over the fractions actually changed
+    counts = (2 * torch.arange(steps + 1, device=images.device) * (h * w) + steps) // (2 * steps)
+    fractions = counts.double() / (h * w)
     ranks = pixel_ranks(maps)
     blurred = gaussian_blur(images, kernel_size=[11, 11], sigma=[5.0, 5.0])
     # rows ordered (image, step): row r is image r // (steps+1) after r % (steps+1) steps
@@ -100,11 +115,11 @@ def insertion_deletion(
             probs = []
             for chunk in rows.split(batch_size):
                 img, k = chunk // (steps + 1), chunk % (steps + 1)
-                changed = (ranks[img] < (k * per_step)[:, None, None])[:, None]  # the first k*n pixels
+                changed = (ranks[img] < counts[k][:, None, None])[:, None]  # the first n_k pixels
                 probs.append(target_probs(clf, torch.where(changed, finish[img], start[img]), targets[img], batch_size))
             curves[kind] = torch.cat(probs).view(b, steps + 1)
-    out: dict = {"curves": {k: v.cpu() for k, v in curves.items()}}
+    out: dict = {"curves": {k: v.cpu() for k, v in curves.items()}, "fractions": fractions.float().cpu()}
     for kind, curve in curves.items():
-        auc = (curve.sum(1) - (curve[:, 0] + curve[:, -1]) / 2) / steps
+        auc = torch.trapezoid(curve.double(), fractions, dim=1).float()
         out[kind] = auc.cpu() if per_image else float(auc.mean())
     return out

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .._io import atomic_write, prepare_out_dir
+from .._validate import check_positive
 from ..data import batches
 from ..explain import explainer as make_explainer
 from ..explain import explainer_class
@@ -53,11 +54,15 @@ SPEED_COLUMN = "s / image"
 #: which way each row metric is better: +1 higher, -1 lower, 0 not ranked. A key ending in "@" or "_" is a
 #: prefix (AD@100, consistency_pearson). Sanity is Spearman/SSIM between the trained and the randomised
 #: model's maps: lower = the map depends more on what the model learned. The shortcut energy is not ranked:
-#: a high share is right for a model that uses the planted shortcut and wrong for one that does not.
+#: a high share is right for a model that uses the planted shortcut and wrong for one that does not. The two
+#: notes (the share of images with an empty mask, or with a constant map in the sanity check) are not ranked.
 METRIC_DIRECTIONS: dict[str, int] = {
     "AD@": -1, "IC@": 1, "insertion": 1, "deletion": -1, "pointing": 1, "pointing: empty masks": 0,
-    "energy_in_mask": 1, "iou@": 1, "shortcut_energy": 0, "consistency_": 1, "sanity_": -1, SPEED_COLUMN: -1,
+    "energy_in_mask": 1, "iou@": 1, "shortcut_energy": 0, "consistency_": 1, "sanity_": -1,
+    "sanity: constant maps": 0, SPEED_COLUMN: -1,
 }  # fmt: skip
+#: notes rows that are left out when no image needed them
+_NOTES = ("pointing: empty masks", "sanity: constant maps")
 
 
 def metric_direction(metric: str) -> int:
@@ -167,10 +172,12 @@ class Evaluation:
         writer.writerows(self.rows)
         paths = {"csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json", "md": folder / f"{stem}.md"}
         atomic_write(paths["csv"], lambda tmp: tmp.write_text(buf.getvalue()))
-        atomic_write(
-            paths["json"],
-            lambda tmp: tmp.write_text(json.dumps({"rows": self.rows, "curves": self.curves}, indent=2) + "\n"),
-        )
+        # strict JSON: a value no image had (NaN, e.g. a sanity row whose maps were all constant) becomes null
+        rows = [
+            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in self.rows
+        ]
+        text = json.dumps({"rows": rows, "curves": self.curves}, indent=2, allow_nan=False) + "\n"
+        atomic_write(paths["json"], lambda tmp: tmp.write_text(text))
         atomic_write(paths["md"], lambda tmp: tmp.write_text(self.markdown() + "\n"))
         return paths
 
@@ -215,6 +222,15 @@ def evaluate(
     papers) or ``"label"``. Metrics that need masks are skipped, with a note in the rows, when the data
     has none.
     """
+    for name, value in (("metrics", metrics), ("methods", methods), ("slow_methods", slow_methods)):
+        if isinstance(value, str):  # its characters would be taken as names
+            raise TypeError(f"{name} must be a list of names, got the string {value!r}")
+    check_positive("batch_size", batch_size)
+    if metric_batch_size is not None:
+        check_positive("metric_batch_size", metric_batch_size)
+    for name, value in (("slow_images", slow_images), ("keep_samples", keep_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; available: {', '.join(METRICS)}")
@@ -232,6 +248,9 @@ def evaluate(
         raise ValueError(
             f"two methods share a label in {labels}; give variants their own label: (name, options, label)"
         )
+    strays = sorted(set(slow_methods or ()) - set(labels))
+    if strays:
+        raise ValueError(f"slow_methods {strays} are not among the methods' labels {labels}")
 
     def build(name: str, options: dict, net: nn.Module):
         return make_explainer(name, net, layer=layer if explainer_class(name).uses_layer else None, **options)
@@ -291,8 +310,8 @@ def evaluate(
 
     result = Evaluation()
     for (method, metric), total_value in sums.items():
-        if metric == "pointing: empty masks" and total_value == 0:
-            continue  # every image had an object: nothing to report
+        if metric in _NOTES and total_value == 0:
+            continue  # every image had an object / a map that is not constant: nothing to report
         n = counts[(method, metric)]
         result.rows.append({
             "method": method, "metric": metric, "value": total_value / n if n else float("nan"), "n": n,
@@ -344,5 +363,7 @@ def _score_slow(label, expl, name, options, images, t, metrics, clf, add, build)
         with warnings.catch_warnings():  # a TAME head meeting the randomised copies is the point here
             warnings.filterwarnings("ignore", message=".*trained on .* with other weights")
             result = randomization_sanity(lambda net: build(name, options, net), clf, images, t, per_image=True)
-        add(label, "sanity_spearman", result["spearman"][-1])  # fully randomised model
+        # the fully randomised model; images with a constant map are NaN there (left out of n) and counted
+        add(label, "sanity_spearman", result["spearman"][-1])
         add(label, "sanity_ssim", result["ssim"][-1])
+        add(label, "sanity: constant maps", result["excluded"][-1].float() * 100)

@@ -6,13 +6,14 @@ Each takes maps ``[B,H,W]`` and boolean masks ``[B,H,W]`` (object pixels, or box
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_maps, check_masks
+from ._checks import check_maps, check_masks, check_positive
 
 __all__ = ["boxes_to_masks", "energy_in_box", "iou", "pointing_game", "shortcut_energy"]
 
@@ -21,6 +22,10 @@ def boxes_to_masks(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     """Boxes ``[B,4]`` (x0, y0, x1, y1; inclusive pixel bounds) -> boolean masks ``[B,H,W]``."""
     if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must be a tensor [B,4] (x0, y0, x1, y1), got {getattr(boxes, 'shape', type(boxes))}")
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise TypeError(f"size must be (H, W), got {size!r}")
+    for name, value in zip(("size[0] (H)", "size[1] (W)"), size, strict=True):
+        check_positive(name, value)
     h, w = size
     ys = torch.arange(h, device=boxes.device).view(1, h, 1)
     xs = torch.arange(w, device=boxes.device).view(1, 1, w)
@@ -48,6 +53,8 @@ def pointing_game(maps: Tensor, masks: Tensor, tolerance: int = 0, per_image: bo
             f"pointing game: {int(empty.sum())} of {len(masks)} images have an empty mask; counted as misses",
             stacklevel=2,
         )
+    # a disk wider than the image's diagonal covers it all: the same hits, without a huge kernel
+    tolerance = min(tolerance, math.ceil(math.hypot(*maps.shape[-2:])))
     if tolerance > 0:  # grow the mask by a disk of radius `tolerance`
         r = torch.arange(-tolerance, tolerance + 1, device=maps.device, dtype=torch.float32)
         disk = ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= tolerance**2).float()[None, None]
