@@ -150,8 +150,25 @@ def test_the_whole_cgc_loss_matches_finite_differences():
 
 def test_bad_loss_input():
     x = torch.rand(3, 4, 4)
-    with pytest.raises(ValueError, match="tau must be positive"):
+    with pytest.raises(ValueError, match=r"tau must be in \(0, inf\)"):
         cgc_loss(x, x, tau=0.0)
+    with pytest.raises(ValueError, match="tau must be finite"):
+        cgc_loss(x, x, tau=math.inf)
+    with pytest.raises(TypeError, match="tau must be a number"):
+        cgc_loss(x, x, tau="0.5")
+    with pytest.raises(ValueError, match=r"maps_aug must be float maps \[B,H,W\] or \[B,D\], got a torch.int64"):
+        cgc_loss((x * 10).long(), x)
+    with pytest.raises(ValueError, match=r"maps_ref must be float maps .* of shape \[3\]"):
+        cgc_loss(x, x[:, 0, 0])
+    with pytest.raises(ValueError, match=r"maps_aug must be float maps .* got list"):
+        cgc_loss([[0.0, 1.0]], x)
+    for bad in (math.nan, math.inf):
+        y = x.clone()
+        y[1, 2, 3] = bad
+        with pytest.raises(ValueError, match="maps_ref holds NaN or infinite values"):
+            cgc_loss(x, y)
+    with pytest.raises(TypeError, match="gather must be True, False or None"):
+        cgc_loss(x, x, gather="yes")
     with pytest.raises(ValueError, match="consistency must be one of"):
         cgc_loss(x, x, consistency="cosine")
     with pytest.raises(ValueError, match="different shapes"):
@@ -242,7 +259,10 @@ def test_unlabelled_only_batches_and_the_labelled_split(shapes32):
 
     trained, history = fit_cgc(model, train, unlabeled=Bare(), labeled_fraction=0.05, epochs=1, batch_size=16, device="cpu",
                                progress=False)  # fmt: skip
-    assert len(history) == 1 and math.isfinite(history[0]["train/loss"])
+    assert len(history) == 1 and history[0]["train/cgc"] > 0 and 0 < history[0]["train/cam_cosine"] <= 1
+    assert any(
+        not torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values(), strict=True)
+    )
     keep, rest = split_labeled(train, 0.05, seed=0)
     assert len(keep) == round(0.05 * len(train)) and sorted(keep + rest) == list(range(len(train)))
     data = CGCData(torch.utils.data.Subset(train, keep), Bare())
@@ -279,8 +299,17 @@ def test_bad_training_input_fails_before_anything_is_written(shapes32, tmp_path)
     out = tmp_path / "never"
     model = small_shapesnet()
     cases = [
-        ({"tau": 0.0}, "tau must be positive"),
-        ({"lam": -0.1}, "lam must be >= 0"),
+        ({"tau": 0.0}, r"tau must be in \(0, inf\)"),
+        ({"tau": math.inf}, "tau must be finite"),
+        ({"lam": -0.1}, r"lam must be in \[0, inf\)"),
+        ({"lam": math.nan}, "lam must be finite"),
+        ({"lr": math.inf}, "lr must be finite"),
+        ({"lr": -1e-3}, "lr must be in"),
+        ({"weight_decay": -1.0}, "weight_decay must be in"),
+        ({"epochs": 0}, "epochs must be a positive integer"),
+        ({"seed": 0.5}, "seed must be an integer"),
+        ({"scratch": 1}, "scratch must be True or False"),
+        ({"labeled_fraction": math.nan}, "labelled fraction must be finite"),
         ({"labeled_fraction": 0.0}, r"labelled fraction must be in \(0, 1\]"),
         ({"labeled_fraction": 1.5}, r"labelled fraction must be in \(0, 1\]"),
         ({"batch_size": 1}, "batch norm needs at least 2"),
@@ -291,9 +320,39 @@ def test_bad_training_input_fails_before_anything_is_written(shapes32, tmp_path)
         ({"layer": "nope"}, "nope"),
     ]
     for options, message in cases:
-        with pytest.raises((ValueError, KeyError, AttributeError), match=message):
-            fit_cgc(model, train, epochs=1, out_dir=out, progress=False, **options)
+        with pytest.raises((ValueError, TypeError), match=message):
+            fit_cgc(model, train, out_dir=out, progress=False, **{"epochs": 1, **options})
+    images, labels = train.tensors["image"], train.tensors["label"]
+    bad_data = [
+        (EmptyData(), ValueError, "labeled is empty"),
+        ({"image": images, "label": labels}, TypeError, "labeled must be a dataset"),
+        # float labels used to be truncated (1.7 -> class 1); labels beyond the model's 6 classes failed mid-run
+        (torch.utils.data.TensorDataset(images, labels + 0.7), ValueError, "labels must be integer class indices"),
+        (torch.utils.data.TensorDataset(images, labels.clamp_max(5) + 1), ValueError,
+         r"labeled has the label 6; labels are class indices \[0, 6\)"),
+    ]  # fmt: skip
+    for data, error, message in bad_data:
+        with pytest.raises(error, match=message):
+            fit_cgc(model, data, epochs=1, out_dir=out, progress=False)
     assert not out.exists()
+
+
+class EmptyData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 0
+
+    def __getitem__(self, i):
+        raise IndexError(i)
+
+
+def test_labels_are_checked_as_samples_load():
+    image = torch.rand(3, 8, 8)
+    data = CGCData([(image, 2), (image, 1.7), (image, 6)], None, num_classes=6)
+    assert int(data[0]["label"]) == 2
+    with pytest.raises(ValueError, match=r"labelled sample 1: a label must be an integer class index, got float 1\.7"):
+        data[1]
+    with pytest.raises(ValueError, match=r"labelled sample 2 has the label 6; labels are class indices \[0, 6\)"):
+        data[2]
 
 
 class SideBranch(nn.Module):
@@ -312,8 +371,12 @@ class SideBranch(nn.Module):
 
 
 def test_a_layer_without_gradients_is_refused(shapes32):
-    train, _ = shapes32
+    shapes, _ = shapes32
+    # the model has 3 classes: labels beyond them are refused before the layer is even looked at
+    train = torch.utils.data.TensorDataset(shapes.tensors["image"], shapes.tensors["label"] % 3)
     model = Classifier(SideBranch(), input_size=(32, 32))
+    with pytest.raises(ValueError, match=r"labeled has the label 5; labels are class indices \[0, 3\)"):
+        fit_cgc(model, shapes, epochs=1, layer="side", progress=False)
     with pytest.raises(ValueError, match="no gradient reaches it"):
         fit_cgc(model, train, epochs=1, layer="side", progress=False)
     side_only = Classifier(SideBranch(), input_size=(32, 32))  # only the branch that never reaches the logits
@@ -339,7 +402,12 @@ def test_cli_train_cgc_then_explain_and_evaluate(tmp_path, bench32):
     results = json.loads((out / "results.json").read_text())
     assert results["training"]["labeled_images"] == 48 and results["training"]["unlabeled_images"] == 48 + 32
     assert results["training"]["labeled_repeat"] == 2
-    assert 0 <= results["test_acc"] <= 1 and set(results["consistency"]) == {"cosine", "pearson"}
+    assert set(results["consistency"]) == {"cosine", "pearson"}
+    saved = xcnn.load_model(out).eval()  # the accuracy is the saved model's on the documented test images
+    test = InMemory(Shapes("test", 64, size=32, seed=0))
+    with torch.no_grad():
+        right = (saved(test.tensors["image"]).argmax(1) == test.tensors["label"]).sum().item()
+    assert results["test_acc"] == pytest.approx(right / 64, abs=1e-12)
     assert main(["explain", "sample:chelsea", "--model", str(out), "--method", "gradcam",
                  "--out", str(tmp_path / "e")]) == 0  # fmt: skip
     assert main(["evaluate", "--model", str(out), "--methods", "gradcam", "--metrics", "pointing", "--n", "8",
@@ -441,3 +509,59 @@ def test_cli_train_cgc_on_folders_of_labelled_and_unlabelled_images(tmp_path):
            "--out", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2  # benchmark images do not go with a folder's classes
     assert not (tmp_path / "bad").exists()
+
+
+class ColourNet(nn.Module):
+    """A known-answer model: identity 1x1 "features", global mean, identity head. Its logits are the view's
+    mean colour, and its Grad-CAM at ``features`` for class c is channel c of the view (divided by H*W), so
+    the CGC term of a batch can be written down from the transformed images alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Conv2d(3, 3, 1, bias=False)
+        self.fc = nn.Linear(3, 3, bias=False)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.eye(3)[:, :, None, None])
+            self.fc.weight.copy_(torch.eye(3))
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def red_left_green_right(n: int = 12, size: int = 24) -> torch.Tensor:
+    """Red over the left 60 %, green over the rest, with faint noise: the top-1 is red, but a crop of the
+    right part is mostly green."""
+    images = 0.05 * torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    split = round(0.6 * size)
+    images[:, 0, :, :split] += 0.9
+    images[:, 1, :, split:] += 0.9
+    return images
+
+
+def test_the_cgc_step_by_hand_on_a_model_whose_cam_is_a_colour_channel():
+    """The whole step against its definition on :class:`ColourNet`: the positives are identical (both views
+    explain the original image's top-1, even where the crop's own top-1 differs), the InfoNCE uses ``tau``,
+    and the cross-entropy covers both views of the labelled images."""
+    model = Classifier(ColourNet(), input_size=(24, 24), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    images = red_left_green_right()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, -1, -1, -1, -1, -1, -1])
+    for tau in (0.1, 0.5, 2.0):
+        net = CGCTraining(model, lam=0.7, tau=tau, consistency="contrastive", cam="gradcam", layer="features")
+        transforms = net.draw(len(images), (24, 24))
+        net.steps.zero_()  # the forward draws the same transforms
+        out = {k: v.detach() for k, v in net(images, labels).items()}
+        aug = apply_each(transforms, images).clamp(0, 1)
+        with torch.no_grad():
+            top1, own = model(images).argmax(1), model(aug).argmax(1)
+        assert bool((top1 == 0).all()) and bool((own != top1).any())  # some crops' own top-1 is green
+        g = aug[torch.arange(len(images)), top1].flatten(1).double()  # CAM_top1(T(x)) = T(CAM_top1(x))
+        z = g / g.norm(dim=1, keepdim=True)
+        sim = (z @ z.T) / tau
+        expected = sum(-sim[b, b] + torch.logsumexp(sim[b], 0) for b in range(len(z))) / len(z)  # own row: positive
+        assert float(out["cam_cosine"]) == pytest.approx(1.0, abs=1e-5)
+        assert float(out["cgc"]) == pytest.approx(float(expected), rel=1e-5), tau
+        lab = labels >= 0
+        with torch.no_grad():
+            ce = F.cross_entropy(model(images)[lab], labels[lab]) + F.cross_entropy(model(aug)[lab], labels[lab])
+        assert float(out["ce"]) == pytest.approx(float(ce), rel=1e-5)
+        assert float(out["loss"]) == pytest.approx(float(ce) + 0.7 * float(expected), rel=1e-5)

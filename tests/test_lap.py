@@ -13,6 +13,7 @@ from torch import nn
 import xcnn
 from xcnn.hooks import Tap, replace_module, replaced
 from xcnn.interpretable import LocalAttentionPooling, insert_lap, lap_layers
+from xcnn.interpretable.lap import global_pool_place
 from xcnn.models import Classifier, save_model
 from xcnn.nets import ShapesNet
 
@@ -337,11 +338,28 @@ class SqueezeNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def test_ambiguous_or_shared_places_are_refused():
+class PoolFirst(SqueezeNet):
+    """SqueezeNet with its classifier's pool registered before the squeeze-and-excitation pool."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.se_pool, self.se_fc = nn.AdaptiveAvgPool2d(1), nn.Conv2d(8, 8, 1)
+        self.down, self.reuse, self.fc = nn.AvgPool2d(2), False, nn.Linear(8, 3)
+
+
+def test_the_pool_before_the_classifier_is_the_last_global_pool_to_run_and_shared_places_are_refused():
     clf = Classifier(SqueezeNet(), input_size=(16, 16), weights=None)
-    with pytest.raises(ValueError, match=r"several global average pools \['se_pool', 'pool'\]"):
-        insert_lap(clf)
-    assert lap_layers(_identity_on(clf, where="pool").backbone) == ["pool"]
+    with pytest.warns(UserWarning, match=r"2 global average pools \['se_pool', 'pool'\].*took 'pool'"):
+        lap = _identity_on(clf)
+    assert lap_layers(lap.backbone) == ["pool"]
+    assert lap_layers(_identity_on(clf, where="se_pool").backbone) == ["se_pool"]  # named: any of them
+    # the classifier's pool registered first: the order of the forward decides, not the order of the modules
+    with pytest.warns(UserWarning, match=r"\['pool', 'se_pool'\].*took 'pool'"):
+        assert global_pool_place(PoolFirst(), "test", example=torch.zeros(1, 3, 16, 16)) == "pool"
+    with pytest.raises(ValueError, match=r"several global average pools .* forward pass on a \[1, 3, 16\] input"):
+        global_pool_place(SqueezeNet(), "test", example=torch.zeros(1, 3, 16))
     twice = Classifier(SqueezeNet(reuse=True), input_size=(16, 16), weights=None)
     with pytest.raises(ValueError, match="called 2 times in one forward pass"):
         insert_lap(twice, where="down")
@@ -395,3 +413,77 @@ def test_inexact_insertion_replaces_max_pooling_and_strided_convolutions(tmp_pat
     assert maps.shape == (2, 32, 32) and float(maps.std()) > 0
     with pytest.raises(ValueError, match="cannot be replaced even with exact=False"):
         insert_lap(clf, "layer1.conv1", exact=False)
+
+
+def test_mobilenet_v3_small_gets_lap_at_its_classifier_pool_and_keeps_its_predictions():
+    """Its squeeze-and-excitation blocks hold nine global average pools of their own; the classifier reads
+    ``avgpool``, the last one the forward runs."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(num_classes=7)
+    clf = xcnn.load_model(net, input_size=(64, 64), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).eval()
+    with pytest.warns(UserWarning, match=r"10 global average pools .*took 'avgpool'"):
+        lap = _identity_on(clf)
+    assert lap_layers(lap.backbone) == ["avgpool"]
+    with pytest.warns(UserWarning, match="took 'avgpool'"):  # without an example: one 224x224 image
+        assert global_pool_place(net, "protopnet") == "avgpool"
+
+
+def test_every_constructor_argument_is_checked():
+    """A saved model's edit replays through the constructor: each argument gets a clear error naming it."""
+    cases = [
+        ({"stride": 10**18}, ValueError, "stride must be in"),
+        ({"stride": 0}, ValueError, "stride must be in"),
+        ({"stride": 1.5}, TypeError, "stride must be an integer"),
+        ({"padding": -1}, ValueError, "padding must be in"),
+        ({"kernel_size": 3, "padding": 2}, ValueError, r"padding must be in \[0, 1\]"),
+        ({"kernel_size": 2**40}, ValueError, "kernel_size must be in"),
+        ({"hidden": -1}, ValueError, "hidden must be in"),
+        ({"hidden": 0}, ValueError, "hidden must be in"),
+        ({"eps": 1e300}, ValueError, "eps must be in"),
+        ({"eps": 0.0}, ValueError, "eps must be in"),
+        ({"eps": float("nan")}, ValueError, "eps must be finite"),
+        ({"global_pool": 0}, TypeError, "global_pool must be True or False"),
+        ({"global_pool": True, "flatten": "yes"}, TypeError, "flatten must be True or False"),
+        ({"ceil_mode": 1}, TypeError, "ceil_mode must be True or False"),
+        ({"heads": True}, TypeError, "heads must be an integer"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=f"LocalAttentionPooling: {message}"):
+            LocalAttentionPooling(8, **options)
+    # the attention net of 512 channels x 10**9 hidden would take terabytes: refused before it is allocated
+    with pytest.raises(ValueError, match=r"attention net would need .* GiB, more than this machine"):
+        LocalAttentionPooling(512, hidden=10**9)
+    with pytest.raises(ValueError, match="a 3x3 map is smaller than one 5x5 window"):
+        LocalAttentionPooling(8, 5)(torch.rand(1, 8, 3, 3))
+
+
+def test_insert_lap_checks_its_options_before_the_traced_forward():
+    clf = shapesnet()
+    calls = []
+    handle = clf.backbone.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="insert_lap: hidden must be in"):
+            insert_lap(clf, hidden=-1)
+        with pytest.raises(ValueError, match="insert_lap: heads must be in"):
+            insert_lap(clf, heads=0)
+        with pytest.raises(TypeError, match="insert_lap: exact must be True or False"):
+            insert_lap(clf, exact="no")
+        with pytest.raises(TypeError, match="insert_lap: where must be a module name"):
+            insert_lap(clf, where=3)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_a_saved_edit_with_a_wrongly_typed_setting_is_refused_at_load(tmp_path):
+    """``"global_pool": 0`` used to load as a local 2x2 pool and fail later in the classifier's forward."""
+    folder = save_model(insert_lap(shapesnet()), tmp_path / "lap")
+    meta = json.loads((folder / "model.json").read_text())
+    for key, value, message in (("global_pool", 0, "global_pool must be True or False"),
+                                ("hidden", 1e9, "hidden must be an integer"), ("eps", 1e300, "eps must be in")):  # fmt: skip
+        edited = {**meta, "edits": [{**meta["edits"][0], "args": {**meta["edits"][0]["args"], key: value}}]}
+        (folder / "model.json").write_text(json.dumps(edited))
+        with pytest.raises(ValueError, match=message):
+            xcnn.load_model(folder)

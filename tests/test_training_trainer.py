@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import random
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -103,7 +106,7 @@ def test_resume_refuses_a_different_schedule(tmp_path):
 def test_bad_training_input(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         fit(small_net(), Blobs(16), epochs=1, batch_size=32)
-    with pytest.raises(ValueError, match="epochs must be positive"):
+    with pytest.raises(ValueError, match="epochs must be a positive integer"):
         fit(small_net(), Blobs(), epochs=0)
     with pytest.raises(ValueError, match="resume=True needs out_dir"):
         fit(small_net(), Blobs(), epochs=1, resume=True)
@@ -131,7 +134,6 @@ DDP_SCRIPT = textwrap.dedent(
     history = fit(net, Blobs(), epochs=2, out_dir={out!r}, **SCHEDULE)
     flat = torch.cat([p.detach().flatten() for p in net.parameters()])
     torch.save(flat, os.path.join({out!r}, f"rank{{os.environ['RANK']}}.pt"))
-    print("rank", os.environ["RANK"], "loss", history[-1]["train/loss"])
     """
 )
 
@@ -140,8 +142,8 @@ DDP_SCRIPT = textwrap.dedent(
 def test_runs_unchanged_under_torchrun_with_two_gloo_processes(tmp_path):
     from .conftest import torchrun  # here, not at the top: the script imports this file as a plain module
 
-    result = torchrun(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)), tmp_path)
-    assert "rank 0" in result.stdout and "rank 1" in result.stdout
+    torchrun(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)), tmp_path)
+    # each rank's own file (the ranks' printed lines would interleave)
     w0, w1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert torch.equal(w0, w1)  # DDP keeps the replicas identical
     state = load_checkpoint(tmp_path / "checkpoint.pt")  # written once, by rank 0
@@ -177,8 +179,11 @@ class Tally(Callback):
         self.seen: list[int] = []
         self.contexts: list[tuple] = []
 
+    def on_train_begin(self, ctx: TrainerContext) -> None:
+        torch.rand(1000)  # would shift dropout if it leaked into training
+
     def on_epoch_end(self, ctx: TrainerContext) -> None:
-        torch.rand(1000)  # would shift dropout and shuffling if it leaked into training
+        torch.rand(1000)  # would shift dropout if it leaked into training
         self.seen.append(ctx.epoch)
         self.contexts.append((type(ctx.model).__name__, ctx.out_dir, ctx.rank, ctx.world_size, ctx.epochs))
         ctx.metrics["tally/epochs"] = float(len(self.seen))
@@ -214,3 +219,243 @@ def test_callback_objects_get_the_context_keep_state_across_resume_and_do_not_ch
         fit(small_net(), Blobs(), epochs=1, callbacks=[Tally(), Tally()], **SCHEDULE)
     with pytest.raises(TypeError, match="Callback objects or functions"):
         fit(small_net(), Blobs(), epochs=1, callbacks=[3], **SCHEDULE)
+
+
+class Noisy(Callback):
+    """Draws from NumPy's and Python's global generators (as a monitor sampling images might)."""
+
+    name = "noisy"
+
+    def on_train_begin(self, ctx: TrainerContext) -> None:
+        np.random.rand(7)
+        random.random()
+
+    def on_epoch_end(self, ctx: TrainerContext) -> None:
+        np.random.rand(7)
+        random.random()
+
+
+def noisy_step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy with a loss weight drawn from NumPy and Python: the training depends on both generators."""
+    loss = nn.functional.cross_entropy(model(batch["image"]), batch["label"])
+    weight = 1.0 + float(np.random.rand()) + random.random()
+    return weight * loss, {"loss": loss.item()}
+
+
+def test_callbacks_drawing_from_numpy_and_python_do_not_change_training_and_resume_restores_them(tmp_path):
+    options = {**SCHEDULE, "optimizer": lambda p: torch.optim.SGD(p, lr=0.05), "step": noisy_step, "seed": 3}
+    np.random.seed(0)
+    random.seed(0)
+    plain = small_net()
+    fit(plain, Blobs(), epochs=3, **options)
+    np.random.seed(0)
+    random.seed(0)
+    watched = small_net()
+    fit(watched, Blobs(), epochs=3, callbacks=[Noisy()], **options)
+    for (name, a), b in zip(plain.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    # cut after the first epoch, then resumed from other NumPy/Python states: the checkpoint restores them
+    np.random.seed(0)
+    random.seed(0)
+    with pytest.raises(Crash):
+        fit(small_net(), Blobs(), epochs=3, out_dir=tmp_path, callbacks=[_crash_at_0], **options)
+    np.random.seed(99)
+    random.seed(99)
+    resumed = small_net()
+    fit(resumed, Blobs(), epochs=3, out_dir=tmp_path, resume=True, **options)
+    for (name, a), b in zip(plain.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _crash_at_0(epoch: int, metrics: dict) -> None:
+    if epoch == 0:
+        raise Crash
+
+
+class EmptyData(Dataset):
+    def __len__(self):
+        return 0
+
+    def __getitem__(self, i):
+        raise IndexError(i)
+
+
+def test_settings_and_data_are_checked_before_anything_is_written(tmp_path):
+    out = tmp_path / "never"
+    cases = [
+        ({"epochs": 2.5}, ValueError, "epochs must be a positive integer"),
+        ({"batch_size": "32"}, ValueError, "batch_size must be a positive integer"),
+        ({"seed": "a"}, TypeError, "seed must be an integer"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"num_workers": -1}, ValueError, "num_workers must be in"),
+        ({"log_every": 0}, ValueError, "log_every must be a positive integer"),
+        ({"resume": "yes"}, TypeError, "resume must be True or False"),
+        ({"amp": 1}, TypeError, "amp must be True or False"),
+        ({"val_data": EmptyData()}, ValueError, "val_data is empty"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            fit(small_net(), Blobs(), out_dir=out, **{"epochs": 1, **SCHEDULE, **options})
+    with pytest.raises(ValueError, match="train_data is empty"):
+        fit(small_net(), EmptyData(), epochs=1, out_dir=out)
+    for data in ({"image": torch.rand(64, 3, 16, 16)}, torch.rand(64, 3, 16, 16), "images/"):
+        with pytest.raises(TypeError, match="train_data must be a dataset"):
+            fit(small_net(), data, epochs=1, out_dir=out)
+    assert not out.exists()
+
+
+def test_samples_and_labels_are_checked_with_clear_errors():
+    from torch.utils.data import Subset, TensorDataset
+
+    from xcnn.training.trainer import check_labels, check_sample
+
+    image = torch.rand(3, 8, 8)
+    assert check_sample({"image": image, "label": torch.tensor([2])}, num_classes=3)[1].dtype == torch.int64
+    assert int(check_sample((image, 2), num_classes=3)[1]) == 2
+    assert check_sample(image, need_label=False)[1] is None
+    bad = [
+        ((image, 1.7), "a label must be an integer class index, got float 1.7"),
+        ((image, torch.tensor(1.0)), "got a torch.float32 tensor"),
+        ((image, torch.tensor(True)), "got a torch.bool tensor"),
+        ((image, torch.tensor([1, 2])), r"of shape \[2\]"),
+        ((image, 3), r"has the label 3; labels are class indices \[0, 3\)"),
+        ((image, -1), "has the label -1"),
+        ((torch.rand(8, 8), 0), r"the image must be a float \[3,H,W\] tensor, got torch.float32 tensor of shape \[8, 8\]"),
+        (((image * 255).byte(), 0), "got torch.uint8 tensor"),
+        (({"image": image}, None), "has no label"),
+    ]  # fmt: skip
+    for sample, message in bad:
+        sample = sample[0] if sample[1] is None else sample
+        with pytest.raises(ValueError, match=message):
+            check_sample(sample, num_classes=3)
+    # at the boundary, the pixel values too: normalised images would be normalised again inside the model
+    for pixels, shown in (
+        (image * 4 - 2, r"got values in \[-2"),
+        (image.masked_fill(image > 0.5, math.nan), "and NaN"),
+    ):
+        with pytest.raises(ValueError, match=r"image values must be in \[0, 1\] .*" + shown):
+            check_sample((pixels, 0), values=True)
+        check_sample((pixels, 0))  # per sample as it loads: no pass over the pixels
+    images = torch.rand(6, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"sample 0: image values must be in \[0, 1\]"):
+        check_labels(TensorDataset(images * 255, torch.tensor([0, 1, 2, 0, 1, 2])), 3)
+    check_labels(TensorDataset(images, torch.tensor([0, 1, 2, 0, 1, 2])), 3)
+    with pytest.raises(ValueError, match=r"has the label 5; labels are class indices \[0, 3\)"):
+        check_labels(TensorDataset(images, torch.tensor([0, 1, 5, 0, 1, 2])), 3)  # all labels, not only the first
+    with pytest.raises(ValueError, match=r"labels must be integer class indices, got torch\.float32"):
+        check_labels(TensorDataset(images, torch.tensor([0.0, 1, 2, 0, 1, 2])), 3)
+    check_labels(Subset(TensorDataset(images, torch.tensor([0, 1, 5, 0, 1, 2])), [0, 1]), 3)  # 5 is not in it
+    with pytest.raises(ValueError, match="has the label 4"):  # labels not exposed: the first sample's
+        check_labels([(image, 4)], 3)
+
+
+def test_a_checkpoint_is_flushed_to_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """``durable=True``: the temporary checkpoint is fsynced before its rename, the folder after it."""
+    import os
+
+    import xcnn._io
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name an fsynced descriptor")
+    synced, real = [], os.fsync
+
+    def recording_fsync(fd: int) -> None:  # the real fsync, recording what it flushed
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(xcnn._io.os, "fsync", recording_fsync)
+    fit(small_net(), Blobs(64), epochs=1, out_dir=tmp_path, **SCHEDULE)
+    names = [Path(p).name for p in synced]
+    assert any(n.startswith(".checkpoint.pt.") and n.endswith(".tmp.pt") for n in names), names
+    assert str(tmp_path) in synced  # the folder, after the rename
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]
+    import {module} as recipe
+    import importlib
+    target, after = {target!r}, {after!r}
+    parts = target.split(".")
+    owner = importlib.import_module(parts[0])
+    for part in parts[1:-1]:  # submodules, then a class ("pathlib.Path.write_text")
+        owner = getattr(owner, part) if hasattr(owner, part) else importlib.import_module(owner.__name__ + "." + part)
+    attr = parts[-1]
+    real, calls = getattr(owner, attr), []
+
+    def write_then_die(*args, **kwargs):  # the real write, then a real SIGKILL before atomic_write renames it
+        result = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == after:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    setattr(owner, attr, write_then_die)
+    recipe.{call}
+    """
+)
+
+
+def killed_run(tmp_path: Path, module: str, call: str, target: str, after: int) -> None:
+    """Run ``module.call`` in a subprocess that SIGKILLs itself right after the ``after``-th call of the
+    writer ``target`` (``"torch.save"``, ...), between the temporary file's write and its rename."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "killed.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), module=module, call=call, target=target,
+                                         after=after))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == -9, result.stderr[-3000:]  # killed, not finished or failed
+
+
+def temporaries(folder: Path) -> list[str]:
+    """What interrupted atomic writes leave: ``.NAME.XXXXXXXX.tmp.EXT``."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name)
+
+
+def train_blobs(out: str, resume: bool = False) -> None:
+    fit(small_net(), Blobs(), epochs=3, out_dir=out, seed=5, resume=resume, **SCHEDULE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("target", "after", "left"), [("torch.save", 2, ".checkpoint.pt."),
+                                                       ("pathlib.Path.write_text", 2, ".history.json.")])  # fmt: skip
+def test_a_run_killed_mid_write_resumes_and_removes_what_the_kill_left(tmp_path, target, after, left):
+    out = tmp_path / "run"
+    killed_run(tmp_path, "test_training_trainer", f"train_blobs({str(out)!r})", target, after)
+    assert [n for n in temporaries(out) if n.startswith(left)], temporaries(out)
+    straight = small_net()
+    fit(straight, Blobs(), epochs=3, out_dir=tmp_path / "straight", seed=5, **SCHEDULE)
+    resumed = small_net()
+    history = fit(resumed, Blobs(), epochs=3, out_dir=out, seed=5, resume=True, **SCHEDULE)
+    assert temporaries(out) == [] and [h["epoch"] for h in history] == [0, 1, 2]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_the_benchmark_recipe_checks_its_settings_before_drawing_or_writing(tmp_path):
+    from xcnn.training.benchmark import fit_benchmark
+
+    out = tmp_path / "never"
+    cases = [
+        ({"lr": float("inf")}, ValueError, "lr must be finite"),
+        ({"lr": 0}, ValueError, "lr must be in"),
+        ({"shortcut_prob": 1.5}, ValueError, r"shortcut_prob must be in \[0, 1\]"),
+        ({"n_train": 0}, ValueError, "n_train must be a positive integer"),
+        ({"n_train": 10, "batch_size": 64}, ValueError, "fewer than one batch"),
+        ({"n_test": -5}, ValueError, "n_test must be a positive integer"),
+        ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
+        ({"seed": "0"}, TypeError, "seed must be an integer"),
+        ({"monitor_every": 0}, ValueError, "monitor_every must be a positive integer"),
+        ({"widths": (8, 8, 8)}, ValueError, "widths must be 4 positive integers"),
+        ({"strides": (1, 1, 2, 2, 0)}, ValueError, r"strides\[4\] must be in"),
+        ({"size": 20}, ValueError, "size must be in 32..224"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            fit_benchmark(out, progress=False, **options)
+    assert not out.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -21,11 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_memory, check_number
 from ..explain.base import Explainer, register
-from ..hooks import Tap, frozen, input_shapes, named_layer, output_shapes, replace_module
+from ..hooks import Tap, frozen, input_shapes, named_layer, output_shapes, replace_module, trace_outputs
 from ..models import Classifier, as_classifier, register_edit
 
 __all__ = ["LAP", "LocalAttentionPooling", "insert_lap", "lap_layers"]
+
+#: torch's pooling kernels take windows and strides as 32-bit integers
+_INT32 = 2**31 - 1
 
 
 class LocalAttentionPooling(nn.Module):
@@ -61,17 +66,32 @@ class LocalAttentionPooling(nn.Module):
         eps: float = 1e-12,
     ) -> None:
         super().__init__()
+        # every argument checked here: a saved model's edit replays through this constructor
         for what, value in (("in_channels", in_channels), ("heads", heads), ("kernel_size", kernel_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LocalAttentionPooling: {what} must be a positive integer, got {value!r}")
+            check_number(f"LocalAttentionPooling: {what}", value, integer=True, low=1, high=_INT32)
+        if stride is not None:
+            check_number("LocalAttentionPooling: stride", stride, integer=True, low=1, high=_INT32)
+        # torch's pooling allows at most half a window of padding (and padding, unlike a window, is per side)
+        check_number("LocalAttentionPooling: padding", padding, integer=True, low=0, high=kernel_size // 2)
+        for what, value in (("global_pool", global_pool), ("flatten", flatten), ("ceil_mode", ceil_mode)):
+            if not isinstance(value, bool):
+                raise TypeError(f"LocalAttentionPooling: {what} must be True or False, got {value!r}")
+        if hidden is not None:
+            check_number("LocalAttentionPooling: hidden", hidden, integer=True, low=1)
+        # a floor for the attention's window mean (which lies in (0, 1]): larger, it would change real outputs
+        eps = check_number("LocalAttentionPooling: eps", eps, low=0, low_open=True, high=1e-6)
         if in_channels % heads:
             raise ValueError(
                 f"LocalAttentionPooling: {in_channels} channels cannot be split evenly among {heads} heads"
             )
         if flatten and not global_pool:
             raise ValueError("LocalAttentionPooling: flatten=True only applies to the global form (global_pool=True)")
-        hidden = hidden or min(64, max(8, in_channels // 4))
-        self.in_channels, self.heads, self.hidden, self.eps = in_channels, heads, hidden, float(eps)
+        hidden = hidden if hidden is not None else min(64, max(8, in_channels // 4))
+        # the attention net's weights (3x3 conv in -> hidden, 1x1 conv hidden -> heads), in float32
+        check_memory(
+            4 * (hidden * (9 * in_channels + 1) + heads * (hidden + 1)), "LocalAttentionPooling's attention net"
+        )
+        self.in_channels, self.heads, self.hidden, self.eps = in_channels, heads, hidden, eps
         self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
         self.global_pool, self.flatten, self.ceil_mode = global_pool, flatten, ceil_mode
         self.attention = nn.Sequential(
@@ -89,8 +109,13 @@ class LocalAttentionPooling(nn.Module):
             raise ValueError(
                 f"LocalAttentionPooling expects [B, {self.in_channels}, H, W] feature maps, got {tuple(x.shape)}"
             )
-        a = self.attention(x)  # [B, heads, H, W]
         b, c, h, w = x.shape
+        if not self.global_pool and min(h, w) + 2 * self.padding < self.kernel_size:
+            raise ValueError(
+                f"LocalAttentionPooling: a {h}x{w} map is smaller than one {self.kernel_size}x{self.kernel_size} "
+                f"window (padding {self.padding})"
+            )
+        a = self.attention(x)  # [B, heads, H, W]
         weighted = (x.view(b, self.heads, c // self.heads, h, w) * a[:, :, None]).view(b, c, h, w)
         if self.global_pool:
             # the kernel of nn.AdaptiveAvgPool2d(1) itself, so a new layer equals the pool it replaces exactly
@@ -134,9 +159,14 @@ def _global_avg_pool(module: nn.Module) -> bool | None:
     return None
 
 
-def global_pool_place(backbone: nn.Module, who: str, hint: str = "") -> str:
-    """The name of ``backbone``'s one global average-pooling module (the innermost, for timm's pooling
-    wrapper); a clear error, naming ``who`` asked, when there is none or several."""
+def global_pool_place(backbone: nn.Module, who: str, hint: str = "", *, example: Tensor | None = None) -> str:
+    """The name of the global average-pooling module before ``backbone``'s classifier (the innermost, for
+    timm's pooling wrapper); a clear error, naming ``who`` asked, when there is none.
+
+    A network with several (squeeze-and-excitation blocks hold their own) pools before its classifier
+    with the last one its forward runs: it is found by one forward pass (no grad, eval mode) on
+    ``example`` (a normalised batch ``[B,3,H,W]``; default one zero 224x224 image, the ImageNet size), and
+    a warning says which was taken."""
     found = [name for name, module in backbone.named_modules() if name and _global_avg_pool(module) is not None]
     if not found:
         raise ValueError(
@@ -144,12 +174,35 @@ def global_pool_place(backbone: nn.Module, who: str, hint: str = "") -> str:
             "with where=... (a model that pools with a function call has none)"
         )
     places = [n for n in found if not any(other.startswith(n + ".") for other in found)]
-    if len(places) > 1:
+    if len(places) == 1:
+        return places[0]
+    if example is None:
+        ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+        example = torch.zeros(1, 3, 224, 224, device=ref.device if ref is not None else None, dtype=dtype)
+    try:
+        with frozen(backbone):
+            ran = [name for name, _, _ in trace_outputs(backbone, example) if name in places]
+    except Exception as err:  # the forward itself failed: the order cannot be seen
         raise ValueError(
-            f"{who}: {type(backbone).__name__} has several global average pools {places} (squeeze-and-excitation "
-            "blocks have their own); name the one before the classifier with where=..."
+            f"{who}: {type(backbone).__name__} has several global average pools {places} and a forward pass on a "
+            f"{list(example.shape)} input to find the one before the classifier failed ({type(err).__name__}: "
+            f"{err}); name it with where=..."
+        ) from err
+    if not ran:
+        raise ValueError(
+            f"{who}: {type(backbone).__name__} has several global average pools {places} and its forward runs none "
+            "of them; name the one before the classifier with where=..."
         )
-    return places[0]
+    chosen = ran[-1]
+    shown = places if len(places) <= 4 else [*places[:2], "...", places[-1]]
+    warnings.warn(
+        f"{who}: {type(backbone).__name__} has {len(places)} global average pools {shown} (squeeze-and-excitation "
+        f"blocks have their own); took {chosen!r}, the last its forward runs, as the one before the classifier "
+        "(name another with where=...)",
+        stacklevel=3,
+    )
+    return chosen
 
 
 def _square(module: nn.Module, attrs: Sequence[str]) -> bool:
@@ -256,6 +309,14 @@ def insert_lap(
     The edit is recorded in the returned Classifier's ``spec``, so :func:`xcnn.models.save_model` and
     :func:`xcnn.load_model` rebuild the LAP model without code.
     """
+    check_number("insert_lap: heads", heads, integer=True, low=1, high=_INT32)
+    if hidden is not None:
+        check_number("insert_lap: hidden", hidden, integer=True, low=1)
+    if not isinstance(exact, bool):
+        raise TypeError(f"insert_lap: exact must be True or False, got {exact!r}")
+    if where is not None and not isinstance(where, str):
+        if not isinstance(where, Sequence) or not all(isinstance(w, str) for w in where):
+            raise TypeError(f"insert_lap: where must be a module name or a list of names, got {where!r}")
     with torch.inference_mode(False):  # new parameters must be trainable even when called in inference mode
         return _insert_lap(as_classifier(model), where, heads, hidden, exact)
 
@@ -264,22 +325,22 @@ def _insert_lap(
     clf: Classifier, where: str | Sequence[str] | None, heads: int, hidden: int | None, exact: bool
 ) -> Classifier:
     backbone = clf.backbone
+    ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+    dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None, dtype=dtype)
     if where is None:
         already = [n for n in lap_layers(backbone) if named_layer(backbone, n).global_pool]
         if already:
             raise ValueError(f"insert_lap: {type(backbone).__name__} already has a global LAP layer: {already}")
         already = lap_layers(backbone)
         hint = f" (it already has LAP layers: {already})" if already else ""
-        names = [global_pool_place(backbone, "insert_lap", hint)]
+        names = [global_pool_place(backbone, "insert_lap", hint, example=(dummy - clf.mean) / clf.std)]
     else:
         names = [where] if isinstance(where, str) else list(where)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"insert_lap: where must name distinct modules, got {where!r}")
     for name in names:  # every error before the traced forward
         _check_replaceable(name, named_layer(backbone, name), exact)
-    ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-    dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None, dtype=dtype)
     with frozen(backbone):  # eval: the traced forward must not update batch-norm statistics
         shapes = input_shapes(backbone, names, (dummy - clf.mean) / clf.std)
     edits = []

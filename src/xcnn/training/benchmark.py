@@ -19,10 +19,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write, prepare_out_dir
+from .._validate import check_number, check_positive
 from ..data.synthetic import CLASSES, Shapes
 from ..models import TRAINED_BY_XCNN, Classifier, _build_arch, save_model
 from ..nets import ShapesNet
-from .trainer import Callback, accuracy_eval, fit, one_cycle
+from .trainer import Callback, accuracy_eval, check_loop_settings, fit, one_cycle
 
 __all__ = ["ARCHITECTURES", "InMemory", "fit_benchmark"]
 
@@ -82,14 +83,24 @@ def fit_benchmark(
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed)
+    for name, value in (("size", size), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test),
+                        ("monitor_images", monitor_images)):  # fmt: skip
+        check_positive(name, value)
+    if monitor_every is not None:
+        check_positive("monitor_every", monitor_every)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("shortcut_prob", shortcut_prob, low=0, high=1)
+    if not isinstance(resume, bool):
+        raise TypeError(f"resume must be True or False, got {resume!r}")
+    if n_train < batch_size:
+        raise ValueError(f"n_train={n_train} training images are fewer than one batch ({batch_size})")
     if arch.startswith("vit") and size % VIT["patch_size"]:
         raise ValueError(
             f"the benchmark ViT cuts {VIT['patch_size']}x{VIT['patch_size']} patches: size must be a multiple of {VIT['patch_size']}, got {size}"
         )
-    out = prepare_out_dir(out_dir)
     data = {"size": size, "seed": seed, "shortcut_prob": shortcut_prob}
-    train = InMemory(Shapes("train", n_train, **data))
-    val = InMemory(Shapes("val", n_val, **data))
+    sources = Shapes("train", n_train, **data), Shapes("val", n_val, **data)  # they check their own settings
     torch.manual_seed(seed)
     if arch.startswith("vit"):
         kwargs = {
@@ -109,14 +120,18 @@ def fit_benchmark(
             spec={"arch": "shapes_vit", "kwargs": kwargs},
         )
     else:
-        kwargs = {"num_classes": len(CLASSES), "widths": list(widths), "strides": list(strides)}
+        net = ShapesNet(len(CLASSES), widths=widths, strides=strides)
+        kwargs = {"num_classes": len(CLASSES), "widths": list(net.widths), "strides": list(net.strides)}
         model = Classifier(
-            ShapesNet(**kwargs),
+            net,
             name="shapesnet",
             input_size=(size, size),
             class_names=CLASSES,
             spec={"arch": "shapesnet", "kwargs": kwargs},
         )
+    # the model (which checks widths and strides) before the images are drawn and anything is written
+    out = prepare_out_dir(out_dir)
+    train, val = InMemory(sources[0]), InMemory(sources[1])
     if monitor_every is not None:
         from ..inspection.monitor import Monitor
 

@@ -29,11 +29,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write
+from .._validate import check_number
 from ..explain.cam import CAM_COMBINE, cam_maps
 from ..hooks import frozen
 from ..metrics.consistency import apply_each, random_crop_flips
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
-from .trainer import Callback, accuracy_eval, fit, one_cycle, settings_record, training_device
+from .trainer import (
+    Callback,
+    accuracy_eval,
+    check_dataset,
+    check_labels,
+    check_loop_settings,
+    check_sample,
+    fit,
+    one_cycle,
+    settings_record,
+    training_device,
+)
 
 __all__ = ["CONSISTENCY", "CGCData", "CGCTraining", "cgc_loss", "fit_cgc"]
 
@@ -80,10 +92,27 @@ def cgc_loss(
     """
     if consistency not in CONSISTENCY:
         raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
-    if not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    tau = check_number("tau", tau, low=0, low_open=True)
+    if gather is not None and not isinstance(gather, bool):
+        raise TypeError(f"gather must be True, False or None, got {gather!r}")
+    for name, maps in (("maps_aug", maps_aug), ("maps_ref", maps_ref)):
+        if not isinstance(maps, Tensor) or not maps.is_floating_point() or maps.dim() < 2:
+            got = (
+                f"a {maps.dtype} tensor of shape {list(maps.shape)}"
+                if isinstance(maps, Tensor)
+                else type(maps).__name__
+            )
+            raise ValueError(f"cgc_loss: {name} must be float maps [B,H,W] or [B,D], got {got}")
     if maps_aug.shape != maps_ref.shape:
         raise ValueError(f"cgc_loss: maps of different shapes {list(maps_aug.shape)} and {list(maps_ref.shape)}")
+    for name, maps in (("maps_aug", maps_aug), ("maps_ref", maps_ref)):
+        if not bool(torch.isfinite(maps).all()):  # user input: a NaN would silently make the loss NaN
+            raise ValueError(f"cgc_loss: {name} holds NaN or infinite values")
+    return _consistency(maps_aug, maps_ref, tau, consistency, gather)
+
+
+def _consistency(maps_aug: Tensor, maps_ref: Tensor, tau: float, consistency: str, gather: bool | None) -> Tensor:
+    """:func:`cgc_loss` without its argument checks (the training step's own maps: no host sync)."""
     with torch.autocast(maps_aug.device.type, enabled=False):  # similarities in float32 even under AMP
         return _cgc_loss(maps_aug, maps_ref, tau, consistency, gather)
 
@@ -127,10 +156,12 @@ class CGCData(Dataset):
     may also yield bare image tensors. Everything else a sample carries is dropped.
     """
 
-    def __init__(self, labeled: Dataset | None, unlabeled: Dataset | None = None, repeat: int = 1) -> None:
+    def __init__(
+        self, labeled: Dataset | None, unlabeled: Dataset | None = None, repeat: int = 1, num_classes: int | None = None
+    ) -> None:
         if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
             raise ValueError(f"labeled_repeat must be a positive integer, got {repeat!r}")
-        self.labeled, self.unlabeled, self.repeat = labeled, unlabeled, repeat
+        self.labeled, self.unlabeled, self.repeat, self.num_classes = labeled, unlabeled, repeat, num_classes
         self.n_labeled = len(labeled) if labeled is not None else 0
         self.n_unlabeled = len(unlabeled) if unlabeled is not None else 0
         if self.n_labeled + self.n_unlabeled == 0:
@@ -141,28 +172,12 @@ class CGCData(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if index < self.n_labeled * self.repeat:
-            image, label = _image_label(self.labeled[index % self.n_labeled], need_label=True)
+            i = index % self.n_labeled
+            image, label = check_sample(self.labeled[i], f"labelled sample {i}", num_classes=self.num_classes)
             return {"image": image, "label": label}
-        image, _ = _image_label(self.unlabeled[index - self.n_labeled * self.repeat], need_label=False)
+        i = index - self.n_labeled * self.repeat
+        image, _ = check_sample(self.unlabeled[i], f"unlabelled sample {i}", need_label=False)
         return {"image": image, "label": torch.tensor(-1)}
-
-
-def _image_label(sample: object, need_label: bool) -> tuple[Tensor, Tensor | None]:
-    if isinstance(sample, dict):
-        image, label = sample.get("image"), sample.get("label")
-    elif isinstance(sample, (tuple, list)):
-        image, label = sample[0], sample[1] if len(sample) > 1 else None
-    else:
-        image, label = sample, None
-    if not isinstance(image, Tensor) or image.dim() != 3:
-        raise ValueError(f"a training sample's image must be a [3,H,W] tensor, got {type(image).__name__}")
-    if need_label:
-        if label is None:
-            raise ValueError("a labelled sample has no label (pass images without labels as unlabeled=)")
-        label = torch.as_tensor(label).long().reshape(())
-        if int(label) < 0:
-            raise ValueError(f"a labelled sample has the label {int(label)}; labels are class indices >= 0")
-    return image, label
 
 
 class CGCTraining(nn.Module):
@@ -209,7 +224,7 @@ class CGCTraining(nn.Module):
             maps_aug, logits_aug = self._cams(aug, target)
             up = lambda m: F.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]  # noqa: E731
             maps_aug, maps_ref = up(maps_aug), apply_each(transforms, up(maps))
-            terms["cgc"] = cgc_loss(maps_aug, maps_ref, tau=self.tau, consistency=self.consistency)
+            terms["cgc"] = _consistency(maps_aug, maps_ref, self.tau, self.consistency, None)
             with torch.no_grad():
                 terms["cam_cosine"] = (_unit(maps_aug) * _unit(maps_ref)).sum(1).mean()
         if bool(labeled.any()):
@@ -274,8 +289,7 @@ def _has_batch_statistics(model: nn.Module) -> bool:
 def split_labeled(data: Dataset, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """A seeded random split of ``range(len(data))`` into (labelled, unlabelled) indices, sorted; the
     labelled share is ``fraction`` (at least one image)."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"the labelled fraction must be in (0, 1], got {fraction}")
+    check_number("the labelled fraction", fraction, low=0, low_open=True, high=1)
     n = len(data)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, round(fraction * n))
@@ -324,16 +338,23 @@ def fit_cgc(
     ``model.safetensors`` + ``model.json`` (``--model DIR`` everywhere), ``results.json``, the resumable
     ``checkpoint.pt``, ``history.json`` and TensorBoard scalars (one per loss term).
     """
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if not tau > 0:
-        raise ValueError(f"tau must be positive, got {tau}")
+    check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers)
+    lam = check_number("lam", lam, low=0)
+    tau = check_number("tau", tau, low=0, low_open=True)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("weight_decay", weight_decay, low=0)
+    for name, flag in (("scratch", scratch), ("resume", resume), ("amp", amp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if consistency not in CONSISTENCY:
         raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
     if cam not in CAM_COMBINE:
         raise ValueError(f"cam must be one of {sorted(CAM_COMBINE)}, got {cam!r}")
-    if unlabeled is not None and len(unlabeled) == 0:
-        raise ValueError("the unlabelled data set is empty")
+    check_dataset(labeled, "labeled")
+    if unlabeled is not None:
+        if isinstance(unlabeled, Dataset) and len(unlabeled) == 0:
+            raise ValueError("the unlabelled data set is empty")
+        check_dataset(unlabeled, "unlabeled")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: no parameter of the model requires grad")
     keep, rest = split_labeled(labeled, labeled_fraction, seed)
@@ -343,6 +364,8 @@ def fit_cgc(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_process = batch_size // world if world > 1 else batch_size
     clf = copy.deepcopy(as_classifier(model))
+    classes = clf.num_classes
+    check_labels(labeled, classes, "labeled")  # every label when the data exposes them, before any work
     if per_process < 2 and _has_batch_statistics(clf):
         raise ValueError(
             f"a batch of {per_process} image per process: the model's batch norm needs at least 2 in train mode"
@@ -361,6 +384,7 @@ def fit_cgc(
         Subset(labeled, keep) if labeled_fraction < 1 else labeled,
         (ConcatDataset(pool) if len(pool) > 1 else pool[0]) if pool else None,
         repeat=labeled_repeat,
+        num_classes=classes,  # each labelled sample's label checked as it is loaded
     )
     layer = layer or default_layer(clf)
     _check_layer(clf, data, layer, cam, lam)  # before anything is written

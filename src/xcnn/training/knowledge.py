@@ -13,48 +13,136 @@ given for some training images only, and the losses that inject it (docs/methods
 
 from __future__ import annotations
 
-import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from .._validate import check_number, check_positive, read_json
+from .trainer import check_dataset, check_sample
 
 __all__ = ["Knowledge", "WithKnowledge", "attention_losses", "cam_guidance_loss", "rrr_loss"]
 
 Region = Tensor | Sequence[Sequence[float]] | Sequence[float]
 
 
-def region_mask(region: Region, size: tuple[int, int], what: str = "region") -> Tensor:
-    """A bool ``[H,W]`` mask from a mask (bool or 0/1, exactly ``size``), one box ``(x0, y0, x1, y1)`` or a
-    list of boxes. Boxes are in the image's pixels, inclusive bounds (as the shapes benchmark's ``box``);
-    each must lie inside the image with ``x1 > x0`` and ``y1 > y0``."""
+def _finite(value: object) -> bool:
+    """A finite real number (not a bool); an int too large for a float is not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _box_list(region: Region, what: str) -> list[list[float]]:
+    """The boxes of a box region (one box or a list of boxes), as lists of four numbers."""
+    boxes = region.tolist() if isinstance(region, Tensor) else region
+    if isinstance(boxes, (str, bytes)) or not isinstance(boxes, Sequence):
+        raise ValueError(f"{what}: a region is a [H,W] mask, a box (x0, y0, x1, y1) or a list of boxes, got {region!r}")
+    boxes = list(boxes)
+    if boxes and not isinstance(boxes[0], (list, tuple, Tensor)):
+        boxes = [boxes]
+    if not boxes:
+        raise ValueError(f"{what}: no boxes given")
+    for box in boxes:
+        box = box.tolist() if isinstance(box, Tensor) else box
+        if not isinstance(box, (list, tuple)) or len(box) != 4:
+            raise ValueError(f"{what}: a box is (x0, y0, x1, y1), got {box!r}")
+        if not all(_finite(v) for v in box):
+            raise ValueError(f"{what}: a box's corners must be finite numbers, got {box!r}")
+    return [[float(v) for v in (b.tolist() if isinstance(b, Tensor) else b)] for b in boxes]
+
+
+#: a region as :func:`_compact` keeps it: its boxes (x0, y0, x1, y1, inclusive pixels), and, for a mask that
+#: is not one filled rectangle, that mask inside its one bounding box, bit-packed
+Compact = tuple[tuple[tuple[int, int, int, int], ...], bytes | None]
+
+
+def _compact(region: Region, size: tuple[int, int], what: str) -> Compact:
+    """A validated region kept small, in plain Python objects: many small tensors kept alongside a
+    dataset's large temporary buffers fragment the allocator (4000 tiny tensors: ~200 MiB of resident
+    memory), bytes do not. A filled rectangle, such as a box file's mask, is kept as its box."""
     h, w = size
     if isinstance(region, Tensor) and region.dim() == 2:
         if tuple(region.shape) != (h, w):
             raise ValueError(f"{what}: a mask of shape {tuple(region.shape)} for {h}x{w} images")
         if region.dtype != torch.bool and not bool(((region == 0) | (region == 1)).all()):
             raise ValueError(f"{what}: a mask must be boolean or 0/1")
-        return region.bool().cpu()
-    boxes = region.tolist() if isinstance(region, Tensor) else list(region)
-    if boxes and not isinstance(boxes[0], (list, tuple)):
-        boxes = [boxes]
-    if not boxes:
-        raise ValueError(f"{what}: no boxes given")
-    mask = torch.zeros(h, w, dtype=torch.bool)
-    for box in boxes:
-        if len(box) != 4:
-            raise ValueError(f"{what}: a box is (x0, y0, x1, y1), got {box!r}")
-        x0, y0, x1, y1 = (float(v) for v in box)
+        mask = region.detach().bool().cpu()
+        rows, cols = mask.any(1).nonzero()[:, 0], mask.any(0).nonzero()[:, 0]
+        if len(rows) == 0:
+            raise ValueError(f"{what} is an empty region")
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        crop = mask[y0 : y1 + 1, x0 : x1 + 1]
+        packed = None if bool(crop.all()) else np.packbits(crop.numpy()).tobytes()
+        return ((x0, y0, x1, y1),), packed
+    out = []
+    for box in _box_list(region, what):
+        x0, y0, x1, y1 = box
         if not (x1 > x0 and y1 > y0):
             raise ValueError(f"{what}: box {box} needs x1 > x0 and y1 > y0")
         if x0 < 0 or y0 < 0 or x1 > w - 1 or y1 > h - 1:
             raise ValueError(f"{what}: box {box} lies outside the {w}x{h} image (pixels 0..{w - 1}, 0..{h - 1})")
-        mask[int(y0) : int(y1) + 1, int(x0) : int(x1) + 1] = True
+        out.append((int(x0), int(y0), int(x1), int(y1)))  # the pixels the box touches (corners >= 0: floor)
+    return tuple(out), None
+
+
+def _paint(compact: Compact, size: tuple[int, int]) -> Tensor:
+    """The bool ``[H,W]`` mask of a region kept by :func:`_compact`."""
+    boxes, packed = compact
+    mask = torch.zeros(size, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        if packed is None:
+            mask[y0 : y1 + 1, x0 : x1 + 1] = True
+        else:
+            shape = (y1 - y0 + 1, x1 - x0 + 1)
+            bits = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=shape[0] * shape[1])
+            mask[y0 : y1 + 1, x0 : x1 + 1] = torch.from_numpy(bits.reshape(shape).astype(bool))
     return mask
+
+
+def region_mask(region: Region, size: tuple[int, int], what: str = "region") -> Tensor:
+    """A bool ``[H,W]`` mask from a mask (bool or 0/1, exactly ``size``), one box ``(x0, y0, x1, y1)`` or a
+    list of boxes. Boxes are in the image's pixels, inclusive bounds (as the shapes benchmark's ``box``);
+    each must lie inside the image with ``x1 > x0`` and ``y1 > y0``. An empty mask is an error."""
+    return _paint(_compact(region, size, what), size)
+
+
+class Regions(Mapping):
+    """``{image index: bool [H,W] mask}``, kept as boxes (or a mask inside its bounding box, bit-packed) and
+    rasterised when an entry is read: a box costs a few bytes however large the images are."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = size
+        self._compact: dict[int, Compact] = {}
+
+    def __getitem__(self, index: int) -> Tensor:
+        return _paint(self._compact[index], self.size)
+
+    def __iter__(self):
+        return iter(self._compact)
+
+    def __len__(self) -> int:
+        return len(self._compact)
+
+    def __contains__(self, index: object) -> bool:
+        return index in self._compact
+
+
+def _check_size(size: object) -> tuple[int, int]:
+    if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2:
+        raise ValueError(f"knowledge: size must be the images' (H, W), two positive integers, got {size!r}")
+    for value in size:
+        check_positive("knowledge: size (H, W)", value)
+    return int(size[0]), int(size[1])
 
 
 class Knowledge:
@@ -62,7 +150,9 @@ class Knowledge:
 
     ``look`` / ``forbid``: ``{index: region}`` with regions as :func:`region_mask` takes them (a mask
     ``[H,W]``, a box, or a list of boxes, in the pixels of the images the dataset yields). ``size`` (H, W)
-    validates every region at construction; a region that is empty is an error (it says nothing).
+    validates every region at construction; a region that is empty is an error (it says nothing). The
+    attributes ``look`` / ``forbid`` map each index to its bool ``[H,W]`` mask, made when it is read
+    (boxes are kept as boxes: see :class:`Regions`).
     """
 
     def __init__(
@@ -71,17 +161,16 @@ class Knowledge:
         look: Mapping[int, Region] | None = None,
         forbid: Mapping[int, Region] | None = None,
     ) -> None:
-        self.size = (int(size[0]), int(size[1]))
-        self.look: dict[int, Tensor] = {}
-        self.forbid: dict[int, Tensor] = {}
+        self.size = _check_size(size)
+        self.look = Regions(self.size)
+        self.forbid = Regions(self.size)
         for kind, given, store in (("look", look, self.look), ("forbid", forbid, self.forbid)):
+            if given is not None and not isinstance(given, Mapping):
+                raise TypeError(f"knowledge: {kind} must map image indices to regions, got {type(given).__name__}")
             for index, region in (given or {}).items():
-                if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+                if not isinstance(index, numbers.Integral) or isinstance(index, bool) or index < 0:
                     raise ValueError(f"knowledge: {kind} keys must be image indices (int >= 0), got {index!r}")
-                mask = region_mask(region, self.size, f"knowledge {kind}[{index}]")
-                if not bool(mask.any()):
-                    raise ValueError(f"knowledge: {kind}[{index}] is an empty region")
-                store[index] = mask
+                store._compact[int(index)] = _compact(region, self.size, f"knowledge {kind}[{index}]")
 
     def __repr__(self) -> str:
         return f"Knowledge(size={self.size}, look on {len(self.look)} images, forbid on {len(self.forbid)} images)"
@@ -114,29 +203,36 @@ class Knowledge:
         same images for a given seed, whatever kinds are asked): ``look`` names the sample key giving the
         "look here" region (``"box"`` or ``"mask"``), ``forbid`` the key giving the forbidden one (e.g. the
         shapes benchmark's ``"shortcut_mask"``). Images whose region is empty get none of that kind."""
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"knowledge fraction must be in (0, 1], got {fraction}")
+        fraction = check_number("knowledge fraction", fraction, low=0, low_open=True, high=1)
+        check_number("knowledge: seed", seed, integer=True)
+        for what, key in (("look", look), ("forbid", forbid)):
+            if key is not None and not isinstance(key, str):
+                raise TypeError(f"knowledge: {what} must name a sample key (a string) or be None, got {key!r}")
         if look is None and forbid is None:
             raise ValueError("knowledge: name a sample key for look= or forbid=")
-        n = len(data)
-        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, round(fraction * n))]
+        n = check_dataset(data, "knowledge: data")
         first = data[0]
-        size = tuple(first["image"].shape[-2:])
+        if not isinstance(first, Mapping) or not isinstance(first.get("image"), Tensor):
+            raise ValueError(
+                f"knowledge: the samples must be dicts with an 'image' and the annotation keys, got {type(first).__name__}"
+            )
         for key in (look, forbid):
             if key is not None and key not in first:
                 raise ValueError(f"knowledge: the samples have no {key!r} (they have {sorted(first)})")
-        looks, forbids = {}, {}
+        chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, round(fraction * n))]
+        size = tuple(first["image"].shape[-2:])
+        knowledge = cls(size)
         for i in sorted(chosen.tolist()):
             sample = data[i]
-            for key, store in ((look, looks), (forbid, forbids)):
+            for key, store in ((look, knowledge.look), (forbid, knowledge.forbid)):
                 if key is None:
                     continue
                 region = sample[key]
-                if key == "box" or (isinstance(region, Tensor) and region.dim() == 1):
-                    store[i] = region
-                elif bool(region.any()):
-                    store[i] = region
-        return cls(size, looks, forbids)
+                is_mask = isinstance(region, Tensor) and region.dim() == 2
+                if is_mask and not bool(region.any()):
+                    continue  # this image has none of that kind
+                store._compact[i] = _compact(region, knowledge.size, f"knowledge {key} of sample {i}")
+        return knowledge
 
     @classmethod
     def load(cls, path: str | Path, size: tuple[int, int], names: Sequence[str] | None = None) -> Knowledge:
@@ -145,9 +241,9 @@ class Knowledge:
         in the pixels of the images as the data yields them (``size``)."""
         path = Path(path)
         try:
-            spec = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read the knowledge file {path}: {err}") from err
+            spec = read_json(path, "the knowledge file")
+        except FileNotFoundError as err:
+            raise ValueError(f"cannot read the knowledge file {path}: it does not exist") from err
         if not isinstance(spec, dict) or not set(spec) <= {"look", "forbid"} or not spec:
             raise ValueError(f"knowledge file {path}: expected an object with 'look' and/or 'forbid'")
         index = {name: i for i, name in enumerate(names)} if names is not None else None
@@ -159,10 +255,12 @@ class Knowledge:
             for key, boxes in entries.items():
                 if index is not None and key in index:
                     i = index[key]
-                elif key.isdigit():
+                elif key.isascii() and key.isdigit():
                     i = int(key)
                 else:
                     raise ValueError(f"knowledge file {path}: {key!r} is not an image of the data")
+                if not isinstance(boxes, list):
+                    raise ValueError(f"knowledge file {path}: {kind}[{key!r}] must be a list of boxes, got {boxes!r}")
                 parsed[kind][i] = boxes
         knowledge = cls(size, parsed.get("look"), parsed.get("forbid"))
         if names is not None:
@@ -171,14 +269,19 @@ class Knowledge:
 
 
 class WithKnowledge(Dataset):
-    """``data``'s samples (dicts or ``(image, label)``) plus ``look``/``forbid`` bool masks ``[H,W]`` and
-    ``has_look``/``has_forbid`` flags; knowledge indices outside the data are an error."""
+    """``data``'s samples (dicts or ``(image, label)``) plus ``look``/``forbid`` bool masks ``[H,W]`` (made
+    per sample from the kept boxes) and ``has_look``/``has_forbid`` flags; knowledge indices outside the
+    data are an error. ``num_classes``: each sample's label is checked to be a class index below it."""
 
-    def __init__(self, data: Dataset, knowledge: Knowledge | None) -> None:
-        self.data = data
-        self.knowledge = knowledge or Knowledge(_image_size(data))
-        self.knowledge.check(len(data))
-        size = _image_size(data)
+    def __init__(self, data: Dataset, knowledge: Knowledge | None, num_classes: int | None = None) -> None:
+        n = check_dataset(data, "data")
+        if knowledge is not None and not isinstance(knowledge, Knowledge):
+            raise TypeError(f"knowledge must be a Knowledge or None, got {type(knowledge).__name__}")
+        self.data, self.num_classes = data, num_classes
+        image, _ = check_sample(data[0], "the training data's sample 0", num_classes=num_classes, values=True)
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        self.knowledge = knowledge or Knowledge(size)
+        self.knowledge.check(n)
         if self.knowledge.size != size:
             raise ValueError(f"knowledge is for {self.knowledge.size} images, the data yields {size}")
         self._empty = torch.zeros(size, dtype=torch.bool)
@@ -187,21 +290,14 @@ class WithKnowledge(Dataset):
         return len(self.data)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        sample = self.data[index]
-        if not isinstance(sample, dict):
-            sample = dict(zip(("image", "label"), sample, strict=False))
-        look, forbid = self.knowledge.look.get(index), self.knowledge.forbid.get(index)
+        image, label = check_sample(self.data[index], f"training sample {index}", num_classes=self.num_classes)
+        k = self.knowledge
+        has_look, has_forbid = index in k.look, index in k.forbid
         return {
-            "image": sample["image"], "label": sample["label"],
-            "look": self._empty if look is None else look, "forbid": self._empty if forbid is None else forbid,
-            "has_look": torch.tensor(look is not None), "has_forbid": torch.tensor(forbid is not None),
+            "image": image, "label": label,
+            "look": k.look[index] if has_look else self._empty, "forbid": k.forbid[index] if has_forbid else self._empty,
+            "has_look": torch.tensor(has_look), "has_forbid": torch.tensor(has_forbid),
         }  # fmt: skip
-
-
-def _image_size(data: Dataset) -> tuple[int, int]:
-    first = data[0]
-    image = first["image"] if isinstance(first, dict) else first[0]
-    return int(image.shape[-2]), int(image.shape[-1])
 
 
 # ---- losses ----------------------------------------------------------------------------------------------

@@ -29,12 +29,23 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write
+from .._validate import check_number, check_positive
 from ..explain.cam import cam_maps
 from ..hooks import Tap, frozen, named_layer
 from ..interpretable.lap import _linear_after, insert_lap, lap_layers
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, default_layer, save_model
 from .knowledge import Knowledge, WithKnowledge, attention_losses, cam_guidance_loss, rrr_loss
-from .trainer import Callback, fit, one_cycle, settings_record, to_device, training_device
+from .trainer import (
+    Callback,
+    check_dataset,
+    check_labels,
+    check_loop_settings,
+    fit,
+    one_cycle,
+    settings_record,
+    to_device,
+    training_device,
+)
 
 __all__ = ["INJECTIONS", "KnowledgeTraining", "fit_lap", "reinitialise"]
 
@@ -199,7 +210,21 @@ def fit_lap(
         raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
     if train not in ("all", "attention"):
         raise ValueError(f"train must be 'all' or 'attention', got {train!r}")
+    check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers)
+    check_positive("heads", heads)
+    check_number("lr", lr, low=0, low_open=True)
+    for name, value in (("weight_decay", weight_decay), ("beta_look", beta_look), ("beta_forbid", beta_forbid),
+                        ("beta_area", beta_area), ("rrr_weight", rrr_weight), ("cam_weight", cam_weight)):  # fmt: skip
+        check_number(name, value, low=0)
+    for name, flag in (("scratch", scratch), ("resume", resume), ("amp", amp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    if knowledge is not None and not isinstance(knowledge, Knowledge):
+        raise TypeError(f"knowledge must be a Knowledge or None, got {type(knowledge).__name__}")
+    check_dataset(data, "data", batch_size=batch_size)
     clf = as_classifier(model)
+    classes = clf.num_classes
+    check_labels(data, classes)  # every label when the data exposes them, before any work
     if where is not None and injection != "lap":
         raise ValueError(f"where= places LAP layers; injection={injection!r} does not use them")
     if cam_layer is not None and injection != "gradcam":
@@ -211,7 +236,7 @@ def fit_lap(
     clf = insert_lap(clf, where, heads=heads) if inserting else copy.deepcopy(clf)
     if scratch:
         reinitialise(clf.backbone, seed)
-    data = WithKnowledge(data, knowledge)
+    data = WithKnowledge(data, knowledge, classes)  # checks each sample's label as it is loaded
     names = lap_layers(clf.backbone)
     params = None
     train_mode = None

@@ -27,10 +27,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write, prepare_out_dir
+from .._validate import check_number
 from ..explain.tame import TAMEHead, head_features, save_tame_head, tame_head
 from ..hooks import frozen
 from ..models import Classifier, as_classifier
-from .trainer import Callback, fit, to_device, training_device
+from .trainer import Callback, check_dataset, check_loop_settings, check_sample, fit, to_device, training_device
 
 __all__ = ["TAMELoss", "TAMETraining", "fit_tame", "tv_loss"]
 
@@ -178,11 +179,25 @@ def fit_tame(
     ``lr=1e-4, epochs=4``. With ``out_dir`` the head is saved there (``tame.safetensors`` + ``tame.json``)
     next to the resumable ``checkpoint.pt``, ``history.json`` and TensorBoard scalars (one per loss term).
     """
-    clf = as_classifier(model)
-    if len(data) < batch_size:
+    check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers)
+    check_number("lr", lr, low=0, low_open=True)
+    check_number("momentum", momentum, low=0, high=1, high_open=True)
+    check_number("area_power", area_power, low=0, low_open=True)
+    for name, value in (("weight_decay", weight_decay), ("ce_weight", ce_weight), ("area_weight", area_weight),
+                        ("tv_weight", tv_weight)):  # fmt: skip
+        check_number(name, value, low=0)
+    for name, flag in (("skip", skip), ("resume", resume), ("amp", amp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    n = check_dataset(data, "data")
+    if n < batch_size:
         raise ValueError(
-            f"the training data has {len(data)} images, fewer than one batch ({batch_size}); add images or lower the batch size"
+            f"the training data has {n} images, fewer than one batch ({batch_size}); add images or lower the batch size"
         )
+    check_sample(data[0], "the training data's sample 0", need_label=False, values=True)  # labels are not used
+    if val_data is not None:
+        check_dataset(val_data, "val_data")
+    clf = as_classifier(model)
     out = prepare_out_dir(out_dir) if out_dir is not None else None
     # the backbone must sit where the trainer will put the head (cuda:LOCAL_RANK under torchrun)
     dev = training_device(

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +32,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .._io import atomic_write, prepare_out_dir
+from .._io import atomic_write, prepare_out_dir, remove_temporaries
+from .._validate import check_number, check_positive, read_json
 
 __all__ = [
     "CHECKPOINT",
     "Callback",
+    "SettingsRecord",
     "TrainerContext",
     "accuracy_eval",
+    "check_dataset",
+    "check_labels",
+    "check_loop_settings",
+    "check_sample",
     "classification_step",
     "fit",
     "load_checkpoint",
@@ -147,23 +154,175 @@ def one_cycle(max_lr: float, pct_start: float = 0.2):
     return build
 
 
-def settings_record(out_dir: str | Path | None, name: str, settings: dict, resume: bool) -> Callable[[int, dict], None]:
+class SettingsRecord(Callback):
+    """A trainer's settings kept beside its checkpoint as ``out_dir/name`` (JSON), written (rank 0) before
+    the first epoch trains, so a checkpoint never exists without it. Made by :func:`settings_record`."""
+
+    def __init__(self, record: Path | None, settings: dict) -> None:
+        self.record, self.settings = record, settings
+        self.name = f"settings:{record.name if record is not None else ''}"
+
+    def write(self) -> None:
+        if self.record is not None:
+            text = json.dumps(self.settings, indent=2) + "\n"
+            atomic_write(self.record, lambda tmp: tmp.write_text(text), durable=True)
+
+    def on_train_begin(self, ctx: TrainerContext) -> None:
+        if ctx.rank == 0:
+            self.write()
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        """The older form, ``callback(epoch, metrics)``: writes the file at epoch 0 (rank 0)."""
+        if epoch == 0 and int(os.environ.get("RANK", "0")) == 0:
+            self.write()
+
+
+def settings_record(out_dir: str | Path | None, name: str, settings: dict, resume: bool) -> SettingsRecord:
     """A trainer's settings kept beside its checkpoint as ``out_dir/name`` (JSON). With ``resume``, a file
-    written by a run with other settings is an error, raised now (before anything is trained or written).
-    Returns the callback for :func:`fit` that writes the file after the first epoch (rank 0 only)."""
+    written by a run with other settings is an error, raised now (before anything is trained or written), and
+    so is a checkpoint in ``out_dir`` without the file (its settings cannot be checked). Returns the
+    :class:`Callback` for :func:`fit` that writes the file before the first epoch (rank 0 only)."""
     record = Path(out_dir) / name if out_dir is not None else None
-    if resume and record is not None and record.is_file():
-        saved = json.loads(record.read_text())
-        changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
-        if changed:
-            raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
-    main = int(os.environ.get("RANK", "0")) == 0
+    if resume and record is not None:
+        if record.is_file():
+            saved = read_json(record, "settings record")
+            if not isinstance(saved, dict):
+                raise ValueError(f"resume: {record} is not a settings record (a JSON object)")
+            changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
+            if changed:
+                raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
+        elif (record.parent / CHECKPOINT).is_file():
+            raise ValueError(
+                f"resume: {record.parent / CHECKPOINT} has no settings record {name} beside it, so the settings "
+                "it was trained with cannot be checked; restore the file or train afresh (resume=False)"
+            )
+    return SettingsRecord(record, settings)
 
-    def write(epoch: int, metrics: dict) -> None:
-        if epoch == 0 and main and record is not None:
-            atomic_write(record, lambda tmp: tmp.write_text(json.dumps(settings, indent=2) + "\n"))
 
-    return write
+# ---- argument checks shared by the recipes -------------------------------------------------------------
+
+
+def check_loop_settings(
+    *, epochs: object, batch_size: object, seed: object = 0, num_workers: object = 0, log_every: object = 1
+) -> None:
+    """Clear errors for the loop's counts: positive ``epochs``, ``batch_size``, ``log_every``; integer
+    ``seed``, ``num_workers >= 0``. :func:`fit` and every recipe call it before any work."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
+        check_positive(name, value)
+    check_number("seed", seed, integer=True)
+    check_number("num_workers", num_workers, integer=True, low=0)
+
+
+def check_dataset(data: object, name: str = "data", *, batch_size: int | None = None) -> int:
+    """``len(data)`` after checking that ``data`` is a map-style dataset (``len()`` and ``data[i]``) with
+    at least one sample (``batch_size`` samples when given)."""
+    if isinstance(data, (Mapping, str, bytes, Tensor)) or not (
+        hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    ):
+        hint = " (wrap tensors in torch.utils.data.TensorDataset)" if isinstance(data, (Tensor, Mapping)) else ""
+        raise TypeError(f"{name} must be a dataset (len() and data[i]), got {type(data).__name__}{hint}")
+    n = len(data)
+    if n == 0:
+        raise ValueError(f"{name} is empty: training needs samples")
+    if batch_size is not None and n < batch_size:
+        raise ValueError(f"the training data has {n} samples, fewer than one batch ({batch_size})")
+    return n
+
+
+def check_sample(
+    sample: object,
+    name: str = "a training sample",
+    *,
+    need_label: bool = True,
+    num_classes: int | None = None,
+    values: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """``(image, label)`` of one sample (a dict with ``"image"``/``"label"``, an ``(image, label)`` tuple or,
+    with ``need_label=False``, a bare image), checked: the image a float ``[3,H,W]`` tensor (with ``values``,
+    also finite and in [0, 1]: a pass over its pixels, for the first sample at the boundary), the label an
+    integer class index (a Python int or an integer tensor of one element) in ``[0, num_classes)``, returned
+    as a 0-d int64 tensor. ``need_label=False``: the label is ignored (None is returned)."""
+    if isinstance(sample, Mapping):
+        image, label = sample.get("image"), sample.get("label")
+    elif isinstance(sample, (tuple, list)):
+        image, label = (sample[0] if sample else None), (sample[1] if len(sample) > 1 else None)
+    else:
+        image, label = sample, None
+    if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+        got = (
+            f"{image.dtype} tensor of shape {list(image.shape)}" if isinstance(image, Tensor) else type(image).__name__
+        )
+        raise ValueError(f"{name}: the image must be a float [3,H,W] tensor, got {got}")
+    if values and not bool(((image >= 0) & (image <= 1)).all()):  # NaN fails both comparisons
+        low, high = float(image.min()), float(image.max())
+        raise ValueError(
+            f"{name}: image values must be in [0, 1] (xcnn normalises inside the model), got values in "
+            f"[{low:.3g}, {high:.3g}]{' and NaN' if bool(image.isnan().any()) else ''}"
+        )
+    if not need_label:
+        return image, None
+    if label is None:
+        raise ValueError(f"{name} has no label")
+    return image, _class_index(label, name, num_classes)
+
+
+def _class_index(label: object, name: str, num_classes: int | None) -> Tensor:
+    if isinstance(label, Tensor):
+        if label.numel() != 1 or label.dtype == torch.bool or label.is_floating_point() or label.is_complex():
+            raise ValueError(
+                f"{name}: a label must be an integer class index, got a {label.dtype} tensor of shape {list(label.shape)}"
+            )
+        label = label.reshape(()).long()
+    elif isinstance(label, numbers.Integral) and not isinstance(label, bool):
+        label = torch.tensor(int(label))
+    else:
+        raise ValueError(f"{name}: a label must be an integer class index, got {type(label).__name__} {label!r}")
+    value = int(label)
+    if value < 0 or (num_classes is not None and value >= num_classes):
+        bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        raise ValueError(f"{name} has the label {value}; labels are class indices {bound}")
+    return label
+
+
+def dataset_labels(data: object) -> Tensor | None:
+    """Every label of ``data`` when it exposes them without loading images (in-memory tensors, a
+    ``TensorDataset``, an image folder's samples, a ``Subset`` of one); None otherwise."""
+    from torch.utils.data import Subset
+
+    if isinstance(data, Subset):
+        inner = dataset_labels(data.dataset)
+        return None if inner is None else inner[torch.as_tensor(list(data.indices), dtype=torch.long)]
+    tensors = getattr(data, "tensors", None)
+    if isinstance(tensors, Mapping) and isinstance(tensors.get("label"), Tensor):
+        return tensors["label"]
+    if isinstance(tensors, (tuple, list)) and len(tensors) > 1 and isinstance(tensors[1], Tensor):
+        return tensors[1]
+    samples = getattr(data, "samples", None)
+    if isinstance(samples, list) and samples and isinstance(samples[0], tuple) and len(samples[0]) > 1:
+        try:
+            return torch.tensor([s[1] for s in samples])
+        except (TypeError, ValueError, RuntimeError):
+            return None
+    return None
+
+
+def check_labels(data: Dataset, num_classes: int | None, name: str = "the training data") -> None:
+    """Clear error unless ``data``'s labels are integer class indices in ``[0, num_classes)``: all of them
+    when the dataset exposes them (:func:`dataset_labels`), else its first sample's (a recipe's dataset
+    wrapper checks each sample as it is loaded); the first sample's image is checked too (float [3,H,W],
+    values in [0, 1])."""
+    labels = dataset_labels(data)
+    exposed = labels is not None and labels.numel() > 0
+    check_sample(data[0], f"{name}'s sample 0", num_classes=num_classes, values=True, need_label=not exposed)
+    if not exposed:
+        return
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{name}: labels must be integer class indices, got {labels.dtype} labels")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} has the label {bad}; labels are class indices {bound} (the model's classes)")
 
 
 # ---- RNG and checkpoint state (tensors and plain numbers only, so weights_only loading works) ------------
@@ -289,12 +448,13 @@ def fit(
     ``callback(epoch, metrics)`` (after the checkpoint). With ``out_dir``, checkpoints go to
     ``out_dir/checkpoint.pt`` and TensorBoard scalars to ``out_dir/tensorboard``.
     """
-    if epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {epochs}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if len(train_data) < batch_size:
-        raise ValueError(f"the training data has {len(train_data)} samples, fewer than one batch ({batch_size})")
+    check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers, log_every=log_every)
+    check_dataset(train_data, "train_data", batch_size=batch_size)
+    if val_data is not None:
+        check_dataset(val_data, "val_data")
+    for name, flag in (("resume", resume), ("amp", amp)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
     hooks = [c for c in callbacks if isinstance(c, Callback)]
@@ -308,6 +468,8 @@ def fit(
     rank, world, device, started = _setup_distributed(device)
     main = rank == 0
     out = prepare_out_dir(out_dir) if out_dir is not None and main else (Path(out_dir) if out_dir is not None else None)
+    if out is not None and main:  # what a run killed between writing and renaming left, before this one writes
+        remove_temporaries(out)
     torch.manual_seed(seed)
     model.to(device)
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
@@ -417,7 +579,7 @@ def fit(
                         "history": history, "rng": _rng_state(),
                         "callbacks": {c.name: c.state_dict() for c in hooks},
                     }  # fmt: skip
-                    atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp))
+                    atomic_write(ckpt_path, lambda tmp, state=state: torch.save(state, tmp), durable=True)
                     atomic_write(out / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2)))
             if world > 1:
                 dist.barrier()
