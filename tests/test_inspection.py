@@ -41,22 +41,28 @@ def data(n: int = 6) -> dict[str, torch.Tensor]:
     return {"image": torch.rand(n, 3, 8, 8, generator=gen, dtype=torch.float64), "label": torch.arange(n) % 3}
 
 
-def test_taylor_importance_is_the_first_order_change_of_the_logit():
+@pytest.mark.parametrize("layer", ["features", "features.0"])
+def test_taylor_importance_is_the_first_order_change_of_the_logit(layer):
+    """Against finite differences (scaling one channel by 1 - eps): at the last layer, before a linear head, and
+    at the first convolution, whose A * dy/dA changes sign across positions (the absolute value is taken of the
+    sum over positions, the channel's first-order effect, not per position)."""
     model, d = smooth_model(), data()
-    taylor = filter_importance(model, d, "features", "taylor")
-    assert taylor.shape == (5,) and taylor.dtype == torch.float64
+    taylor = filter_importance(model, d, layer, "taylor")
+    channels = 5 if layer == "features" else 4
+    assert taylor.shape == (channels,) and taylor.dtype == torch.float64
     eps = 1e-6
     y = d["label"]
     with torch.no_grad():
         clean = model(d["image"]).gather(1, y[:, None])[:, 0]
-        for k in range(5):
-            factors = torch.ones(5, dtype=torch.float64)
+        for k in range(channels):
+            factors = torch.ones(channels, dtype=torch.float64)
             factors[k] = 1 - eps
-            with scale_channels(model.backbone, "features", factors):
+            with scale_channels(model.backbone, layer, factors):
                 moved = model(d["image"]).gather(1, y[:, None])[:, 0]
             numeric = ((clean - moved) / eps).abs().mean()
             assert float(taylor[k]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-12), k
-    assert float(taylor[2]) == 0.0
+    if layer == "features":
+        assert float(taylor[2]) == 0.0
 
 
 def test_ablation_is_exact_where_the_network_is_linear_after_the_layer_and_batching_changes_nothing():
@@ -132,15 +138,20 @@ def test_correlation_association_and_layer_similarity_on_a_model():
     model, d = smooth_model(), data(12)
     feats, labels = pooled_features(model, d, ["features", "features.1"])
     assert feats["features"].shape == (12, 5) and torch.equal(labels, d["label"])
+    # pooled features are each channel's mean over the positions (computed here by running the modules directly)
+    with torch.no_grad():
+        direct = model.backbone.features(d["image"]).mean((2, 3))
+        torch.testing.assert_close(feats["features"], direct, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(feats["features.1"], model.backbone.features[:2](d["image"]).mean((2, 3)))
     corr = feature_correlation(model, d, "features")
-    expected = torch.corrcoef(feats["features"].T)
+    expected = torch.corrcoef(direct.T)
     torch.testing.assert_close(corr, expected, rtol=1e-10, atol=1e-12)
     assert torch.equal(corr, corr.T) and bool((corr.diagonal() == 1).all())
     pairs = redundant_pairs(corr, top=3)
     assert len(pairs) == 3 and all(i < j for i, j, _ in pairs)
     assert abs(pairs[0][2]) == float(corr.triu(1).abs().max())
     assoc = class_association(model, d, "features")
-    torch.testing.assert_close(assoc[1], feats["features"][d["label"] == 1].mean(0))
+    torch.testing.assert_close(assoc[1], direct[d["label"] == 1].mean(0))
     sim = layer_similarity(model, d, ["features.0", "features.1", "features"])
     assert sim.shape == (3, 3) and torch.equal(sim, sim.T) and bool((sim.diagonal() == 1).all())
     # features.1 is the softplus of features.0: a monotone map of it, similar but not identical
@@ -414,3 +425,159 @@ def test_taylor_importance_equals_captum_gradient_x_activation_summed_per_channe
     ours = filter_importance(model, d, "features", "taylor", batch_size=3)  # batches of 3: 3 + 3 + 2 images
     attr = LayerGradientXActivation(model, model.backbone.features).attribute(d["image"], target=d["label"])
     torch.testing.assert_close(ours, attr.sum((2, 3)).abs().mean(0), rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cka_on_arrays_and_extreme_magnitudes_and_refusals():
+    """CKA is invariant to scaling each representation: values near 1e200 (whose squares overflow float64)
+    or 1e-200 (whose squares underflow) give the CKA of the unscaled ones; numpy arrays are accepted."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(30, 7, generator=gen, dtype=torch.float64) + x[:, :1]
+    reference = linear_cka(x, y)
+    assert 0.05 < reference < 0.95
+    assert linear_cka(x * 1e200, y) == pytest.approx(reference, rel=1e-12)
+    assert linear_cka(x * 1e-200, y * 1e250 + 3e250) == pytest.approx(reference, rel=1e-12)
+    assert linear_cka(x.numpy(), y.float().numpy()) == pytest.approx(linear_cka(x, y.float()), rel=1e-12)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or Inf"):
+        linear_cka(bad, y)
+    with pytest.raises(ValueError, match="y contains NaN or Inf"):
+        linear_cka(x, torch.full((30, 2), float("inf")))
+    with pytest.raises(TypeError, match="must be a \\[N,C\\] tensor or numpy array, got list"):
+        linear_cka(x.tolist(), y)
+    with pytest.raises(TypeError, match="real numbers"):
+        linear_cka(x > 0, y)
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        linear_cka(x[:1], y[:1])
+
+
+def test_fit_alternate_fits_the_even_positions_and_measures_the_odd_ones():
+    """A known answer: at even positions class 1 has the larger feature, at odd positions the smaller one. A
+    probe fitted on the even rows is wrong on every odd row (accuracy 0); fitted on the rows it is measured on, it
+    would be perfect."""
+    from xcnn.inspection.probes import fit_alternate
+
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.arange(40) // 2) % 2  # both classes in both halves
+    sign = torch.where(torch.arange(40) % 2 == 0, 1.0, -1.0).double()
+    x = (sign * (2.0 * labels - 1) * (1 + torch.rand(40, generator=gen, dtype=torch.float64)))[:, None]
+    weights, _, accuracy = fit_alternate({"f": x}, labels, ["f"], 2, 1e-3)
+    assert accuracy == {"f": 0.0}
+    assert float(weights["f"][1, 0] - weights["f"][0, 0]) > 0  # the even rows' rule: larger feature, class 1
+
+
+def test_monitor_compares_each_check_with_the_previous_one_on_the_same_images_and_checks_when_due():
+    """The CKA to the previous check is taken on the same (measuring) images: 1 for a model that did not change;
+    with every=2 over 5 epochs the checks are at epochs 1, 3 and the last, 4."""
+    from xcnn.inspection import Monitor
+    from xcnn.training.trainer import TrainerContext
+
+    model = colour_model().eval()
+    monitor = Monitor(colour_data(30, 0), layers=["feat", "deep"], images=30, every=2, top=2)
+    for epoch in range(5):
+        monitor.on_epoch_end(TrainerContext(model, None, 0, 1, torch.device("cpu"), None, epoch, 5, {}))
+    assert [r["epoch"] for r in monitor.records] == [1, 3, 4]
+    assert monitor.records[0]["cka_to_previous"] == {}
+    for record in monitor.records[1:]:
+        assert record["cka_to_previous"] == pytest.approx({"feat": 1.0, "deep": 1.0}, abs=1e-12)
+
+
+def test_images_that_are_not_pixels_in_0_1_are_refused_with_the_samples_named():
+    from xcnn.inspection import Monitor
+
+    model, d = smooth_model(), data(8)
+    nan = {"image": d["image"].clone(), "label": d["label"]}
+    nan["image"][5, 1, 2, 3] = float("nan")
+    for call in [
+        lambda: filter_importance(model, nan, "features", batch_size=4),
+        lambda: filter_importance(model, nan, "features", "ablation", batch_size=4),
+        lambda: pooled_features(model, nan, ["features"], batch_size=4),
+        lambda: class_association(model, nan, "features", batch_size=4),
+        lambda: ablation_effect(model, nan, "features", [0], batch_size=4),
+        lambda: layer_similarity(model, nan, ["features.0", "features"], batch_size=4),
+    ]:
+        with pytest.raises(ValueError, match=r"data \(samples 4 onwards\): images contain NaN or Inf"):
+            call()
+    bright = {"image": d["image"] * 2, "label": d["label"]}
+    with pytest.raises(ValueError, match=r"pixel values in \[0,1\]"):
+        pooled_features(model, bright, ["features"])
+    # the monitor checks its images when it is built: before any training starts or any file is written
+    val = colour_data(16, 0)
+    val["image"][9, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="images contain NaN"):
+        Monitor(val, images=16)
+    from torch.utils.data import TensorDataset
+
+    with pytest.raises(ValueError, match="images contain NaN"):
+        Monitor(TensorDataset(val["image"], val["label"]), images=16)
+
+
+def test_bad_arguments_get_clear_errors():
+    from xcnn.inspection import Monitor, inspect_model
+
+    model, d = smooth_model(), data(12)
+    # channels as an integer tensor are the list of its values
+    assert ablation_effect(model, d, "features", torch.tensor([0, 1])) == ablation_effect(model, d, "features", [0, 1])
+    for channels, error, message in [
+        ([True], TypeError, "integer channel indices"),
+        (torch.tensor([True, False]), TypeError, "channel indices"),
+        ([0.5], TypeError, "integer channel indices"),
+        ([], ValueError, "channels is empty"),
+        (3, TypeError, "list of channel indices"),
+    ]:
+        with pytest.raises(error, match=message):
+            ablation_effect(model, d, "features", channels)
+    with pytest.raises(TypeError, match="integer channel indices"):
+        filter_importance(model, d, "features", "ablation", channels=[False])
+    # labels of another task than the model's (3 classes)
+    with pytest.raises(ValueError, match="the data have the label 5, but the model has 3 classes"):
+        filter_importance(model, {"image": d["image"], "label": torch.arange(12) % 6}, "features")
+    with pytest.raises(TypeError, match="labels must be integer class indices"):
+        filter_importance(model, {"image": d["image"], "label": d["label"].double()}, "features")
+    with pytest.raises(ValueError, match="layers is empty"):
+        inspect_model(model, d, layers=[])
+    with pytest.raises(ValueError, match=r"layers names \['features'\] more than once"):
+        layer_similarity(model, d, ["features", "features"])
+    with pytest.raises(ValueError, match=r"layers names \['features'\] more than once"):
+        pooled_features(model, d, ["features", "features.0", "features"])
+    assert list(pooled_features(model, d, "features")[0]) == ["features"]  # one name is one layer
+    with pytest.raises(TypeError, match="layers entry must be a module name"):
+        pooled_features(model, d, [3])
+    with pytest.raises(ValueError, match="images must be a positive integer, got -5"):
+        inspect_model(model, d, layers=["features"], images=-5)
+    with pytest.raises(ValueError, match="not in the model"):
+        inspect_model(model, d, layers=["features"], importance_layer="nope")
+    for kwargs, error, message in [
+        ({"top": 0}, ValueError, "top must be a positive integer"),
+        ({"draws": -1}, ValueError, r"draws must be in \[0, inf\)"),
+        ({"l2": float("inf")}, ValueError, "l2 must be finite"),
+        ({"samples": 1.5}, TypeError, "samples must be an integer"),
+        ({"class_names": "abc"}, TypeError, "class_names must be a list"),
+        ({"class_names": ["a", "b"]}, ValueError, "class_names has 2 names, but the data have labels up to 2"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
+        ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
+    ]:
+        with pytest.raises(error, match=message):
+            inspect_model(model, d, layers=["features"], **kwargs)
+    with pytest.raises(ValueError, match="l2 must be finite"):
+        Monitor(d, l2=float("inf"))
+    with pytest.raises(ValueError, match=r"images must be in \[4, inf\)"):
+        Monitor(d, images=2)
+    with pytest.raises(ValueError, match="l2 must be finite"):
+        fit_linear(torch.randn(10, 2, dtype=torch.float64), torch.arange(10) % 2, 2, l2=float("inf"))
+    with pytest.raises(ValueError, match="features x contain NaN"):
+        fit_linear(torch.full((10, 2), float("nan"), dtype=torch.float64), torch.arange(10) % 2, 2)
+    with pytest.raises(ValueError, match="l2 must be in"):
+        layer_probes(model, d, ["features"], l2=-1.0)
+
+
+def test_a_corrupt_monitor_file_is_a_clear_error(tmp_path):
+    from xcnn.inspection import load_history
+
+    (tmp_path / "monitor.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read monitor records"):
+        load_history(tmp_path)
+    (tmp_path / "monitor.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds no monitor records"):
+        load_history(tmp_path)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import xcnn
 from xcnn.cli import main
 from xcnn.data.synthetic import CLASSES
 from xcnn.inspection import filter_importance, inspect_model
@@ -58,6 +59,112 @@ def test_ablation_of_a_subset_of_channels_equals_the_full_ablation_there(bench32
     assert int(torch.isnan(part).sum()) == len(part) - 3
     with pytest.raises(ValueError, match="out of range"):
         filter_importance(model, data, "layer3", "ablation", channels=[999])
+
+
+class LinearAfterAct(torch.nn.Module):
+    """A 1x1 conv of the image (``features``), its softplus (``act``), mean-pooled and read by a linear head:
+    after ``act`` the network is linear, so every number inspect_model reports has a closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, 4, 1)
+        self.act = torch.nn.Softplus()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.act(self.features(x))).flatten(1))
+
+
+class Samples(torch.utils.data.Dataset):
+    """The same images as a map-style dataset of dict samples (what an image folder gives)."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data["label"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.data["image"][i], "label": self.data["label"][i]}
+
+
+def _cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA in its HSIC form (Kornblith et al. 2019, eq. 3 with linear kernels)."""
+    h = np.eye(len(x)) - 1 / len(x)
+    k, m = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return float(np.trace(k @ m) / np.sqrt(np.trace(k @ k) * np.trace(m @ m)))
+
+
+@pytest.mark.parametrize("form", ["dict", "dataset"])
+def test_inspect_model_streams_the_data_and_every_number_is_the_closed_form(form):
+    """inspect_model on the first 24 of 26 images (even positions fit, odd measure), streamed from stacked tensors
+    or from a dataset, against the numbers computed here: pooled activations by hand, probes by scikit-learn,
+    Taylor and ablation in closed form (linear after ``act``: zeroing channel k lowers logit y by W[y,k] a_k),
+    the top filter ranked on the probe half, correlation, class means and CKA (HSIC form) on the measuring half."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    torch.manual_seed(0)
+    model = xcnn.Classifier(LinearAfterAct(), mean=[0.0] * 3, std=[1.0] * 3, input_size=(6, 6)).eval()
+    with torch.no_grad():
+        model.backbone.features.weight.copy_(
+            torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.3, 0.3, 0.3]])[:, :, None, None]
+        )
+        model.backbone.features.bias.zero_()
+        model.backbone.fc.weight.copy_(
+            torch.tensor([[2.0, 1.5, 0.5, 0.2], [-1.5, 2.0, 0.3, 0.1], [1.0, -2.0, 1.0, 0.3]])
+        )
+        model.backbone.fc.bias.copy_(torch.tensor([0.1, -0.2, 0.0]))
+    gen = torch.Generator().manual_seed(3)
+    labels = (torch.arange(26) // 2) % 3  # every class in both halves
+    images = 0.1 + 0.2 * torch.rand(26, 3, 6, 6, generator=gen, dtype=torch.float64)
+    images[0::2, 0] += 0.6 * torch.rand(13, 1, 1, generator=gen, dtype=torch.float64)  # red at even positions
+    images[1::2, 1] += 0.6 * torch.rand(13, 1, 1, generator=gen, dtype=torch.float64)  # green at odd ones
+    images[:, 2] += 0.15 * labels[:, None, None]  # blue tells the class
+    data = {"image": images.float(), "label": labels}  # a float32 model on float32 pixels: the usual case
+    ins = inspect_model(
+        model, data if form == "dict" else Samples(data), layers=["features", "act"], images=24, top=1, draws=2,
+        samples=2, l2=0.01, batch_size=5, progress=False,
+    )  # fmt: skip
+
+    x, y = data["image"][:24].double(), labels[:24]  # the expected numbers in float64
+    feat = x.mean((2, 3))  # the 1x1 conv is the identity on colours plus their mean: its pooled output
+    feat = torch.cat([feat, 0.3 * feat.sum(1, keepdim=True)], 1)
+    act = torch.nn.functional.softplus(torch.cat([x, 0.3 * x.sum(1, keepdim=True)], 1)).mean((2, 3))
+    w, b = model.backbone.fc.weight.detach().double(), model.backbone.fc.bias.detach().double()
+    fit, ev = slice(0, None, 2), slice(1, None, 2)
+    assert ins.n_fit == ins.n_eval == 12 and ins.same_task and ins.targets == "label"
+    for name, f in {"features": feat, "act": act}.items():
+        scaler = StandardScaler().fit(f[fit].numpy())
+        ref = LogisticRegression(C=1 / (0.01 * 12), tol=1e-12, max_iter=10_000).fit(
+            scaler.transform(f[fit].numpy()), y[fit]
+        )
+        want = float((ref.predict(scaler.transform(f[ev].numpy())) == y[ev].numpy()).mean())
+        assert ins.probe_accuracy[name] == pytest.approx(want, abs=1e-12), name
+    logits = act @ w.T + b
+    assert ins.model_accuracy == pytest.approx(float((logits[ev].argmax(1) == y[ev]).double().mean()))
+    contribution = w[y] * act  # [24, 4]: what zeroing each channel takes from the label's logit
+    tol = {"rtol": 1e-5, "atol": 1e-7}  # float32 activations
+    torch.testing.assert_close(torch.tensor(ins.taylor, dtype=torch.float64), contribution[ev].abs().mean(0), **tol)
+    assert sorted(ins.ablation) == [0, 1, 2, 3]  # 4 channels: 2 by Taylor + 2 drawn, all of them
+    for k, value in ins.ablation.items():
+        assert value == pytest.approx(float(contribution[ev, k].mean()), rel=1e-5)
+    # the filter to zero is the top one by Taylor on the probe half, which differs from the measuring half's
+    top_fit, top_eval = int(contribution[fit].abs().mean(0).argmax()), int(contribution[ev].abs().mean(0).argmax())
+    assert top_fit != top_eval
+    assert ins.top_vs_random["top_filters"] == [top_fit]
+    zeroed = act.clone()
+    zeroed[:, top_fit] = 0
+    effect = ins.top_vs_random["top"]
+    assert effect["logit_drop"] == pytest.approx(float(contribution[ev, top_fit].mean()), rel=1e-5)
+    assert effect["ablated_accuracy"] == pytest.approx(
+        float(((zeroed @ w.T + b)[ev].argmax(1) == y[ev]).double().mean())
+    )
+    torch.testing.assert_close(ins.correlation_matrix, torch.corrcoef(act[ev].T), **tol)
+    torch.testing.assert_close(ins.association, torch.stack([act[ev][y[ev] == c].mean(0) for c in range(3)]), **tol)
+    assert float(ins.similarity[0, 1]) == pytest.approx(_cka(feat[ev].numpy(), act[ev].numpy()), rel=1e-5)
+    assert ins.samples["labels"] == [str(int(c)) for c in y[ev][:2]] and ins.samples["maps"]["act"].shape == (2, 6, 6)
 
 
 @pytest.mark.slow

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 import xcnn
 from xcnn.data.synthetic import Shapes
@@ -19,7 +20,7 @@ from xcnn.interpretable.protopnet import find_prototype_layer
 from xcnn.models import load_model, save_model
 from xcnn.nets import ShapesNet
 from xcnn.training.benchmark import InMemory
-from xcnn.training.protopnet import fit_protopnet, protopnet_costs, push_prototypes
+from xcnn.training.protopnet import ProtoPNetLoss, _LastLayer, fit_protopnet, protopnet_costs, push_prototypes
 
 from .conftest import TinyCNN
 
@@ -127,29 +128,136 @@ def test_explainers_on_the_view_search_one_prototype_and_the_index_is_checked():
         xcnn.explainer("rise", view, masks=8)(x, targets=[0, 40])
 
 
-def test_prototype_explainer_weights_similarity_maps_by_their_contribution():
+def test_prototype_explainer_ranks_prototypes_by_contribution_and_weights_their_maps():
+    """Evidence and explainer against a brute-force computation from the latents: similarity maps
+    log((d+1)/(d+eps)) of every prototype, contribution = last-layer weight x max similarity, the top ones by
+    contribution (not by similarity: the last layer's weights are signed at random, so the orders differ)."""
     torch.manual_seed(1)
     net = protopnet(small_net(), 3, dim=8).eval()
+    with torch.no_grad():
+        net.backbone.fc.weight.copy_(torch.randn(6, 18, generator=torch.Generator().manual_seed(3)))
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    every = prototype_evidence(net, x, targets=[1, 4], top=18)
-    with torch.no_grad():
+    targets = torch.tensor([1, 4])
+    with torch.no_grad(), Tap(net.backbone, ["pool.add_on"]) as tap:
         logits = net(x)
-    # contributions of all prototypes add up to the target's logit
-    torch.testing.assert_close(every.contribution.sum(1), logits[[0, 1], [1, 4]], rtol=1e-5, atol=1e-5)
-    # the similarities are the prototype view's scores
-    with torch.no_grad():
-        view = prototype_view(net)(x)
-    torch.testing.assert_close(every.similarity, view.gather(1, every.prototypes))
-    ev = prototype_evidence(net, x, targets=[1, 4], top=2)
-    assert torch.equal(ev.prototypes, every.prototypes[:, :2])
-    raw = (ev.contribution[:, :, None, None] * ev.maps).sum(1)
-    from xcnn.explain import normalize_maps
+    d = brute_distances(tap.get("pool.add_on"), net.backbone.pool.prototypes.detach())  # [2, 18, 8, 8]
+    sim = torch.log((d + 1) / (d + 1e-4))
+    scores = sim.flatten(2).amax(2)
+    contribution = net.backbone.fc.weight.detach().double()[targets] * scores  # [2, 18]
+    by_contribution = contribution.argsort(1, descending=True)[:, :2]
+    by_similarity = scores.argsort(1, descending=True)[:, :2]
+    assert not torch.equal(by_contribution.sort(1).values, by_similarity.sort(1).values)  # the test can tell them apart
 
-    torch.testing.assert_close(xcnn.explainer("prototype", net, top=2)(x, [1, 4]), normalize_maps(raw, (32, 32)))
+    every = prototype_evidence(net, x, targets=targets, top=18)
+    torch.testing.assert_close(
+        every.contribution.sum(1).double(), logits[[0, 1], [1, 4]].double(), rtol=1e-5, atol=1e-5
+    )
+    ev = prototype_evidence(net, x, targets=targets, top=2)
+    assert torch.equal(ev.prototypes, by_contribution)
+    torch.testing.assert_close(ev.contribution.double(), contribution.gather(1, by_contribution), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ev.similarity.double(), scores.gather(1, by_contribution), rtol=1e-5, atol=1e-5)
+    # the explainer's map: the contribution-weighted sum of those two maps, bilinear to the image, min-max to [0,1]
+    raw = (contribution.gather(1, by_contribution)[:, :, None, None] * sim.gather(
+        1, by_contribution[:, :, None, None].expand(-1, -1, 8, 8))).sum(1)  # fmt: skip
+    up = torch.nn.functional.interpolate(raw[:, None].float(), size=(32, 32), mode="bilinear", align_corners=False)[
+        :, 0
+    ]
+    low, high = up.amin((1, 2), keepdim=True), up.amax((1, 2), keepdim=True)
+    torch.testing.assert_close(
+        xcnn.explainer("prototype", net, top=2)(x, targets), (up - low) / (high - low), atol=1e-3, rtol=0
+    )  # float32 distances
     with pytest.raises(ValueError, match="no prototype layer"):
         xcnn.explainer("prototype", small_net())
     with pytest.raises(ValueError, match="top must be"):
         xcnn.explainer("prototype", net, top=0)
+
+
+def toy_prototype_network() -> xcnn.Classifier:
+    """A 2x2 stride-2 conv on 8x12 pixels (a 4x6 latent grid: not square, so a transposed position shows),
+    3 classes x 2 prototypes of dim 3, in float64."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    net = protopnet(load_model(body.double(), raw_pixels=True, input_size=(8, 12)), 2, dim=3)
+    with torch.no_grad():  # no add-on unit dead anywhere: every patch gets its own latent (no exact ties)
+        net.backbone[1].add_on[0].bias.fill_(1.0)
+    return net
+
+
+def test_push_finds_the_nearest_patch_that_a_brute_force_search_finds_on_a_non_square_grid():
+    net = toy_prototype_network().eval()
+    layer = net.backbone[1]
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(12, 3, 8, 12, generator=gen, dtype=torch.float64)
+    labels = torch.arange(12) % 3
+    with torch.no_grad():
+        z = layer.add_on(net.backbone[0](images))  # the latents, computed directly: [12, 3, 4, 6]
+    assert z.shape == (12, 3, 4, 6)
+    # the known answer: prototype j is planted next to one patch of an image of its class, at positions off the
+    # diagonal and in images of every batch (batch_size=5: images 0-4, 5-9, 10-11)
+    planted = {0: (9, 1, 5), 1: (3, 3, 0), 2: (4, 0, 4), 3: (10, 2, 5), 4: (11, 3, 1), 5: (5, 1, 4)}
+    with torch.no_grad():
+        for j, (i, y, x) in planted.items():
+            assert labels[i] == j // 2
+            layer.prototypes[j] = z[i, :, y, x] + 1e-5 * torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
+    old = layer.prototypes.detach().clone()
+    records = push_prototypes(net, TensorDataset(images, labels), batch_size=5)
+    for r in records:
+        j = r["prototype"]
+        # brute force: every patch of every image of the prototype's class
+        best = min(
+            (float(((z[i, :, y, x] - old[j]) ** 2).sum()), i, y, x)
+            for i in range(12) if labels[i] == j // 2 for y in range(4) for x in range(6)
+        )  # fmt: skip
+        assert (best[1], best[2], best[3]) == planted[j]
+        assert (r["index"], r["position"], r["class"], r["grid"]) == (
+            planted[j][0],
+            list(planted[j][1:]),
+            j // 2,
+            [4, 6],
+        )
+        assert r["distance"] == pytest.approx(best[0], rel=1e-9)
+        assert torch.equal(layer.prototypes[j].detach(), z[r["index"], :, r["position"][0], r["position"][1]])
+        # the box around the pushed prototype's most similar pixels meets its own 2x2 cell
+        top, left, bottom, right = r["box"]
+        y, x = r["position"]
+        assert top < 2 * y + 2 and 2 * y < bottom and left < 2 * x + 2 and 2 * x < right
+
+
+def test_the_losses_are_the_papers_terms_computed_by_hand():
+    """CE + clst Clst - sep Sep + l1 L1 on a tiny float64 network with fixed weights, against the terms
+    written out: add-on layers, squared distances, min over positions, per-class min over prototypes."""
+    net = toy_prototype_network()
+    layer, last = net.backbone[1], net.backbone[3]
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for param in [*net.parameters()]:
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64))
+        layer.prototypes.copy_(torch.rand(6, 3, generator=gen, dtype=torch.float64))
+    images = torch.rand(4, 3, 8, 12, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 2])
+    conv, c1, c2 = net.backbone[0], layer.add_on[0], layer.add_on[2]
+    with torch.no_grad():
+        f = torch.nn.functional.conv2d(images, conv.weight, conv.bias, stride=2)
+        hidden = torch.relu(torch.einsum("oc,bchw->bohw", c1.weight[:, :, 0, 0], f) + c1.bias[None, :, None, None])
+        z = torch.sigmoid(torch.einsum("oc,bchw->bohw", c2.weight[:, :, 0, 0], hidden) + c2.bias[None, :, None, None])
+        d = ((z[:, None] - layer.prototypes[None, :, :, None, None]) ** 2).sum(2).flatten(2).amin(2)  # [4, 6]
+        pclass = torch.tensor([0, 0, 1, 1, 2, 2])
+        clst = torch.stack([d[b, pclass == labels[b]].min() for b in range(4)]).mean()
+        sep = torch.stack([d[b, pclass != labels[b]].min() for b in range(4)]).mean()
+        logits = torch.log((d + 1) / (d + 1e-4)) @ last.weight.T
+        ce = (torch.logsumexp(logits, 1) - logits[torch.arange(4), labels]).mean()
+        l1 = sum(abs(float(last.weight[c, j])) for c in range(3) for j in range(6) if pclass[j] != c)
+    terms = ProtoPNetLoss(net, clst=0.7, sep=0.3, l1=0.05)(images, labels)
+    out = {k: float(v.detach()) for k, v in terms.items() if k != "logits"}
+    # the cross-entropy is taken in float32 (as under autocast), the rest in the model's float64
+    assert out["ce"] == pytest.approx(float(ce), rel=1e-6)
+    for key, want in {"clst": clst, "sep": sep, "l1": l1}.items():
+        assert out[key] == pytest.approx(float(want), rel=1e-10), key
+    assert out["loss"] == pytest.approx(float(ce + 0.7 * clst - 0.3 * sep + 0.05 * l1), rel=1e-6)
+    # the last-layer stage: cross-entropy of the fixed scores + l1 x the wrong-class weights' L1
+    scores = torch.log((d + 1) / (d + 1e-4))
+    stage = _LastLayer(last, layer.prototype_class, 0.05)(scores, labels)
+    assert float(stage["loss"].detach()) == pytest.approx(float(ce + 0.05 * l1), rel=1e-6)
 
 
 def test_push_makes_each_prototype_a_latent_patch_of_its_class_and_records_where(shapes32):
@@ -271,7 +379,18 @@ def test_resume_skips_finished_stages_and_gives_the_uninterrupted_result(where, 
     assert done == ["01-warmup", "02-joint", "03-push", "04-last"] + (["05-joint"] if where == "push" else [])
     monkeypatch.setattr(tp, "push_prototypes", real_push)
     monkeypatch.setattr(tp, "fit", real_fit)
-    resumed, history, records = fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "cut", resume=True, **settings)
+    # what a kill between an atomic write and its rename leaves, in the run folder, the prototypes' folder and a
+    # finished stage's folder (where no stage's fit runs again to clean up)
+    cut = tmp_path / "cut"
+    leftovers = [
+        cut / ".stage_state.safetensors.k3j5h7g9.tmp.safetensors",
+        cut / "prototypes" / ".source-000007.png.a1b2c3d4.tmp.png",
+        cut / "stages" / "02-joint" / ".history.json.zz99yy88.tmp.json",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    resumed, history, records = fit_protopnet(small_net(), shapes32, out_dir=cut, resume=True, **settings)
+    assert not [path for path in leftovers if path.exists()]
     for key, value in full.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
     assert records == full_records
@@ -281,6 +400,185 @@ def test_resume_skips_finished_stages_and_gives_the_uninterrupted_result(where, 
     fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "cut", **{**settings, "cycles": 1})
     assert json.loads((tmp_path / "cut" / "stages.json").read_text())["done"][-1] == "04-last"
     assert not (tmp_path / "cut" / "stages" / "05-joint").exists()
+
+
+def test_each_stage_trains_what_the_paper_says_at_its_learning_rates(tmp_path, monkeypatch):
+    """The optimiser of every stage, read at each of its steps: warm-up trains the add-on layers and the
+    prototypes at their rates; joint adds the backbone, every rate x0.1 per joint epoch (joint_lr_step=1)
+    counted across cycles; the last-layer stages train the last layer at last_lr; no weight decay on the
+    prototypes. The push records keep each source image's file name."""
+    made = []
+
+    class Recorded(torch.optim.Adam):  # the real Adam, which notes its groups' rates at every step
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.rates = []
+            made.append(self)
+
+        def step(self, closure=None):
+            self.rates.append([group["lr"] for group in self.param_groups])
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", Recorded)
+    data = InMemory(Shapes("train", 64, size=32, seed=0))
+    names = [f"img-{i:03d}.png" for i in range(64)]
+    lr = {"features_lr": 1e-4, "add_on_lr": 2e-3, "prototypes_lr": 5e-3, "last_lr": 7e-4}
+    net, _, records = fit_protopnet(
+        small_net(), data, prototypes_per_class=1, dim=8, warm_epochs=1, joint_epochs=2, last_epochs=1, cycles=2,
+        joint_lr_step=1, weight_decay=1e-3, batch_size=32, progress=False, device="cpu", out_dir=tmp_path / "run",
+        names=names, **lr,
+    )  # fmt: skip
+    assert len(made) == 5  # warm-up, joint, last, joint, last (the pushes use no optimiser)
+    warm, joint1, last1, joint2, last2 = made
+    head = [lr["add_on_lr"], lr["prototypes_lr"]]
+    assert warm.rates == [head] * 2  # 64 images / 32 per batch: 2 steps per epoch
+    every = [lr["features_lr"], *head]
+    decayed = lambda epochs: [[r * 0.1**epochs for r in every]] * 2  # noqa: E731  (2 steps of one joint epoch)
+    torch.testing.assert_close(
+        torch.tensor(joint1.rates, dtype=torch.float64),
+        torch.tensor(decayed(0) + decayed(1), dtype=torch.float64),
+        rtol=1e-12,
+        atol=0,
+    )
+    torch.testing.assert_close(
+        torch.tensor(joint2.rates, dtype=torch.float64),
+        torch.tensor(decayed(2) + decayed(3), dtype=torch.float64),
+        rtol=1e-12,
+        atol=0,
+    )
+    assert last1.rates == last2.rates == [[lr["last_lr"]]] * 2
+    _, layer, last = find_prototype_layer(net)
+    ids = lambda opt: [{id(p) for p in group["params"]} for group in opt.param_groups]  # noqa: E731
+    head_ids = [{id(p) for p in layer.add_on.parameters()}, {id(layer.prototypes)}]
+    assert ids(warm) == head_ids
+    backbone = {id(p) for p in net.parameters()} - head_ids[0] - head_ids[1] - {id(last.weight)}
+    assert ids(joint1) == [backbone, *head_ids]
+    assert ids(last1) == [{id(last.weight)}]
+    assert [g["weight_decay"] for g in warm.param_groups] == [1e-3, 0.0]
+    assert [g["weight_decay"] for g in joint1.param_groups] == [1e-3, 1e-3, 0.0]
+    assert all(r["file"] == names[r["index"]] for r in records) and len({r["file"] for r in records}) > 1
+
+
+def test_the_warm_up_moves_only_the_add_on_layers_and_prototypes_and_the_stage_state_is_durable(tmp_path, monkeypatch):
+    """After the warm-up (cut as the joint stage starts) every backbone weight and batch-norm statistic and the
+    last layer are bit-identical to the network's start; the stage state file is flushed to disk (fsync)."""
+    import xcnn._io
+    import xcnn.training.protopnet as tp
+
+    real_fit, real_fsync = tp.fit, xcnn._io._fsync
+    calls, synced = [], []
+
+    def cut(*args, **kwargs):
+        calls.append(kwargs["out_dir"].name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    def fsync(path):
+        synced.append(Path(path).name)
+        real_fsync(path)
+
+    monkeypatch.setattr(tp, "fit", cut)
+    monkeypatch.setattr(xcnn._io, "_fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        fit_protopnet(
+            small_net(), InMemory(Shapes("train", 64, size=32, seed=0)), prototypes_per_class=1, dim=8, warm_epochs=1,
+            batch_size=32, progress=False, device="cpu", out_dir=tmp_path / "run",
+        )  # fmt: skip
+    assert calls == ["01-warmup", "02-joint"]
+    assert any(name.startswith(".stage_state.safetensors.") for name in synced)
+    from safetensors.torch import load_file
+
+    after = load_file(str(tmp_path / "run" / "stage_state.safetensors"))
+    before = protopnet(small_net(), 1, dim=8, seed=0).backbone.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"pool.add_on.0.weight", "pool.add_on.0.bias", "pool.add_on.2.weight", "pool.add_on.2.bias",
+                     "pool.prototypes"}  # fmt: skip
+
+
+def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
+    data = InMemory(Shapes("train", 64, size=32, seed=0))
+    model, out = small_net(), tmp_path / "run"
+    cases = [
+        ({"names": ["a.png"] * 63}, ValueError, "names has 63 file names for the 64 images"),
+        ({"names": "a.png"}, TypeError, "names must be a sequence"),
+        ({"names": [1] * 64}, TypeError, "names must hold file names"),
+        ({"resume": True, "out_dir": None}, ValueError, "resume=True needs out_dir"),
+        ({"resume": "yes"}, TypeError, "resume must be True or False"),
+        ({"sep": -0.1}, ValueError, r"sep must be in \[0, inf\)"),
+        ({"clst": math.nan}, ValueError, "clst must be finite"),
+        ({"features_lr": 0.0}, ValueError, "features_lr must be a positive number"),
+        ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
+        ({"batch_size": 65}, ValueError, "fewer than one batch"),
+        ({"warm_epochs": -1}, ValueError, r"warm_epochs must be in \[0, inf\)"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"dim": 0}, ValueError, "dim must be a positive integer"),
+        ({"device": "nope"}, ValueError, "device: 'nope' is not a device"),
+        ({"val_data": torch.rand(4, 3, 32, 32)}, TypeError, "val_data must be a dataset"),
+        ({"dim": 10**6}, ValueError, "would need"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            fit_protopnet(model, data, **{"out_dir": out, **kwargs})
+    bad = InMemory(Shapes("train", 64, size=32, seed=0))
+    bad.tensors["image"][0, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="data's sample 0: images contain NaN"):
+        fit_protopnet(model, bad, out_dir=out)
+    wrong = InMemory(Shapes("train", 64, size=32, seed=0))
+    wrong.tensors["label"][5] = 9
+    with pytest.raises(ValueError, match="label 9; labels are class indices \\[0, 6\\)"):
+        fit_protopnet(model, wrong, out_dir=out)
+    assert not out.exists()  # nothing was written
+    net = protopnet(model, 1, dim=8)
+    for kwargs, message in [
+        ({"percentile": 100}, r"percentile must be in \(0, 100\)"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+        ({"num_workers": -1}, r"num_workers must be in \[0, inf\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            push_prototypes(net, data, **kwargs)
+    late = InMemory(Shapes("train", 64, size=32, seed=0))
+    late.tensors["image"][37, 1] = math.inf  # not the first sample: found as its batch is read
+    with pytest.raises(ValueError, match=r"push: data \(samples 32 on\): images contain NaN or Inf"):
+        push_prototypes(net, late, batch_size=16)
+    with pytest.raises(ValueError, match="push: data is empty"):
+        push_prototypes(net, TensorDataset(torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)))
+
+
+def test_a_prototype_layer_too_large_for_memory_is_refused_before_it_is_allocated():
+    """dim=10**6 would be a 10**12-weight add-on convolution (4 TB in float32, x4 to train it)."""
+    with pytest.raises(
+        ValueError, match=r"protopnet: a prototype layer of 12 prototypes .* of dim=1000000 .* would need"
+    ):
+        protopnet(small_net(), 2, dim=10**6)
+    with pytest.raises(ValueError, match="would need"):
+        protopnet(small_net(), 10**12, dim=8)
+    for kwargs, error, message in [
+        ({"eps": 0}, ValueError, r"eps must be in \(0, 1\)"),
+        ({"eps": 1.0}, ValueError, r"eps must be in \(0, 1\)"),
+        ({"where": 3}, TypeError, "where must be a module name"),
+        ({"seed": "0"}, TypeError, "seed must be an integer"),
+    ]:
+        with pytest.raises(error, match=message):
+            protopnet(small_net(), 2, **kwargs)
+
+
+def test_protopnet_on_mobilenet_v3_small_takes_the_heads_pool_not_a_squeeze_excitation_pool():
+    """mobilenet_v3_small's SE blocks hold global average pools too, and its head is Linear-Hardswish-
+    Dropout-Linear: the prototype layer replaces the pool before the head, the last layer the whole head."""
+    base = load_model("mobilenet_v3_small", pretrained=False)
+    pools = [n for n, m in base.backbone.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    assert len(pools) > 1 and pools[-1] == "avgpool"
+    with pytest.warns(UserWarning, match="took 'avgpool'"):
+        net = protopnet(base, 1, dim=8)
+    name, layer, last = find_prototype_layer(net)
+    assert name == "avgpool" and layer.in_channels == 576 and layer.num_prototypes == 1000
+    assert [n for n, m in net.backbone.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)] == pools[:-1]
+    assert net.backbone.classifier is last and (last.in_features, last.out_features) == (1000, 1000)
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), Tap(net.backbone, ["avgpool"]) as tap:
+        logits = net.eval()(x)
+    torch.testing.assert_close(logits, last(tap.get("avgpool").flatten(1)))
 
 
 def test_the_cli_trains_and_explains_a_prototype_network(tmp_path, capsys):

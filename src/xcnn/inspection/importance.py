@@ -10,13 +10,16 @@ importance = mean over images of ``|Σ_{h,w} A_k ∂y_i/∂A_k|``; ablation impo
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from .._validate import check_positive
 from ..data import batches
+from ..explain.base import check_images
 from ..hooks import Tap, frozen, named_layer, scale_channels
 from ..models import Classifier, as_classifier
 
@@ -28,14 +31,74 @@ Data = Dataset | Mapping[str, Tensor]
 
 def _batches(data: Data, batch_size: int) -> Iterable[tuple[Tensor, Tensor | None]]:
     """``(images, labels or None)`` batches of a dataset (dict, tuple or bare-image samples) or a dict of
-    stacked tensors, in order (the harness's batching)."""
+    stacked tensors, in order (the harness's batching). Each batch is checked as it comes (the data are
+    streamed): images finite float ``[B,3,H,W]`` in [0,1], labels integer class indices >= 0."""
+    check_positive("batch_size", batch_size)
+    if isinstance(data, Mapping):
+        if not isinstance(data.get("image"), Tensor):
+            raise ValueError(f"data given as a dict needs an 'image' tensor [N,3,H,W]; it has the keys {sorted(data)}")
+    elif isinstance(data, (str, bytes, Tensor)) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        hint = " (wrap images in a dict {'image': ..., 'label': ...})" if isinstance(data, Tensor) else ""
+        raise TypeError(f"data must be a dataset or a dict of stacked tensors, got {type(data).__name__}{hint}")
+    start = 0
     for batch in batches(data, batch_size):
         if isinstance(batch, Mapping):
-            yield batch["image"], batch.get("label")
+            images, labels = batch["image"], batch.get("label")
         elif isinstance(batch, (tuple, list)):
-            yield batch[0], batch[1] if len(batch) > 1 else None
+            images, labels = batch[0], batch[1] if len(batch) > 1 else None
         else:
-            yield batch, None
+            images, labels = batch, None
+        _check_batch(images, labels, start)
+        yield images, labels
+        start += len(images)
+
+
+def _check_batch(images: object, labels: object, start: int) -> None:
+    """A clear error naming the samples of a bad batch (NaN or out-of-range pixels, labels that are no class
+    indices) before any of it is used."""
+    where = f"data (samples {start} onwards)"
+    try:
+        check_images(images)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    if labels is None:
+        return
+    if (
+        not isinstance(labels, Tensor)
+        or labels.dtype == torch.bool
+        or labels.is_floating_point()
+        or labels.is_complex()
+    ):
+        got = f"{labels.dtype} tensor" if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"{where}: labels must be integer class indices, got {got}")
+    if labels.shape != (len(images),):
+        raise ValueError(f"{where}: {len(images)} images but labels of shape {list(labels.shape)}")
+    if bool((labels < 0).any()):
+        raise ValueError(f"{where}: labels must be class indices >= 0, got {int(labels.min())}")
+
+
+def _channel_list(channels: object, what: str = "channels") -> list[int]:
+    """``channels`` (a sequence or 1-D integer tensor of channel indices, at least one) as a list of ints."""
+    if isinstance(channels, Tensor):
+        if channels.dim() != 1 or channels.dtype == torch.bool or channels.is_floating_point() or channels.is_complex():
+            raise TypeError(
+                f"{what} must be channel indices (a list or a 1-D integer tensor), got a {channels.dtype} tensor "
+                f"of shape {list(channels.shape)}"
+            )
+        channels = channels.tolist()
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+        raise TypeError(f"{what} must be a list of channel indices, got {type(channels).__name__} {channels!r}")
+    bad = [k for k in channels if isinstance(k, bool) or not isinstance(k, numbers.Integral)]
+    if bad:
+        raise TypeError(f"{what} must be integer channel indices, got {bad!r}")
+    if not channels:
+        raise ValueError(f"{what} is empty: name at least one channel")
+    return [int(k) for k in channels]
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
 
 
 def progress_bar(iterable: Iterable, desc: str, progress: bool | None) -> Iterable:
@@ -52,14 +115,28 @@ def _targets(kind: str, logits: Tensor, labels: Tensor | None) -> Tensor:
         return logits.detach().argmax(1)
     if labels is None:
         raise ValueError("targets='label' needs labelled data (samples with a 'label'); or pass targets='predicted'")
+    high = int(labels.max())  # the data's labels (on the CPU as loaded: no device sync)
+    if high >= logits.shape[1]:
+        raise ValueError(
+            f"the data have the label {high}, but the model has {logits.shape[1]} classes; labels of another task "
+            "than the model's need targets='predicted'"
+        )
     return labels.to(logits.device).long()
+
+
+def _check_layer(clf: Classifier, layer: object, what: str = "layer") -> str:
+    """``layer`` checked to be the name of one of the model's modules."""
+    if not isinstance(layer, str):
+        raise TypeError(f"{what} must be a module name (str), got {type(layer).__name__} {layer!r}")
+    named_layer(clf.backbone, layer)
+    return layer
 
 
 def _check(model: nn.Module, layer: str, targets: str) -> Classifier:
     if targets not in ("label", "predicted"):
         raise ValueError(f"targets must be 'label' or 'predicted', got {targets!r}")
     clf = as_classifier(model)
-    named_layer(clf.backbone, layer)
+    _check_layer(clf, layer)
     return clf
 
 
@@ -93,9 +170,11 @@ def filter_importance(
     """
     if method not in IMPORTANCE_METHODS:
         raise ValueError(f"unknown importance method {method!r}; available: {', '.join(IMPORTANCE_METHODS)}")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_positive("batch_size", batch_size)
+    _check_progress(progress)
     clf = _check(model, layer, targets)
+    if channels is not None:
+        channels = _channel_list(channels)
     device = next(clf.parameters()).device
     total: Tensor | None = None
     n = 0
@@ -167,6 +246,8 @@ def ablation_effect(
 ) -> dict[str, float]:
     """Zero ``channels`` of ``layer`` together: the mean drop of the target logit, and with labelled
     ``data`` the accuracy before and after: ``{"logit_drop", "accuracy", "ablated_accuracy"}``."""
+    channels = _channel_list(channels)
+    check_positive("batch_size", batch_size)
     clf = _check(model, layer, targets)
     device = next(clf.parameters()).device
     drop = correct = correct_ablated = 0.0

@@ -17,11 +17,11 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from .._io import atomic_write
-from ..hooks import named_layer
+from .._validate import check_number, check_positive, read_json
 from ..models import Classifier, stage_layers, survey_layers
 from ..training.trainer import Callback, TrainerContext
-from .features import _pearson_matrix, correlation_summary, linear_cka, pooled_features, stack_data
-from .importance import Data, filter_importance
+from .features import _check_layers, _pearson_matrix, correlation_summary, linear_cka, pooled_features, stack_data
+from .importance import Data, _check_layer, _check_progress, filter_importance
 from .probes import _check_labels, fit_alternate
 
 __all__ = ["MONITOR_FILE", "Monitor", "load_history"]
@@ -43,8 +43,9 @@ class Monitor(Callback):
     """Layer-wise inspection at the end of every ``every``-th epoch (and the last one).
 
     ``data``: labelled images the model does not train on (the validation set); ``images`` of them (a
-    seeded random draw, the same at every check) are used, alternately for fitting the probes (even positions) and for measuring (odd positions:
-    probe accuracy, Taylor importance, correlation, CKA). ``layers``: default the stage outputs;
+    seeded random draw, the same at every check, drawn and checked when the monitor is built) are used,
+    alternately for fitting the probes (even positions) and for measuring (odd positions: probe accuracy,
+    Taylor importance, correlation, CKA). ``layers``: default the stage outputs;
     ``importance_layer``: the layer whose filters are ranked (default the deepest of ``layers``).
     Runs on rank 0 only; the model's weights, BatchNorm statistics and mode are left as they were, and
     the trainer restores every RNG after it, so a monitored run trains exactly like an unmonitored one.
@@ -65,19 +66,40 @@ class Monitor(Callback):
         batch_size: int = 64,
         progress: bool | None = False,
     ) -> None:
-        if every <= 0:
-            raise ValueError(f"every must be a positive number of epochs, got {every}")
-        if images is not None and images < 4:
-            raise ValueError(f"the monitor needs at least 4 images, got images={images}")
-        if top <= 0:
-            raise ValueError(f"top must be positive, got {top}")
+        check_positive("every", every)
+        if images is not None:
+            check_number("images", images, integer=True, low=4)  # two of each half at least
+        check_positive("top", top)
+        l2 = check_number("l2", l2, low=0)  # an infinite penalty would leave every probe at chance, silently
+        check_positive("batch_size", batch_size)
+        _check_progress(progress)
+        if layers is not None:
+            if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+                raise ValueError(f"layers must be a non-empty list of module names or None, got {layers!r}")
+            bad = next((n for n in layers if not isinstance(n, str)), None)
+            if bad is not None:
+                raise TypeError(f"layers must hold module names (str), got {type(bad).__name__} {bad!r}")
+        if importance_layer is not None and not isinstance(importance_layer, str):
+            raise TypeError(f"importance_layer must be a module name (str) or None, got {importance_layer!r}")
         self.data, self.images, self.every, self.top = data, images, every, top
         self.layers = list(layers) if layers is not None else None
         self.importance_layer = importance_layer
         self.l2, self.batch_size, self.progress = l2, batch_size, progress
         self.records: list[dict] = []
         self.previous: dict[str, Tensor] = {}
-        self._stacked: dict[str, Tensor] | None = None
+        # the images are drawn and checked now, on every process (a bad set fails before any training starts
+        # or any file is written, and in the same way on every rank of a distributed run)
+        self._stacked: dict[str, Tensor] | None = self._draw()
+
+    def _draw(self) -> dict[str, Tensor]:
+        """The monitor's images (a seeded draw of ``images`` of ``data``), each batch checked as it is read
+        (finite pixels in [0,1], integer labels), and a probe-fitting half that a probe can be fitted on."""
+        stacked = stack_data(self.data, self.images, seed=0)
+        if len(stacked["label"]) < 4:
+            raise ValueError(f"the monitor needs at least 4 labelled images, the data have {len(stacked['label'])}")
+        labels = stacked["label"]
+        _check_labels(labels[0::2], int(labels.max()) + 1)  # one class only, fewer images than classes
+        return stacked
 
     # checkpointed state -------------------------------------------------------------------------------
 
@@ -93,22 +115,22 @@ class Monitor(Callback):
     # the check ----------------------------------------------------------------------------------------
 
     def on_train_begin(self, ctx: TrainerContext) -> None:
-        """Check the data and the layers before any training (rank 0)."""
+        """Check the layers before any training (rank 0; the other ranks never check, and drop the images)."""
         if ctx.rank == 0:
             self._prepare(_classifier(ctx.model))
+        else:
+            self._stacked = None
 
     def _prepare(self, clf: Classifier) -> None:
         if self._stacked is None:
-            self._stacked = stack_data(self.data, self.images, seed=0)
-            if len(self._stacked["label"]) < 4:
-                raise ValueError("the monitor needs at least 4 labelled images")
-            labels = self._stacked["label"]
-            _check_labels(labels[0::2], int(labels.max()) + 1)  # one class only, fewer images than classes
+            self._stacked = self._draw()
         if self.layers is None:
             self.layers = stage_layers(clf)
+        self.layers = _check_layers(clf, self.layers)
+        if self.importance_layer is not None:
+            _check_layer(clf, self.importance_layer, "importance_layer")
         shapes = survey_layers(clf).shapes
         for name in [*self.layers, *([self.importance_layer] if self.importance_layer else [])]:
-            named_layer(clf.backbone, name)
             if len(shapes.get(name, ())) != 3:
                 raise ValueError(
                     f"layer {name!r} outputs {list(shapes.get(name, ()))} per image; the monitor needs feature maps [C,h,w]"
@@ -189,7 +211,7 @@ def load_history(run_dir: str | Path) -> dict:
             f"{run_dir} has no monitor records ({MONITOR_FILE}); train with --monitor (xcnn train benchmark "
             "--monitor, or a Monitor callback) to record them"
         )
-    history = json.loads(path.read_text())
-    if not history.get("records"):
+    history = read_json(path, "monitor records")
+    if not isinstance(history, dict) or not history.get("records"):
         raise ValueError(f"{path} holds no monitor records")
     return history

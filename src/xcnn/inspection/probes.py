@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_number, check_positive
 from ..explain.base import Explainer, check_images, register
-from ..hooks import Tap, frozen, named_layer
+from ..hooks import Tap, frozen
 from ..models import Classifier, as_classifier, stage_layers
-from .features import pooled_features
+from .features import _check_layers, pooled_features
 from .importance import Data
 
 __all__ = ["PROBE_METHODS", "ProbeCAM", "Probes", "layer_probes"]
@@ -132,6 +133,18 @@ def fit_alternate(
     return weights, biases, accuracy
 
 
+def _check_names(class_names: object) -> list[str] | None:
+    """``class_names`` (None, or a sequence of strings) as a list."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+        raise TypeError(f"class_names must be a list of names, got {type(class_names).__name__} {class_names!r}")
+    bad = next((name for name in class_names if not isinstance(name, str)), None)
+    if bad is not None:
+        raise TypeError(f"class_names must hold strings, got {type(bad).__name__} {bad!r}")
+    return list(class_names)
+
+
 def _check_labels(labels: Tensor | None, num_classes: int | None) -> int:
     if labels is None:
         raise ValueError("layer probes are fitted on labelled data (samples with a 'label')")
@@ -162,8 +175,22 @@ def fit_linear(
     """
     if method not in PROBE_METHODS:
         raise ValueError(f"unknown probe method {method!r}; available: {', '.join(PROBE_METHODS)}")
-    if not l2 >= 0:
-        raise ValueError(f"l2 must be >= 0, got {l2}")
+    # an infinite penalty would give weights of 0 and probes at chance, silently
+    l2 = check_number("l2", l2, low=0)
+    check_positive("max_iter", max_iter)
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.is_complex() or x.dtype == torch.bool:
+        got = f"a {x.dtype} tensor of shape {list(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"fit_linear: x must be a real [N,C] feature tensor, got {got}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("fit_linear: the features x contain NaN or Inf values")
+    if not isinstance(labels, Tensor) or labels.shape != (x.shape[0],) or labels.is_floating_point():
+        got = f"shape {list(labels.shape)}, {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"fit_linear: labels must be {x.shape[0]} integer class indices (one per row of x), got {got}")
+    check_positive("num_classes", num_classes)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"fit_linear: labels must be class indices in [0, {num_classes}), got {labels.unique().tolist()}"
+        )
     # a fit must work inside a caller's torch.inference_mode() (its tensors cannot enter autograd: copies can)
     with torch.inference_mode(False), torch.enable_grad():
         return _fit_linear(x.double().clone(), labels.long().cpu().clone(), num_classes, method, l2, max_iter)
@@ -232,11 +259,12 @@ def layer_probes(
     if method not in PROBE_METHODS:
         raise ValueError(f"unknown probe method {method!r}; available: {', '.join(PROBE_METHODS)}")
     clf = as_classifier(model)
-    layers = list(layers) if layers is not None else stage_layers(clf)
-    if not layers:
-        raise ValueError("no layers given")
-    for name in layers:
-        named_layer(clf.backbone, name)
+    layers = _check_layers(clf, layers if layers is not None else stage_layers(clf))
+    l2 = check_number("l2", l2, low=0)
+    check_positive("max_iter", max_iter)
+    if num_classes is not None:
+        check_positive("num_classes", num_classes)
+    class_names = _check_names(class_names)
     feats, labels = pooled_features(clf, data, layers, batch_size=batch_size, progress=progress)
     k = _check_labels(labels, num_classes)
     if class_names is None and clf.class_names is not None and len(clf.class_names) == k:

@@ -8,19 +8,29 @@ so no number is measured on the images a probe was fitted on.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 
+from .._validate import check_number, check_positive
 from ..explain import explainer
 from ..hooks import frozen
 from ..metrics.sanity import spearman
 from ..models import Classifier, as_classifier, stage_layers
-from .features import _pearson_matrix, class_means, correlation_summary, linear_cka, pooled_features, stack_data
-from .importance import Data, ablation_effect, filter_importance
-from .probes import Probes, _check_labels, fit_alternate
+from .features import (
+    _check_layers,
+    _pearson_matrix,
+    class_means,
+    correlation_summary,
+    linear_cka,
+    pooled_features,
+    stack_data,
+)
+from .importance import Data, _batches, _check_layer, _check_progress, ablation_effect, filter_importance
+from .probes import Probes, _check_labels, _check_names, fit_alternate
 
 __all__ = ["Inspection", "inspect_model"]
 
@@ -68,13 +78,49 @@ class Inspection:
 
 
 @torch.no_grad()
-def _predictions(clf: Classifier, images: Tensor, batch_size: int) -> Tensor:
-    """The model's top-1 class of each image (CPU)."""
+def _predictions(clf: Classifier, data: Data, batch_size: int) -> Tensor:
+    """The model's top-1 class of each image of ``data`` (CPU), batch by batch."""
     device = next(clf.parameters()).device
     with frozen(clf):
-        return torch.cat(
-            [clf(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-        )
+        return torch.cat([clf(images.to(device)).argmax(1).cpu() for images, _ in _batches(data, batch_size)])
+
+
+def _first(data: Data, images: int | None) -> Data:
+    """The first ``images`` (None: all) samples of ``data``, without reading or copying any: a view of stacked
+    tensors, a :class:`~torch.utils.data.Subset` of a dataset (the inspection streams them batch by batch)."""
+    if isinstance(data, Mapping):
+        if not isinstance(data.get("image"), Tensor):
+            raise ValueError(f"data given as a dict needs an 'image' tensor [N,3,H,W]; it has the keys {sorted(data)}")
+        n = len(data["image"]) if images is None else min(images, len(data["image"]))
+        return {key: value[:n] for key, value in data.items()}
+    if isinstance(data, (str, bytes, Tensor)) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TypeError(f"data must be a dataset or a dict of stacked tensors, got {type(data).__name__}")
+    return Subset(data, range(len(data) if images is None else min(images, len(data))))
+
+
+def _alternate(data: Data, start: int) -> Data:
+    """Every other sample of ``data`` from ``start`` (0: the even positions, 1: the odd ones), as a view."""
+    if isinstance(data, Mapping):
+        return {key: value[start::2] for key, value in data.items()}
+    return Subset(data, range(start, len(data), 2))
+
+
+class _Relabelled(Dataset):
+    """``data``'s images with other labels (the model's own top-1, to judge zeroed filters on a transfer task)."""
+
+    def __init__(self, data: Dataset, labels: Tensor) -> None:
+        self.data, self.labels = data, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        sample = self.data[index]
+        if isinstance(sample, Mapping):
+            sample = sample["image"]
+        elif isinstance(sample, (tuple, list)):
+            sample = sample[0]
+        return {"image": sample, "label": self.labels[index]}
 
 
 def _same_task(clf: Classifier, k: int, class_names: Sequence[str] | None) -> bool:
@@ -109,35 +155,59 @@ def inspect_model(
     ``taylor_ablation_spearman`` over them), accuracy with the ``top`` filters by Taylor (ranked on the
     probe-fitting half) zeroed against ``top`` random filters (``draws`` draws), each layer's feature correlation, the importance layer's
     filter-class association (mean pooled activation per class) and the linear CKA between layers; probe-CAM maps and layer-wise top-5 for ``samples`` images. When the data's classes are not
-    the model's (a transfer task), importance targets the model's top-1 instead of the label.
+    the model's (a transfer task), importance targets the model's top-1 instead of the label. The images are
+    streamed batch by batch (one pass per measurement; only the ``samples`` shown are held together), each
+    batch checked (finite pixels in [0,1], integer labels).
     """
     clf = as_classifier(model)
-    layers = list(layers) if layers is not None else stage_layers(clf)
-    importance_layer = importance_layer or layers[-1]
-    stacked = stack_data(data, images)
-    labels = stacked["label"]
+    layers = _check_layers(clf, layers if layers is not None else stage_layers(clf))
+    importance_layer = (
+        layers[-1] if importance_layer is None else _check_layer(clf, importance_layer, "importance_layer")
+    )
+    if images is not None:
+        check_positive("images", images)
+    class_names = _check_names(class_names)
+    for what, value in (("top", top), ("batch_size", batch_size)):
+        check_positive(what, value)
+    for what, value in (("draws", draws), ("agreement_channels", agreement_channels), ("samples", samples)):
+        check_number(what, value, integer=True, low=0)
+    l2 = check_number("l2", l2, low=0)  # an infinite penalty would leave every probe at chance, silently
+    check_number("seed", seed, integer=True, low=-(2**63), high=2**64 - 1)  # torch.Generator's range
+    _check_progress(progress)
+
+    # the data are streamed: one pass per measurement, no copy of the images is kept (views of stacked tensors
+    # or subsets of a dataset), each batch checked as it is read
+    subset = _first(data, images)
+    fit_part, evaluation = _alternate(subset, 0), _alternate(subset, 1)
+    tapped = list(dict.fromkeys([*layers, importance_layer]))
+    feats, labels = pooled_features(clf, subset, tapped, batch_size=batch_size, progress=progress)
+    if labels is None:
+        raise ValueError("layer-wise inspection needs labelled data (samples with a 'label')")
     k = int(labels.max()) + 1
+    if class_names is not None and len(class_names) < k:
+        raise ValueError(f"class_names has {len(class_names)} names, but the data have labels up to {k - 1}")
     if class_names is None and clf.class_names is not None and len(clf.class_names) == k:
         class_names = clf.class_names
     names = list(class_names) if class_names is not None else [str(c) for c in range(k)]
     same = _same_task(clf, k, class_names)
     targets = "label" if same else "predicted"
-    fit_part = {key: v[0::2] for key, v in stacked.items()}
-    evaluation = {key: v[1::2] for key, v in stacked.items()}
-
-    _check_labels(fit_part["label"], k)
-    tapped = list(dict.fromkeys([*layers, importance_layer]))
-    feats, _ = pooled_features(clf, stacked, tapped, batch_size=batch_size, progress=progress)
+    fit_labels, eval_labels = labels[0::2], labels[1::2]
+    _check_labels(fit_labels, k)
     eval_feats = {name: f[1::2] for name, f in feats.items()}
     weights, biases, accuracy = fit_alternate(feats, labels, layers, k, l2)
     probes = Probes(clf, weights, biases, class_names=names, model_task=same)
 
     device = next(clf.parameters()).device
-    predicted = _predictions(clf, evaluation["image"], batch_size)
-    model_accuracy = float((predicted == evaluation["label"]).double().mean()) if same else None
+    predicted = _predictions(clf, evaluation, batch_size)
+    model_accuracy = float((predicted == eval_labels).double().mean()) if same else None
     # zeroing filters is judged by accuracy against the labels, or on another task than the model's by
     # how often the model's own top-1 survives
-    judged = evaluation if same else {"image": evaluation["image"], "label": predicted}
+    if same:
+        judged = evaluation
+    elif isinstance(evaluation, Mapping):
+        judged = {"image": evaluation["image"], "label": predicted}
+    else:
+        judged = _Relabelled(evaluation, predicted)
 
     taylor = filter_importance(
         clf, evaluation, importance_layer, "taylor", targets=targets, batch_size=batch_size, progress=progress
@@ -150,10 +220,12 @@ def inspect_model(
     chosen = torch.cat(
         [order[:half], rest[torch.randperm(len(rest), generator=gen)[: min(c, agreement_channels) - half]]]
     )
-    ablation_all = filter_importance(
-        clf, evaluation, importance_layer, "ablation", targets=targets, batch_size=batch_size,
-        channels=chosen.tolist(), progress=progress,
-    )  # fmt: skip
+    ablation_all = torch.full((c,), math.nan, dtype=torch.float64)  # agreement_channels=0: none ablated
+    if len(chosen):
+        ablation_all = filter_importance(
+            clf, evaluation, importance_layer, "ablation", targets=targets, batch_size=batch_size,
+            channels=chosen.tolist(), progress=progress,
+        )  # fmt: skip
     ablation = {int(ch): float(ablation_all[ch]) for ch in chosen}
     rho = None
     if len(chosen) > 2:
@@ -185,7 +257,7 @@ def inspect_model(
         for name in dict.fromkeys([*layers, importance_layer])
     }
     correlation_matrix = _pearson_matrix(eval_feats[importance_layer])
-    association = class_means(eval_feats[importance_layer], evaluation["label"], k)
+    association = class_means(eval_feats[importance_layer], eval_labels, k)
     similarity = torch.ones(len(layers), len(layers), dtype=torch.float64)
     for a in range(len(layers)):
         for b in range(a + 1, len(layers)):
@@ -194,9 +266,10 @@ def inspect_model(
             except ValueError:
                 similarity[a, b] = similarity[b, a] = math.nan
 
-    shown = {key: v[:samples] for key, v in evaluation.items()}
-    sample_info: dict = {"images": shown["image"], "labels": [names[int(y)] for y in shown["label"]]}
+    sample_info: dict = {"images": None, "labels": []}
     if samples > 0:
+        shown = stack_data(evaluation, samples)  # only the few images shown are loaded together
+        sample_info = {"images": shown["image"], "labels": [names[int(y)] for y in shown["label"]]}
         top5 = probes.top(shown["image"].to(device), k=5)
         sample_info["top"] = top5
         if same:  # the shown images are the first measured ones: their top-1 is already known
@@ -212,7 +285,7 @@ def inspect_model(
         }
     return Inspection(
         model=clf.name, layers=layers, importance_layer=importance_layer, class_names=names, same_task=same,
-        targets=targets, n_fit=len(fit_part["label"]), n_eval=len(evaluation["label"]), probe_accuracy=accuracy,
+        targets=targets, n_fit=len(fit_labels), n_eval=len(eval_labels), probe_accuracy=accuracy,
         model_accuracy=model_accuracy, taylor=taylor.tolist(), ablation=ablation, taylor_ablation_spearman=rho,
         top_vs_random=top_vs_random, correlation=correlation, correlation_matrix=correlation_matrix,
         similarity=similarity, association=association, samples=sample_info, probes=probes,

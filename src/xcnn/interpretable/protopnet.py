@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_memory, check_number, check_positive
 from ..explain.base import Explainer, check_images, check_targets, register
 from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module, swapped_copy
 from ..models import Classifier, as_classifier, register_edit
@@ -186,35 +187,41 @@ def protopnet(
 ) -> Classifier:
     """A prototype network built on ``model``'s backbone (a copy; the caller's model is untouched).
 
-    The global average pool (or the pooling module named by ``where``) becomes a :class:`PrototypeLayer`
-    with ``prototypes_per_class`` prototypes of ``dim`` channels per class, the linear classifier after it
-    becomes the last layer (``m`` prototypes -> the same classes, no bias, initialised to 1 for a
-    prototype's own class and -0.5 for the others), and dropout between the two is switched off (it would
-    drop similarity scores). The backbone keeps its trained weights; the new layers are drawn from
-    ``seed``. The edit is recorded, so :func:`xcnn.models.save_model` / :func:`xcnn.load_model` rebuild the
-    network without code.
+    The global average pool before the classifier (or the pooling module named by ``where``) becomes a
+    :class:`PrototypeLayer` with ``prototypes_per_class`` prototypes of ``dim`` channels per class, the
+    classifier after it becomes the last layer (``m`` prototypes -> the same classes, no bias, initialised
+    to 1 for a prototype's own class and -0.5 for the others), and dropout between the two is switched off
+    (it would drop similarity scores). The classifier is the linear layer read from the pool, or, for a head
+    with a hidden layer (mobilenet_v3's Linear-Hardswish-Dropout-Linear), the whole head module whose output
+    is the logits. The backbone keeps its trained weights; the new layers are drawn from ``seed``. The edit is
+    recorded, so :func:`xcnn.models.save_model` / :func:`xcnn.load_model` rebuild the network without code.
     """
-    if isinstance(prototypes_per_class, bool) or not isinstance(prototypes_per_class, int) or prototypes_per_class < 1:
-        raise ValueError(f"protopnet: prototypes_per_class must be a positive integer, got {prototypes_per_class!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"protopnet: dim must be a positive integer, got {dim!r}")
+    check_positive("protopnet: prototypes_per_class", prototypes_per_class)
+    check_positive("protopnet: dim", dim)
+    eps = check_number("protopnet: eps", eps, low=0, low_open=True, high=1, high_open=True)
+    if where is not None and not isinstance(where, str):
+        raise TypeError(f"protopnet: where must be a module name (str) or None, got {type(where).__name__} {where!r}")
+    check_number("protopnet: seed", seed, integer=True, low=-(2**63), high=2**64 - 1)  # torch.manual_seed's range
     with torch.inference_mode(False):  # new parameters must be trainable even when called in inference mode
         clf = as_classifier(model)
         backbone = clf.backbone
         if has_prototypes(backbone):
             raise ValueError(f"protopnet: {type(backbone).__name__} already has a prototype layer")
-        place = where if where is not None else global_pool_place(backbone, "protopnet")
+        ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
+        dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None, dtype=dtype)
+        x = (dummy - clf.mean) / clf.std
+        # several global pools (squeeze-and-excitation blocks hold their own): the last the forward runs at the
+        # model's own input size is the one before the classifier
+        place = where if where is not None else global_pool_place(backbone, "protopnet", example=x)
         flatten = _global_avg_pool(named_layer(backbone, place))
         if flatten is None:
             raise ValueError(
                 f"protopnet: {place!r} is {type(named_layer(backbone, place)).__name__}, not a global average pool; "
                 "the prototype layer takes the place of the pooling before the classifier"
             )
-        ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
-        dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
-        dummy = torch.zeros(1, 3, *clf.input_size, device=ref.device if ref is not None else None, dtype=dtype)
         with frozen(backbone):
-            shapes = input_shapes(backbone, [place], (dummy - clf.mean) / clf.std)[place]
+            shapes = input_shapes(backbone, [place], x)[place]
         if len(shapes) != 1:
             raise ValueError(f"protopnet: {place!r} is called {len(shapes)} times in one forward pass")
         shape = shapes[0]
@@ -224,13 +231,14 @@ def protopnet(
                 f"{clf.input_size}; prototypes need a spatial map (h x w > 1) to compare with"
             )
         channels = int(shape[1])
-        classifier = _classifier_after(backbone, place, channels)
+        classifier, num_classes = _classifier_after(backbone, place, channels, x)
+        _check_size(channels, num_classes, prototypes_per_class, dim, (int(shape[-2]), int(shape[-1])), dtype)
         names = [n for n, _ in backbone.named_modules()]
         between = names[names.index(place) + 1 : names.index(classifier)]
         dropout = [n for n in between if isinstance(named_layer(backbone, n), nn.Dropout)]
         args = {
             "classifier": classifier, "dropout": dropout,
-            "layer": {"in_channels": channels, "num_classes": named_layer(backbone, classifier).out_features,
+            "layer": {"in_channels": channels, "num_classes": num_classes,
                       "prototypes_per_class": prototypes_per_class, "dim": dim, "eps": eps, "flatten": flatten},
         }  # fmt: skip
         new_backbone = copy.deepcopy(backbone)
@@ -238,7 +246,7 @@ def protopnet(
             torch.manual_seed(seed)
             _make_protopnet(new_backbone, place, **args)
         named_layer(new_backbone, place).train(named_layer(backbone, place).training)
-        _check_head(backbone, new_backbone, place, classifier, (dummy - clf.mean) / clf.std)
+        _check_head(backbone, new_backbone, place, classifier, x)
         edit = {"op": "protopnet", "where": place, "args": args}
         spec = None if clf.spec is None else {**clf.spec, "edits": [*clf.spec.get("edits", []), edit]}
         out = Classifier(
@@ -248,6 +256,24 @@ def protopnet(
         )  # fmt: skip
         out.training = clf.training
         return out
+
+
+def _check_size(
+    channels: int, num_classes: int, per_class: int, dim: int, grid: tuple[int, int], dtype: torch.dtype | None
+) -> None:
+    """Refuse a prototype layer whose training cannot fit this machine's memory, before anything is allocated:
+    its parameters and the last layer (x4 in training: weights, gradients and Adam's two moments) and one
+    image's latent map, add-on activations and distance maps."""
+    m = num_classes * per_class
+    params = channels * dim + dim * dim + 2 * dim + m * dim + m * num_classes
+    per_image = grid[0] * grid[1] * (3 * dim + 3 * m)
+    size = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    nbytes = size * (4 * params + per_image)
+    check_memory(
+        float(min(nbytes, 2**80)),  # exact integers (huge ones would overflow a float) up to far beyond any machine
+        f"protopnet: a prototype layer of {m} prototypes (prototypes_per_class={per_class} x {num_classes} classes) "
+        f"of dim={dim} on {channels} channels",
+    )
 
 
 def _check_head(old: nn.Module, new: nn.Module, place: str, classifier: str, x: Tensor) -> None:
@@ -269,18 +295,46 @@ def _check_head(old: nn.Module, new: nn.Module, place: str, classifier: str, x: 
         )
 
 
-def _classifier_after(backbone: nn.Module, place: str, channels: int) -> str:
+def _classifier_after(backbone: nn.Module, place: str, channels: int, x: Tensor) -> tuple[str, int]:
+    """``(name, classes)`` of the classifier that reads the pool at ``place``: the first ``nn.Linear`` after it
+    (with ``channels`` inputs), or the innermost module holding that layer whose output is the logits (a head
+    with a hidden layer, replaced whole)."""
     names = [n for n, _ in backbone.named_modules()]
     for later in names[names.index(place) + 1 :]:
         module = named_layer(backbone, later)
         if isinstance(module, nn.Linear):
             if module.in_features != channels:
                 break
-            return later
+            parts = later.split(".")
+            holders = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]  # itself, then its parents
+            holders = [h for h in holders if not place.startswith(h + ".")]  # never a module holding the pool
+            head = _logits_module(backbone, holders, x)
+            if head is None:  # _check_head explains what is wrong with it
+                return later, module.out_features
+            return head
     raise ValueError(
         f"protopnet: no nn.Linear with {channels} inputs follows {place!r}; the prototype network's last layer "
         "takes the place of the linear classifier after the global pool"
     )
+
+
+def _logits_module(backbone: nn.Module, names: Sequence[str], x: Tensor) -> tuple[str, int] | None:
+    """The first of ``names`` whose output is the backbone's output (the very tensor it returns), with the
+    number of classes; None when none is."""
+    outputs: dict[str, object] = {}
+    handles = [
+        named_layer(backbone, n).register_forward_hook(lambda m, a, out, n=n: outputs.setdefault(n, out)) for n in names
+    ]
+    try:
+        with frozen(backbone), torch.no_grad():
+            logits = backbone(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in names:
+        if outputs.get(name) is logits and isinstance(logits, Tensor) and logits.dim() == 2:
+            return name, int(logits.shape[1])
+    return None
 
 
 @register_edit("protopnet")

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .._io import atomic_write, prepare_out_dir, write_json
+from .._io import atomic_write, prepare_out_dir, remove_temporaries, write_json
+from .._validate import check_number, check_positive
+from ..explain.base import check_images
 from ..hooks import Tap, frozen
 from ..interpretable.protopnet import (
     PrototypeLayer,
@@ -37,7 +39,17 @@ from ..interpretable.protopnet import (
     prototype_view,
 )
 from ..models import TRAINED_BY_XCNN, Classifier, as_classifier, save_model
-from .trainer import accuracy_eval, fit, settings_record, to_device, training_device
+from .trainer import (
+    accuracy_eval,
+    check_dataset,
+    check_labels,
+    check_sample,
+    dataset_labels,
+    fit,
+    settings_record,
+    to_device,
+    training_device,
+)
 
 __all__ = ["ProtoPNetLoss", "fit_protopnet", "protopnet_costs", "push_prototypes", "stage_plan"]
 
@@ -135,6 +147,37 @@ def _sample(data: Dataset, index: int) -> tuple[Tensor, int]:
     return sample[0], int(sample[1])
 
 
+def _device(device: object) -> torch.device:
+    """``device`` parsed (a clear error for a name torch does not know)."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, (str, int)) or isinstance(device, bool):
+        raise TypeError(f"device must be a torch.device, a name such as 'cpu' or 'cuda:0', or None; got {device!r}")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device: {device!r} is not a device torch knows ({err})") from None
+
+
+def _check_data(data: object, what: str, num_classes: int, batch_size: int | None = None) -> int:
+    """``len(data)`` after checking, before any work, that ``data`` is a dataset of labelled samples: every
+    label a class index in ``[0, num_classes)`` (all of them when the dataset exposes them, else the first
+    sample's) and the first sample's image a finite float ``[3,H,W]`` tensor in [0,1]."""
+    n = check_dataset(data, what, batch_size=batch_size)
+    image, _ = check_sample(data[0], f"{what}'s sample 0", num_classes=num_classes)
+    _check_pixels(image[None], f"{what}'s sample 0")
+    check_labels(data, num_classes, what)
+    return n
+
+
+def _check_pixels(images: Tensor, what: str) -> None:
+    """:func:`~xcnn.explain.base.check_images` with ``what`` (which samples) in its message."""
+    try:
+        check_images(images)
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{what}: {err}") from None
+
+
 @torch.no_grad()
 def push_prototypes(
     model: nn.Module,
@@ -155,9 +198,11 @@ def push_prototypes(
     naming the prototypes that could not be pushed."""
     clf = as_classifier(model)
     name, layer, _ = find_prototype_layer(clf)
-    dev = torch.device(device) if device is not None else layer.prototypes.device
-    if not 0 < percentile < 100:
-        raise ValueError(f"percentile must be in (0, 100), got {percentile}")
+    check_positive("push: batch_size", batch_size)
+    percentile = check_number("push: percentile", percentile, low=0, high=100, low_open=True, high_open=True)
+    check_number("push: num_workers", num_workers, integer=True, low=0)
+    dev = _device(device) if device is not None else layer.prototypes.device
+    _check_data(data, "push: data", layer.num_classes)
     m = layer.num_prototypes
     pclass = layer.prototype_class.to(dev)
     best = torch.full((m,), float("inf"), device=dev, dtype=torch.float64)
@@ -170,6 +215,8 @@ def push_prototypes(
     with frozen(clf):
         clf.to(dev)  # moved back below: the caller's model stays where it was
         for batch in loader:
+            # each batch checked on the host as it is read (a NaN image would silently never be nearest)
+            _check_pixels(batch["image"] if isinstance(batch, dict) else batch[0], f"push: data (samples {offset} on)")
             batch = to_device(batch, dev)
             images, labels = batch["image"], batch["label"]
             with Tap(clf.backbone, [f"{name}.add_on"]) as tap:
@@ -271,23 +318,9 @@ def _scores(model: Classifier, data: Dataset, batch_size: int, device: torch.dev
     return TensorDataset(torch.cat(scores), torch.cat(labels))
 
 
-def _known_labels(data: Dataset) -> Tensor | None:
-    """The labels of ``data`` when it exposes them without loading images (in-memory tensors, an image
-    folder's samples); None otherwise."""
-    tensors = getattr(data, "tensors", None)
-    if isinstance(tensors, dict) and "label" in tensors:
-        return tensors["label"]
-    if isinstance(tensors, (tuple, list)) and len(tensors) > 1:
-        return tensors[1]
-    samples = getattr(data, "samples", None)
-    if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
-        return torch.tensor([int(s[1]) for s in samples])
-    return None
-
-
 def _check_classes(model: Classifier, data: Dataset) -> None:
     """Push needs images of every class: refuse data that lacks some before anything is trained."""
-    labels = _known_labels(data)
+    labels = dataset_labels(data)
     if labels is None:
         return  # push checks it in any case
     k = model.num_classes
@@ -312,6 +345,24 @@ def _param_groups(model: Classifier, kind: str, lrs: dict[str, float], weight_de
         features = [p for p in model.parameters() if id(p) not in head]
         groups.insert(0, {"params": features, "lr": lrs["features"], "weight_decay": weight_decay})
     return groups
+
+
+def _check_fit_settings(**settings: object) -> None:
+    """Clear errors for :func:`fit_protopnet`'s numbers and flags, before any work."""
+    for what in ("prototypes_per_class", "dim", "joint_epochs", "cycles", "joint_lr_step", "batch_size"):
+        check_positive(what, settings[what])
+    for what in ("warm_epochs", "last_epochs", "num_workers"):
+        check_number(what, settings[what], integer=True, low=0)
+    check_number("seed", settings["seed"], integer=True, low=-(2**63), high=2**63 - 1)  # torch.manual_seed's range
+    for what in ("clst", "sep", "l1", "weight_decay"):
+        check_number(what, settings[what], low=0)
+    for what in ("features_lr", "add_on_lr", "prototypes_lr", "last_lr"):
+        check_positive(what, settings[what], integer=False)
+    for what in ("resume", "amp"):
+        if not isinstance(settings[what], bool):
+            raise TypeError(f"{what} must be True or False, got {settings[what]!r}")
+    if settings["progress"] is not None and not isinstance(settings["progress"], bool):
+        raise TypeError(f"progress must be True, False or None, got {settings['progress']!r}")
 
 
 def fit_protopnet(
@@ -358,23 +409,42 @@ def fit_protopnet(
     ``prototypes/source-*.png`` (each prototype's source image), ``results.json``, ``history.json`` and the
     stages' folders (checkpoints, TensorBoard).
     """
-    for what, value in (("warm_epochs", warm_epochs), ("last_epochs", last_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
-    for what, value in (("joint_epochs", joint_epochs), ("cycles", cycles), ("joint_lr_step", joint_lr_step)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    clf = as_classifier(model)
+    _check_fit_settings(
+        prototypes_per_class=prototypes_per_class, dim=dim, warm_epochs=warm_epochs, joint_epochs=joint_epochs,
+        last_epochs=last_epochs, cycles=cycles, clst=clst, sep=sep, l1=l1, features_lr=features_lr,
+        add_on_lr=add_on_lr, prototypes_lr=prototypes_lr, last_lr=last_lr, joint_lr_step=joint_lr_step,
+        weight_decay=weight_decay, batch_size=batch_size, resume=resume, amp=amp, seed=seed, progress=progress,
+        num_workers=num_workers,
+    )  # fmt: skip
+    if out_dir is not None and not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a folder path or None, got {type(out_dir).__name__} {out_dir!r}")
+    if resume and out_dir is None:
+        raise ValueError("resume=True needs out_dir (the run folder to resume)")
+    if device is not None:
+        _device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("fit_protopnet runs in one process (its push and last-layer stages are not distributed)")
-    if len(data) < batch_size:
-        raise ValueError(f"the training data has {len(data)} samples, fewer than one batch ({batch_size})")
-    clf = as_classifier(model)
-    _check_classes(clf, data)
     if out_dir is not None and clf.spec is None:
         raise ValueError(
             "fit_protopnet: out_dir saves the model by architecture name, and this model has none (load it with "
             "xcnn.load_model by name or from a saved folder, or train without out_dir)"
         )
+    classes = find_prototype_layer(clf)[1].num_classes if has_prototypes(clf.backbone) else clf.num_classes
+    n = _check_data(data, "data", classes, batch_size)
+    if val_data is not None:
+        _check_data(val_data, "val_data", classes)
+    _check_classes(clf, data)
+    if names is not None:
+        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+            raise TypeError(
+                f"names must be a sequence of file names (one per image) or None, got {type(names).__name__}"
+            )
+        if len(names) != n:
+            raise ValueError(f"names has {len(names)} file names for the {n} images of data; give one per image")
+        bad = next((x for x in names if not isinstance(x, (str, os.PathLike))), None)
+        if bad is not None:
+            raise TypeError(f"names must hold file names (str or paths), got {type(bad).__name__} {bad!r}")
     fresh = not has_prototypes(clf.backbone)
     clf = protopnet(clf, prototypes_per_class, dim=dim, seed=seed) if fresh else protopnet_copy(clf)
     _, layer, last = find_prototype_layer(clf)
@@ -395,6 +465,12 @@ def fit_protopnet(
             stale.unlink(missing_ok=True)
         for folder in (out / "stages", out / "prototypes"):
             shutil.rmtree(folder, ignore_errors=True)
+    if out is not None and resume:
+        # what a run killed between writing and renaming left where no stage's fit cleans up: the run folder,
+        # the prototypes' source images and the finished stages' folders (a resumed stage's fit cleans its own)
+        stages = sorted(p for p in (out / "stages").glob("*") if p.is_dir())
+        for folder in (out, out / "prototypes", *stages):
+            remove_temporaries(folder)
     if out is not None:
         write_settings(0, {})
     dev = training_device(device)
@@ -475,7 +551,8 @@ def fit_protopnet(
             state = {k: v.detach().cpu().contiguous() for k, v in clf.backbone.state_dict().items()}
             progress_state = {"done": done, "history": history, "prototypes": records}
             meta = {"progress": json.dumps(progress_state)}
-            atomic_write(out / STATE, lambda tmp, s=state, m=meta: save_file(s, str(tmp), metadata=m))
+            # durable: a resumed run trusts this file's list of finished stages
+            atomic_write(out / STATE, lambda tmp, s=state, m=meta: save_file(s, str(tmp), metadata=m), durable=True)
             write_json(out / PROGRESS, progress_state)  # a readable copy; resume reads the state file
             ckpt = folder / "checkpoint.pt" if folder is not None else None
             if ckpt is not None and ckpt.is_file():
