@@ -74,6 +74,9 @@ def test_check_number_refuses(value, kwargs, error):
 def test_check_number_accepts_bounds_and_converts():
     assert check_number("x", 0, low=0) == 0.0 and isinstance(check_number("x", 3), float)
     assert check_number("x", 3, integer=True, low=1, high=3) == 3
+    assert check_number("x", 10**400, integer=True) == 10**400  # exact, not a float overflow
+    with pytest.raises(ValueError, match="x must be in"):
+        check_number("x", 10**400, integer=True, high=2**31)
 
 
 def test_check_memory_names_the_request():
@@ -83,6 +86,8 @@ def test_check_memory_names_the_request():
     if total is not None:
         with pytest.raises(ValueError, match=r"a huge layer would need .* GiB"):
             check_memory(total * 2, "a huge layer")
+        with pytest.raises(ValueError, match="more than 1e21 GiB"):
+            check_memory(10**400, "a 10**400-channel layer")
 
 
 def test_read_json_errors_name_the_file(tmp_path):

@@ -39,8 +39,8 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, kinds):
         what = "an integer" if integer else "a number"
         raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}")
-    number = int(value) if integer else float(value)
-    if not math.isfinite(number):
+    number = int(value) if integer else float(value)  # a huge int stays exact (float() of 10**400 overflows)
+    if not integer and not math.isfinite(number):
         raise ValueError(f"{name} must be finite, got {value!r}")
     too_low = low is not None and (number <= low if low_open else number < low)
     too_high = high is not None and (number >= high if high_open else number > high)
@@ -65,9 +65,8 @@ def check_memory(nbytes: float, what: str) -> None:
     (a mistyped size then gets an error naming it instead of an allocator failure or a swapping machine)."""
     total = physical_memory()
     if total is not None and nbytes > total:
-        raise ValueError(
-            f"{what} would need {nbytes / 2**30:.3g} GiB, more than this machine's {total / 2**30:.3g} GiB"
-        )
+        need = f"{nbytes / 2**30:.3g}" if nbytes < 2**100 else "more than 1e21"  # a huge int overflows a float
+        raise ValueError(f"{what} would need {need} GiB, more than this machine's {total / 2**30:.3g} GiB")
 
 
 def read_json(path: str | Path, what: str = "JSON file") -> object:
