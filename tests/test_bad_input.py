@@ -332,3 +332,129 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "w.pth")
     with pytest.raises(ValueError, match="do not fit ResNet"):
         xcnn.load_model("resnet18", weights=tmp_path / "w.pth")
+
+
+# ---- ground-truth files beside images ---------------------------------------------------------------
+
+
+def image_folder(root, boxes_text: str | None = None, size=(50, 40)):
+    """``root/a/0.png`` (W x H = ``size``) and ``root/a/1.png``; ``0.box.json`` holds ``boxes_text``."""
+    (root / "a").mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.zeros((size[1], size[0], 3), dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    if boxes_text is not None:
+        (root / "a" / "0.box.json").write_text(boxes_text)
+    return root
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"boxes": [[0, 0, 1e400, 5]]}', r"box 0 x1 must be finite, got inf"),
+        ('{"boxes": [[0, NaN, 3, 5]]}', r"box 0 y0 must be finite, got nan"),
+        ('{"boxes": [[0, 0, 3]]}', r"box 0 must be \[x0, y0, x1, y1\], got \[0, 0, 3\]"),
+        ('{"boxes": [[0, 0, 3, 5], "x"]}', r"box 1 must be \[x0, y0, x1, y1\], got 'x'"),
+        ('{"boxes": [[0, "0", 3, 5]]}', r"box 0 y0 must be a number, got str '0'"),
+        ('{"boxes": [[0, true, 3, 5]]}', r"box 0 y0 must be a number, got bool"),
+        ('{"boxes": [[5, 0, 3, 5]]}', r"box 0 \[5, 0, 3, 5\] must lie inside the 50x40 image \(0 <= x0 <= x1 <= 50"),
+        ('{"boxes": [[0, 0, 51, 5]]}', r"must lie inside the 50x40 image"),
+        ('{"boxes": [[-1, 0, 3, 5]]}', r"must lie inside the 50x40 image"),
+        ('{"boxes": [[0, 0, 3, 41]]}', r"0 <= y0 <= y1 <= 40"),
+        ('{"box": [[0, 0, 3, 5]]}', r'expected \{"boxes": \[\[x0, y0, x1, y1\], \.\.\.\]\}, got \{\'box\''),
+        ('{"boxes": 5}', r"expected \{\"boxes\""),
+        ("[" * 100_000 + "]" * 100_000, r"nested too deeply"),
+        ("{not json", r"cannot read box file"),
+    ],
+)
+def test_box_files_are_checked_when_the_folder_is_opened(text, message, tmp_path):
+    from xcnn.data.images import ImageFolder
+
+    root = image_folder(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as info:
+        ImageFolder(root, 20)
+    assert "0.box.json" in str(info.value)
+
+
+def test_boxes_may_reach_the_far_edges(tmp_path):
+    """Inclusive coordinates end at W - 1; files that give the exclusive edge (W) are accepted: both cover
+    the whole image."""
+    from xcnn.data.images import ImageFolder
+
+    for text in ('{"boxes": [[0, 0, 49, 39]]}', '{"boxes": [[0, 0, 50, 40]]}', '{"boxes": []}'):
+        root = image_folder(tmp_path / str(len(list(tmp_path.iterdir()))), text)
+        mask = ImageFolder(root, 20)[0]["mask"]
+        assert mask.all() if "49" in text or "50" in text else not mask.any()
+
+
+def test_box_coordinates_are_inclusive(tmp_path):
+    """[2, 3, 4, 7] covers columns 2..4 and rows 3..7 of a 10x10 image: 3 x 5 pixels at the image's own size."""
+    from xcnn.data.images import ImageFolder
+
+    mask = ImageFolder(image_folder(tmp_path, '{"boxes": [[2, 3, 4, 7]]}', size=(10, 10)), 10)[0]["mask"]
+    expected = torch.zeros(10, 10, dtype=torch.bool)
+    expected[3:8, 2:5] = True
+    assert torch.equal(mask, expected)
+
+
+def test_box_ranges_follow_the_exif_orientation(tmp_path):
+    """A 30x10 photo stored with EXIF orientation 6 is shown 10 wide and 30 tall: its boxes are in those pixels."""
+    from xcnn.data.images import ImageFolder
+
+    (tmp_path / "a").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((10, 30, 3), dtype=np.uint8)).save(tmp_path / "a" / "0.jpg", exif=exif)
+    (tmp_path / "a" / "0.box.json").write_text('{"boxes": [[0, 20, 9, 29]]}')  # the bottom third, as shown
+    mask = ImageFolder(tmp_path, (30, 10))[0]["mask"]
+    assert mask[20:].all() and not mask[:20].any()
+    (tmp_path / "a" / "0.box.json").write_text('{"boxes": [[20, 0, 29, 9]]}')  # in the stored pixels: refused
+    with pytest.raises(ValueError, match="must lie inside the 10x30 image"):
+        ImageFolder(tmp_path, (30, 10))
+
+
+def test_an_unreadable_mask_file_is_named_when_the_folder_is_opened(tmp_path):
+    from xcnn.data.images import ImageFolder
+
+    root = image_folder(tmp_path)
+    (root / "a" / "1.mask.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match=r"cannot read mask file .*1.mask.png"):
+        ImageFolder(root, 20)
+
+
+@pytest.mark.parametrize(
+    "size,error,message",
+    [
+        (0, ValueError, r"size\[0\] must be in \[1, inf\), got 0"),
+        ((16, -2), ValueError, r"size\[1\] must be in \[1, inf\), got -2"),
+        ((16,), ValueError, r"size must be an integer or \(height, width\), got \(16,\)"),
+        ("16", TypeError, r"size must be an integer or \(height, width\), got str '16'"),
+        (2.5, TypeError, r"size must be an integer or \(height, width\), got float"),
+        (10**6, ValueError, r"an image resized to 1000000x1000000 would need"),
+    ],
+)
+def test_image_sizes_are_checked_before_reading(size, error, message, tmp_path):
+    from xcnn.data.images import ImageFolder
+
+    with pytest.raises(error, match=message):
+        load_image("sample:chelsea", size)
+    with pytest.raises(error, match=message):
+        ImageFolder(image_folder(tmp_path), size)
+
+
+def test_cli_reports_a_bad_box_file_in_one_line(tmp_path, capsys):
+    from xcnn.cli import main
+    from xcnn.models import Classifier, save_model
+    from xcnn.nets import ShapesNet
+
+    arch = {"num_classes": 6, "widths": [4, 4, 8, 8]}
+    model = Classifier(ShapesNet(**arch), input_size=(32, 32), spec={"arch": "shapesnet", "kwargs": arch})
+    save_model(model, tmp_path / "m")
+    root = image_folder(tmp_path / "data", '{"boxes": [[0, 0, 1e400, 5]]}')
+    for argv in (["inspect", "--n", "2"], ["evaluate", "--n", "2", "--metrics", "pointing", "--methods", "gradcam"]):
+        code = main([*argv, "--model", str(tmp_path / "m"), "--data", str(root), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()  # refused before any output
+        assert (
+            f"xcnn {argv[0]}: error: cannot read boxes from {root / 'a' / '0.box.json'}: box 0 x1 must be finite" in err
+        )

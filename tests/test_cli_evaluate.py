@@ -159,7 +159,8 @@ def test_train_benchmark_then_resume_then_evaluate(tmp_path, capsys):
         == 0
     )
     assert main(["train", "benchmark", "--out", str(tmp_path / "x"), "--shortcut", "2"]) == 2
-    assert "--shortcut must be a probability" in capsys.readouterr().err
+    assert "argument --shortcut: expected a finite number in [0, 1], got '2'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -184,3 +185,115 @@ def test_stage_layers_of_the_bundled_model_and_a_token_model(lite0):
 def test_a_path_that_holds_no_saved_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no saved xcnn model at .*missing"):
         xcnn.load_model(tmp_path / "missing")
+
+
+# ---- arguments are checked at the boundary -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"mean": (math.nan, 0, 0)}, ValueError, r"mean\[0\] must be finite, got nan"),
+        ({"mean": (0, 0)}, ValueError, r"mean needs 3 values \(one per RGB channel\), got \(0, 0\)"),
+        ({"mean": "abc"}, ValueError, r"mean needs 3 values"),
+        ({"std": (1, math.inf, 1)}, ValueError, r"std\[1\] must be finite, got inf"),
+        ({"std": (1e-40, 1, 1)}, ValueError, r"std\[0\] = 1e-40 is too small for mean\[0\] = 0: .*reach 1e\+40"),
+        ({"mean": (1e6, 0, 0)}, ValueError, r"std\[0\] = 1 is too small for mean\[0\] = 1e\+06"),
+        ({"std": (-1, 1, 1)}, ValueError, r"std must be positive"),
+        ({"input_size": "32"}, ValueError, r"input_size must be \(height, width\), two positive integers, got '32'"),
+        ({"input_size": (32,)}, ValueError, r"input_size must be \(height, width\)"),
+        ({"input_size": (32.0, 32)}, TypeError, r"input_size\[0\] must be an integer, got float 32.0"),
+        ({"input_size": (True, 32)}, TypeError, r"input_size\[0\] must be an integer, got bool"),
+        ({"input_size": (32, 16385)}, ValueError, r"input_size\[1\] must be in \[1, 16384\], got 16385"),
+        ({"class_names": "abcdef"}, TypeError, r"class_names must be a list of strings \(one per class\), got str"),
+        ({"class_names": []}, ValueError, r"class_names must name at least one class"),
+        ({"class_names": ["a", None]}, TypeError, r"class_names must be strings, got NoneType None at position 1"),
+        ({"name": 5}, TypeError, r"name must be a string, got int 5"),
+    ],
+)
+def test_classifier_arguments_are_checked(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Classifier(nn.Conv2d(3, 3, 1), **kwargs)
+
+
+def test_normalisation_at_the_float16_bound_is_accepted():
+    """(x - mean) / std for x in [0, 1] reaches max(|mean|, |1 - mean|) / std: 65504 exactly is float16's largest."""
+    clf = Classifier(nn.Identity(), mean=(1.0, 0.0, 0.5), std=(1 / 65504, 1 / 65504, 0.5 / 65504))
+    with torch.no_grad():
+        out = clf(torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)).half()
+    assert torch.isfinite(out).all() and out.abs().max() == 65504
+    with pytest.raises(ValueError, match="too small"):
+        Classifier(nn.Identity(), std=(1 / 65505, 1, 1))
+
+
+def test_load_model_checks_its_arguments_before_building():
+    with pytest.raises(ValueError, match=r"num_classes must be in \[1, inf\), got -1"):
+        load_model("resnet18", pretrained=False, num_classes=-1)
+    with pytest.raises(ValueError, match="class_names has 2 names but num_classes is 3"):
+        load_model("resnet18", pretrained=False, num_classes=3, class_names=["a", "b"])
+    with pytest.raises(TypeError, match="class_names must be a list of strings"):
+        load_model("resnet18", pretrained=False, class_names="abc")
+    with pytest.raises(ValueError, match=r"input_size must be \(height, width\)"):
+        load_model("resnet18", pretrained=False, input_size=(32,))
+    with pytest.raises(TypeError, match="an architecture name must be a non-empty string"):
+        xcnn.models._build_arch(5, {})
+
+
+def test_class_names_must_fit_the_head_of_a_named_model():
+    """Without num_classes, the architecture's own head decides: resnet18 has 1000 outputs, shapesnet 6."""
+    with pytest.raises(ValueError, match="class_names has 2 names but resnet18 has 1000 outputs"):
+        load_model("resnet18", pretrained=False, class_names=["a", "b"])
+    assert load_model("shapesnet", pretrained=False, class_names=list("abcdef"), input_size=(32, 32)).num_classes == 6
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"num_classes": -1}, ValueError, r"ShapesNet: num_classes must be in \[1, inf\), got -1"),
+        ({"num_classes": 2.5}, TypeError, r"ShapesNet: num_classes must be an integer, got float 2.5"),
+        ({"widths": [16]}, ValueError, r"ShapesNet: widths must be 4 positive integers, got \[16\]"),
+        ({"widths": [16, 32, -1, 8]}, ValueError, r"ShapesNet: widths\[2\] must be in \[1, inf\), got -1"),
+        ({"widths": "abcd"}, ValueError, r"ShapesNet: widths must be 4 positive integers, got 'abcd'"),
+        ({"strides": [2, 1, 2, 2, 0]}, ValueError, r"ShapesNet: strides\[4\] must be in \[1, inf\), got 0"),
+        ({"stem_pool": "yes"}, TypeError, r"ShapesNet: stem_pool must be True or False"),
+        ({"widths": [10**6] * 4}, ValueError, r"ShapesNet\(widths=\[1000000, .*would need 2.8\de\+05 GiB"),
+    ],
+)
+def test_shapesnet_arguments_are_checked(kwargs, error, message):
+    from xcnn.nets import ShapesNet
+
+    with pytest.raises(error, match=message):
+        ShapesNet(**kwargs)
+
+
+def test_shapesnet_memory_check_counts_its_weights(monkeypatch):
+    """The size ShapesNet refuses before allocating is its float32 weights: on a machine with 1 KiB of memory
+    the message gives the bytes of the conv and linear weights it would have had (BatchNorm's few aside)."""
+    import re
+
+    from xcnn.nets import ShapesNet
+
+    net = ShapesNet(num_classes=5, widths=(3, 6, 12, 24))
+    weights = sum(m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    monkeypatch.setattr(xcnn._validate, "physical_memory", lambda: 1024)
+    with pytest.raises(ValueError, match="would need") as info:
+        ShapesNet(num_classes=5, widths=(3, 6, 12, 24))
+    gib = float(re.search(r"would need ([0-9.e+-]+) GiB", str(info.value)).group(1))
+    assert gib == pytest.approx(4 * weights / 2**30, rel=5e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"depth": 0}, r"shapes_vit: depth must be in \[1, inf\), got 0"),
+        ({"img_size": 60}, r"shapes_vit: img_size must be a multiple of patch_size 8, got 60"),
+        ({"num_heads": 5}, r"shapes_vit: embed_dim must be a multiple of num_heads 5, got 96"),
+        ({"embed_dim": 3, "num_heads": 1}, r"embed_dim must be at least 4 for patch_size 8, got 3"),
+        ({"embed_dim": 3 * 10**6}, r"shapes_vit\(.*would need .* GiB"),
+    ],
+)
+def test_shapes_vit_arguments_are_checked(kwargs, message):
+    from xcnn.nets import shapes_vit
+
+    with pytest.raises(ValueError, match=message):
+        shapes_vit(**kwargs)

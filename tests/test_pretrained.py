@@ -165,6 +165,21 @@ def test_special_torchvision_builders_match_torchvisions_own_loading(name, torch
     assert ours.input_size == (entry.transforms().crop_size[0],) * 2
 
 
+@pytest.mark.slow
+def test_a_saved_pretrained_googlenet_loads_back(torch_cache, tmp_path):
+    """GoogLeNet's pretrained loading drops its auxiliary heads; the saved description must say so, or the
+    rebuilt network has heads the saved weights lack."""
+    entry = torchvision.models.get_model_weights("googlenet").DEFAULT
+    state = seeded_state(lambda: torchvision.models.get_model("googlenet", weights=None, aux_logits=True), 12)
+    torch.save(state, torch_cache / Path(urlparse(entry.url).path).name)
+    model = load_model("googlenet")
+    again = load_model(save_model(model, tmp_path / "g"))
+    assert again.backbone.aux1 is None and again.spec["kwargs"]["aux_logits"] is False
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # timm: its pretrained configs, the Hugging Face cache
 

@@ -144,3 +144,50 @@ def test_grid_titles_and_notes_do_not_overlap_the_images():
         assert page.x0 <= text.x0 and text.x1 <= page.x1
         assert not any(_overlaps(text, box) for box in boxes)
     assert any("99th percentile" in t.get_text() for t in fig.texts)
+
+
+# ---- user text is drawn as written ---------------------------------------------------------------------
+
+#: strings matplotlib would parse as mathtext: malformed (an error, the figure is not written), valid (drawn
+#: as a formula), a lone dollar, and a backslash before a dollar
+MATHTEXT = [r"$\frac{a}$", "$x^2$ and $y$", "costs $5", r"a\$b $c"]
+
+
+def _pixels(fig) -> np.ndarray:
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+@pytest.mark.parametrize("text", MATHTEXT)
+def test_plain_text_draws_exactly_the_characters_given(text):
+    """plain_text(s) renders pixel for pixel as s does with matplotlib's mathtext switched off."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from xcnn.viz.overlay import plain_text
+
+    def render(s: str, **kwargs) -> np.ndarray:
+        fig = Figure(figsize=(3, 0.6), dpi=60)
+        FigureCanvasAgg(fig)
+        fig.text(0.02, 0.3, s, **kwargs)
+        return _pixels(fig)
+
+    assert np.array_equal(render(plain_text(text)), render(text, parse_math=False))
+
+
+@pytest.mark.parametrize("text", MATHTEXT)
+def test_grid_titles_and_method_labels_are_plain_text(text, tmp_path):
+    import textwrap
+
+    image, saliency = torch.rand(3, 16, 16), torch.rand(16, 16)
+    label = f"{text} {text} {text}"  # long enough to be wrapped
+    fig = grid_figure(image, {label: saliency}, title=f"img: explaining 3 {text}")
+    shown = _pixels(fig)
+    # the same figure with every text set verbatim and mathtext off
+    fig.texts[0].set_text(f"img: explaining 3 {text}")
+    fig.axes[1].title.set_text(textwrap.fill(label, 30))
+    for t in [fig.texts[0], fig.axes[1].title]:
+        t.set_parse_math(False)
+    assert np.array_equal(shown, _pixels(fig))
+    save_grid(tmp_path / "g.png", image, {label: saliency}, title=text)
+    assert Image.open(tmp_path / "g.png").size[0] > 0

@@ -316,3 +316,36 @@ def test_report_overlays_show_sparse_maps_clipped(tmp_path):
     assert not (plain == clipped).all()
     assert "99th percentile" in page
     assert (ev.sample_maps["ig"] == sparse).all()  # the evaluation's maps are not touched
+
+
+MALFORMED = r"$\frac{a}$"  # mathtext matplotlib cannot parse: drawn as such, the figure would fail to save
+
+
+def _saves(fig) -> None:
+    import io
+
+    fig.savefig(io.BytesIO(), format="png")
+
+
+def test_inspection_figures_draw_class_and_layer_names_as_plain_text():
+    from xcnn.viz.inspection import association_figure, depth_figure, history_figure, matrix_figure
+
+    layers = [f"stage {MALFORMED}", "$b"]
+    _saves(depth_figure(layers, {layers[0]: 0.5, layers[1]: 0.7}, 0.9))
+    _saves(matrix_figure(torch.eye(2), f"layer similarity {MALFORMED}", layers, vmin=0))
+    _saves(association_figure(torch.rand(2, 3), [0.3, 0.2, 0.1], [MALFORMED, "$x$"]))
+    history = {"layers": layers, "records": [
+        {"epoch": e, "probe_accuracy": dict.fromkeys(layers, 0.5), "cka_to_previous": dict.fromkeys(layers, 0.9)}
+        for e in range(2)
+    ]}  # fmt: skip
+    _saves(history_figure(history))
+
+
+def test_report_curves_and_prototype_figures_draw_user_text_as_plain_text():
+    from xcnn.viz.prototypes import prototype_figure
+
+    label = f"gradcam {MALFORMED}"
+    _saves(curves_figure({label: {"insertion": [0.1, 0.5], "deletion": [0.5, 0.1]}}, method_styles([label])))
+    row = {"native": torch.rand(8, 8), "search": None, "source": torch.rand(3, 8, 8), "box": [0, 0, 4, 4],
+           "caption": f"prototype 0 ({MALFORMED}): similarity 0.5"}  # fmt: skip
+    _saves(prototype_figure(torch.rand(3, 8, 8), [row], title=f"why {MALFORMED}?", search_name=MALFORMED))

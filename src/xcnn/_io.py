@@ -15,7 +15,7 @@ import numpy as np
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-__all__ = ["atomic_write", "prepare_out_dir", "remove_temporaries", "write_json", "write_npy"]
+__all__ = ["atomic_write", "inside", "prepare_out_dir", "remove_temporaries", "write_json", "write_npy"]
 
 #: the names :func:`atomic_write` gives its temporary files: ``.NAME.XXXXXXXX.tmp[.SUFFIX]``
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$")
@@ -77,6 +77,28 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
             entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
+
+
+def inside(folder: str | Path, relative: object, what: str = "path") -> Path:
+    """``folder / relative`` with symlinks resolved, for a path read from a saved artefact (a JSON field):
+    a ``ValueError`` unless it stays inside ``folder``. Absolute paths, ``..`` that climbs out and symlinks
+    pointing out are refused; the message names ``what`` and the path as written, never anything read from
+    the file it points at. The result need not exist."""
+    if not isinstance(relative, str):
+        raise TypeError(f"{what} must be a path relative to {folder} (a string), got {type(relative).__name__}")
+    if not relative or "\x00" in relative:
+        raise ValueError(f"{what} must be a non-empty path relative to {folder}, got {relative!r}")
+    rel = Path(relative)
+    if rel.anchor:  # "/etc/passwd", and on Windows "C:x" or "\\server\share"
+        raise ValueError(f"{what} {relative!r} is an absolute path; it must be relative to {folder}")
+    try:
+        root = Path(folder).resolve()
+        target = (root / rel).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ValueError(f"{what} {relative!r} in {folder} cannot be resolved: {type(err).__name__}") from None
+    if not target.is_relative_to(root):
+        raise ValueError(f"{what} {relative!r} leads outside {folder} (through '..' or a symlink); it must stay inside")
+    return target
 
 
 def write_json(path: str | Path, data: object) -> Path:

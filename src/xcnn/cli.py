@@ -6,10 +6,13 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
+
+from ._validate import check_number, read_json
 
 __all__ = ["main"]
 
@@ -58,6 +61,37 @@ def _positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
+
+
+def _number(
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> Callable[[str], float | int]:
+    """An argparse type: a finite number (an integer with ``integer``) within the bounds (``low_open`` /
+    ``high_open`` exclude them), else a usage error that names the flag, the range and the text given."""
+    left = "(-inf" if low is None else ("(" if low_open else "[") + (f"{low}" if integer else f"{low:g}")
+    right = "inf)" if high is None else (f"{high}" if integer else f"{high:g}") + (")" if high_open else "]")
+    expected = f"{'an integer' if integer else 'a finite number'} in {left}, {right}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = int(text) if integer else float(text)
+            check_number("value", value, integer=integer, low=low, high=high, low_open=low_open, high_open=high_open)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        return value
+
+    return parse
+
+
+_probability = _number(0.0, 1.0)
+_weight = _number(0.0)  # a loss weight: finite, >= 0
+#: seeds go to torch, numpy and Python's random; [0, 2**32) is what all of them accept
+_seed = _number(0, 2**32 - 1, integer=True)
 
 
 def _unique_labels(sources: Sequence[str]) -> list[str]:
@@ -125,11 +159,13 @@ def cmd_explain(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in list_explainers()]
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown or args.method!r}; available: {', '.join(list_explainers())}")
-    if args.target != "auto" and not args.target.lstrip("-").isdigit():
-        raise ValueError(f"--target must be 'auto' or a class index, got {args.target!r}")
+    if args.target != "auto" and not args.target.isdigit():
+        raise ValueError(f"--target must be 'auto' or a class index (an integer >= 0), got {args.target!r}")
     device = _device(args.device)
-    out = prepare_out_dir(args.out)
+    _check_out_dir(args.out)
     model = _load_model(args, device)
+    if args.target != "auto" and int(args.target) >= model.num_classes:
+        raise ValueError(f"--target {args.target} is out of range: model has {model.num_classes} classes")
     layer_methods = [m for m in methods if explainer_class(m).uses_layer]
     if args.layer and not layer_methods:
         raise ValueError(f"--layer was given, but none of the methods {methods} uses a layer")
@@ -143,7 +179,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     args.prototypes = args.prototypes or 3
     search = [args.prototype_search] if prototypes and args.prototype_search != "none" else []
     options = _method_options(methods, args, also=search)
+    sources = _prototype_sources(args.model, model) if prototypes else {}  # a malformed file fails before the work
     images = torch.stack([load_image(src, model.input_size) for src in args.images]).to(device)
+    out = prepare_out_dir(args.out)
 
     with torch.inference_mode():
         probs = torch.cat([model(chunk).float().softmax(1) for chunk in images.split(args.batch_size or 32)])
@@ -164,7 +202,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     # sparse maps (input gradients) are displayed clipped, as in the report; --save-maps writes them unclipped
     percentiles = {m: display_percentile(m) for m in methods}
-    looks_like = _this_looks_like_that(model, images, targets, labels, out, args, options)
+    looks_like = _this_looks_like_that(model, images, targets, labels, out, args, options, sources)
     records = []
     for i, (src, label) in enumerate(zip(args.images, labels, strict=True)):
         top_p, top_i = probs[i].topk(min(5, probs.shape[1]))
@@ -212,12 +250,79 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_dir(path: str) -> None:
+    """An output folder that exists as a file is an error before any work (the folder is made later)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise NotADirectoryError(f"output folder {path} exists and is not a folder")
+
+
+def _check_synthetic_memory(args: argparse.Namespace, size: int) -> None:
+    """Refuse synthetic image counts (``--n-train``, ``--n-val``, ``--n-test``) whose images, kept in memory
+    as float32 ``[N,3,S,S]`` with their masks, cannot fit this machine, before any image is drawn."""
+    from ._validate import check_memory
+
+    for flag in ("n_train", "n_val", "n_test"):
+        n = getattr(args, flag, None)
+        if n:
+            check_memory(n * 3 * 4 * size * size * 1.2, f"--{flag.replace('_', '-')} {n} images of {size}x{size}")
+
+
+def _prototype_sources(model_arg: object, model) -> dict[int, dict]:
+    """The source records of a saved prototype network (``prototypes.json`` in its ``--model`` folder) by
+    prototype index, every field checked before any work: ``"prototype"`` (an index of the model's
+    prototypes) and ``"index"`` (its training image) are integers >= 0, ``"box"`` [top, left, bottom, right]
+    is 4 ordered numbers >= 0, ``"file"`` is a string, and ``"image"`` a path that must stay inside the
+    folder (resolved as ``"path"``). A malformed record is refused with a ValueError naming it: the file was
+    written by ``xcnn train protopnet``, so a bad record means it was damaged or edited, and a silently
+    thinner figure would hide that. {} for a model not loaded from a folder, or without the file."""
+    from ._io import inside
+    from .interpretable.protopnet import find_prototype_layer
+
+    folder = Path(model_arg) if isinstance(model_arg, str) and Path(model_arg).is_dir() else None
+    if folder is None or not (folder / "prototypes.json").is_file():
+        return {}
+    path = folder / "prototypes.json"
+    records = read_json(path, "prototype sources")
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a list of prototype records, got {type(records).__name__}")
+    count = find_prototype_layer(model)[1].num_prototypes
+    sources: dict[int, dict] = {}
+    for n, record in enumerate(records):
+        where = f"{path}: record {n}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} must be an object with 'prototype' and 'index', got {type(record).__name__}")
+        try:
+            j = check_number("'prototype'", record.get("prototype"), integer=True, low=0, high=count - 1)
+            check_number("'index'", record.get("index"), integer=True, low=0)
+            box = record.get("box")
+            if box is not None:
+                if not isinstance(box, list) or len(box) != 4:
+                    raise ValueError(f"'box' must be [top, left, bottom, right], got {box!r:.80}")
+                top, left, bottom, right = (check_number("'box'", v, low=0) for v in box)
+                if not (top <= bottom and left <= right):
+                    raise ValueError(
+                        f"'box' must be [top, left, bottom, right] with top <= bottom, left <= right, got {box}"
+                    )
+            if "file" in record and not isinstance(record["file"], str):
+                raise TypeError(f"'file' must be a string, got {type(record['file']).__name__}")
+            resolved = inside(folder, record["image"], "'image'") if "image" in record else None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from None
+        if j in sources:
+            raise ValueError(f"{where}: prototype {j} has a record already")
+        sources[j] = {**record, "path": resolved}
+    return sources
+
+
 def _this_looks_like_that(
-    model, images, targets, labels, out: Path, args: argparse.Namespace, options: dict
+    model, images, targets, labels, out: Path, args: argparse.Namespace, options: dict, sources: dict[int, dict]
 ) -> list | None:
     """For a prototype network: per image, its top prototypes for the target class (similarity, contribution
-    to the logit, source patch) and a figure ``LABEL_prototypes.png`` with each prototype's similarity map
-    (native and searched with ``--prototype-search``) beside its source patch. None for other models."""
+    to the logit, source patch from ``sources``, :func:`_prototype_sources`) and a figure
+    ``LABEL_prototypes.png`` with each prototype's similarity map (native and searched with
+    ``--prototype-search``) beside its source patch. None for other models."""
+    import warnings
+
     from .explain import explainer, normalize_maps
     from .interpretable.protopnet import find_prototype_layer, has_prototypes, prototype_evidence, prototype_view
     from .viz.prototypes import save_prototype_figure
@@ -234,11 +339,20 @@ def _this_looks_like_that(
         method = args.prototype_search
         search = explainer(method, prototype_view(model), **options[method])
         searched = search(images.repeat_interleave(k, 0), ev.prototypes.flatten()).view(len(images), k, *size).cpu()
-    sources: dict[int, dict] = {}
-    folder = Path(args.model) if isinstance(args.model, str) and Path(args.model).is_dir() else None
-    if folder is not None and (folder / "prototypes.json").is_file():
-        sources = {int(r["prototype"]): r for r in json.loads((folder / "prototypes.json").read_text())}
     from .data.images import load_image
+
+    source_images: dict[int, torch.Tensor | None] = {}
+
+    def source_image(j: int, src: dict) -> torch.Tensor | None:
+        """The prototype's source image; None (the figure says 'not available') when the folder lacks it."""
+        if j not in source_images:
+            source_images[j] = None
+            if src["path"] is not None and src["path"].is_file():
+                try:
+                    source_images[j] = load_image(src["path"], None)
+                except ValueError as err:  # a damaged PNG: the figure is still worth having
+                    warnings.warn(f"prototype {j}: source image not shown ({err})", stacklevel=2)
+        return source_images[j]
 
     out_records = []
     for i, label in enumerate(labels):
@@ -247,14 +361,11 @@ def _this_looks_like_that(
         for r in range(k):
             j = int(ev.prototypes[i, r])
             src = sources.get(j)
-            source_image = None
-            if src is not None and (folder / src.get("image", "")).is_file():
-                source_image = load_image(str(folder / src["image"]), None)
             sim, contrib = float(ev.similarity[i, r]), float(ev.contribution[i, r])
             own = model.class_name(int(layer.prototype_class[j]))
             rows.append({
                 "native": native[i, r], "search": None if searched is None else searched[i, r],
-                "source": source_image, "box": None if src is None else src.get("box"),
+                "source": None if src is None else source_image(j, src), "box": None if src is None else src.get("box"),
                 "caption": f"prototype {j} ({own}): similarity {sim:.3f}, contribution {contrib:+.3f} to {model.class_name(t)}"
                 + ("" if src is None else f"; source: training image {src['index']}" + (f" {src['file']}" if "file" in src else "")),
             })  # fmt: skip
@@ -320,9 +431,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_benchmark(args: argparse.Namespace) -> int:
     from .training.benchmark import fit_benchmark
 
-    if not 0.0 <= args.shortcut <= 1.0:
-        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
     device = _device(args.device)
+    _check_synthetic_memory(args, args.size)
     _, results = fit_benchmark(
         args.out, size=args.size, n_train=args.n_train, epochs=args.epochs, shortcut_prob=args.shortcut,
         seed=args.seed, device=device, resume=args.resume, arch=args.arch, lr=args.lr,
@@ -345,6 +455,7 @@ def cmd_train_tame(args: argparse.Namespace) -> int:
         from .training.benchmark import InMemory
 
         size = model.input_size[0]
+        _check_synthetic_memory(args, size)
         data = InMemory(Shapes("train", args.n_train, size=size, seed=args.seed))
         val = InMemory(Shapes("val", max(args.batch_size, args.n_train // 8), size=size, seed=args.seed))
     elif Path(args.data).is_dir():
@@ -369,7 +480,7 @@ def _synthetic_test_results(trained, args: argparse.Namespace) -> dict:
     from ._io import write_json
 
     path = Path(args.out) / "results.json"
-    results = json.loads(path.read_text())
+    results = read_json(path, "training results")
     if args.data != "synthetic":
         return results
     from torch.utils.data import DataLoader
@@ -392,10 +503,6 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
     from .training.knowledge import Knowledge
     from .training.lap import fit_lap
 
-    if not 0.0 <= args.shortcut <= 1.0:
-        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
-    if args.boxes_fraction is not None and not 0.0 <= args.boxes_fraction <= 1.0:
-        raise ValueError(f"--boxes-fraction must be in [0, 1], got {args.boxes_fraction}")
     if args.forbid_shortcut and (args.data != "synthetic" or args.shortcut == 0):
         raise ValueError("--forbid-shortcut needs --data synthetic with a planted shortcut (--shortcut P > 0)")
     if args.shortcut and args.data != "synthetic":
@@ -415,6 +522,7 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
         from .training.benchmark import InMemory
 
         size = model.input_size[0]
+        _check_synthetic_memory(args, size)
         data = InMemory(Shapes("train", args.n_train, size=size, seed=args.seed, shortcut_prob=args.shortcut))
         val = InMemory(Shapes("val", args.n_val, size=size, seed=args.seed))  # clean: is the model right for shapes?
         fraction = 0.1 if args.boxes_fraction is None else args.boxes_fraction
@@ -453,8 +561,6 @@ def cmd_train_lap(args: argparse.Namespace) -> int:
 def cmd_train_protopnet(args: argparse.Namespace) -> int:
     from .training.protopnet import fit_protopnet
 
-    if not 0.0 <= args.shortcut <= 1.0:
-        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
     if args.shortcut and args.data != "synthetic":
         raise ValueError("--shortcut plants a patch in the synthetic benchmark; it does not apply to a folder")
     device = _device(args.device)
@@ -465,6 +571,7 @@ def cmd_train_protopnet(args: argparse.Namespace) -> int:
         from .training.benchmark import InMemory
 
         size = model.input_size[0]
+        _check_synthetic_memory(args, size)
         data = InMemory(Shapes("train", args.n_train, size=size, seed=args.seed, shortcut_prob=args.shortcut))
         val = InMemory(Shapes("val", args.n_val, size=size, seed=args.seed))  # clean: is the model right for shapes?
     elif Path(args.data).is_dir():
@@ -506,14 +613,6 @@ def cmd_train_cgc(args: argparse.Namespace) -> int:
     from ._io import atomic_write
     from .training.cgc import fit_cgc
 
-    if not args.tau > 0:
-        raise ValueError(f"--tau must be positive, got {args.tau}")
-    if not args.lam >= 0:
-        raise ValueError(f"--lam must be >= 0, got {args.lam}")
-    if not 0 < args.labeled_fraction <= 1:
-        raise ValueError(f"--labeled-fraction must be in (0, 1], got {args.labeled_fraction}")
-    if not 0.0 <= args.shortcut <= 1.0:
-        raise ValueError(f"--shortcut must be a probability in [0, 1], got {args.shortcut}")
     if args.shortcut and args.data != "synthetic":
         raise ValueError("--shortcut plants a patch in the synthetic benchmark; it does not apply to a folder")
     source = _unlabeled_source(args.unlabeled)
@@ -533,6 +632,7 @@ def cmd_train_cgc(args: argparse.Namespace) -> int:
         from .data.synthetic import Shapes
         from .training.benchmark import InMemory
 
+        _check_synthetic_memory(args, size[0])
         data = InMemory(Shapes("train", args.n_train, size=size[0], seed=args.seed, shortcut_prob=args.shortcut))
         val = InMemory(Shapes("val", args.n_val, size=size[0], seed=args.seed))
         if source is not None and source[0] == "synthetic":  # more images of the same distribution, other draws
@@ -557,7 +657,7 @@ def cmd_train_cgc(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 writes and reports
         return 0
-    results = json.loads((Path(args.out) / "results.json").read_text())
+    results = read_json(Path(args.out) / "results.json", "training results")
     if args.data == "synthetic":
         from torch.utils.data import DataLoader
 
@@ -655,7 +755,7 @@ def _add_finetune_run(p: argparse.ArgumentParser, amp_help: str) -> None:
     p.add_argument(
         "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--amp", action="store_true", help=amp_help)
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     p.add_argument("--device", default="auto")
@@ -709,7 +809,7 @@ def _monitors(args: argparse.Namespace, val, size: tuple[int, int]) -> list:
 def build_parser() -> argparse.ArgumentParser:
     from .explain import list_explainers
 
-    parser = argparse.ArgumentParser(prog="xcnn", description="Explain and build interpretable CNN image classifiers.")
+    parser = _Parser(prog="xcnn", description="Explain and build interpretable CNN image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser(
@@ -762,9 +862,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="images explained together in one call (default: %(default)s)",
     )
-    ex.add_argument("--seed", type=int, default=None, help="seed for stochastic methods (rise, smoothgrad, random)")
+    ex.add_argument("--seed", type=_seed, default=None, help="seed for stochastic methods (rise, smoothgrad, random)")
     ex.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    ex.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity in overlays (default: %(default)s)")
+    ex.add_argument(
+        "--alpha", type=_number(0.0, 1.0), default=0.5, help="heatmap opacity in overlays (default: %(default)s)"
+    )
     ex.add_argument(
         "--opt",
         action="append",
@@ -777,7 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--prototypes", type=_positive_int, default=None,
-        help="prototype networks: how many prototypes to show per image ('this looks like that') (default: 3)",
+        help="prototype networks: how many prototypes to show per image ('this looks like that'), each beside its "
+        "source patch from the model folder's prototypes.json (a malformed record, or an image path leading out of "
+        "the folder, is an error) (default: 3)",
     )  # fmt: skip
     ex.add_argument(
         "--prototype-search", choices=["mdm", "gradcam", "rise", "none"], default=None,
@@ -811,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--shortcut",
-        type=float,
+        type=_probability,
         default=0.0,
         help="synthetic data: probability of a planted patch in a random colour (adds the shortcut metric)",
     )
@@ -837,9 +941,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--batch-size", type=_positive_int, default=None, help="rows per forward pass inside the methods")
     ev.add_argument(
-        "--slow-images", type=int, default=16, help="images used for consistency and sanity (default: %(default)s)"
+        "--slow-images",
+        type=_non_negative_int,
+        default=16,
+        help="images used for consistency and sanity (default: %(default)s)",
     )
-    ev.add_argument("--seed", type=int, default=None, help="seed for stochastic methods")
+    ev.add_argument("--seed", type=_seed, default=None, help="seed for stochastic methods")
     ev.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     ev.add_argument(
         "--opt",
@@ -868,13 +975,15 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", required=True, help="output folder")
     tb.add_argument(
         "--shortcut",
-        type=float,
+        type=_probability,
         default=0.0,
         help="probability of the planted label-coloured patch in training images (default: %(default)s)",
     )
     tb.add_argument("--epochs", type=_positive_int, default=10)
     tb.add_argument("--n-train", type=_positive_int, default=6000)
-    tb.add_argument("--size", type=_positive_int, default=64, help="image size (32-224; default: %(default)s)")
+    tb.add_argument(
+        "--size", type=_number(32, 224, integer=True), default=64, help="image size (32-224; default: %(default)s)"
+    )
     tb.add_argument(
         "--arch", choices=["shapesnet", "vit", "vit_patch"], default="shapesnet",
         help="the CNN, a small timm ViT (8x8 token grid, 4 blocks) with a convolutional stem, or the same ViT with the patchify stem (default: %(default)s)",
@@ -885,7 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2e-3,
         help="peak AdamW learning rate of the one-cycle schedule (default: %(default)s)",
     )
-    tb.add_argument("--seed", type=int, default=0)
+    tb.add_argument("--seed", type=_seed, default=0)
     tb.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tb.add_argument("--device", default="auto")
     _add_monitor(tb, folder_option=False)
@@ -918,7 +1027,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tt.add_argument(
         "--lr",
-        type=float,
+        type=_positive_float,
         default=1e-3,
         help="one-cycle maximum learning rate (default: %(default)s; paper ResNet-50: 1e-4)",
     )
@@ -927,7 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n-train", type=_positive_int, default=4000, help="synthetic data: training images (default: %(default)s)"
     )
     tt.add_argument("--no-skip", action="store_true", help="ablation: no skip connection in the branches")
-    tt.add_argument("--seed", type=int, default=0)
+    tt.add_argument("--seed", type=_seed, default=0)
     tt.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA")
     tt.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tt.add_argument("--device", default="auto")
@@ -964,11 +1073,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tl.add_argument("--scratch", action="store_true", help="re-initialise every weight first (same architecture)")
     tl.add_argument(
-        "--shortcut", type=float, default=0.0,
+        "--shortcut", type=_probability, default=0.0,
         help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
     )  # fmt: skip
     tl.add_argument(
-        "--boxes-fraction", type=float, default=None,
+        "--boxes-fraction", type=_probability, default=None,
         help="share of training images drawn to carry knowledge (synthetic default 0.1: their object boxes, or "
         "with --forbid-shortcut the patch of those that have one; folders default 1: every image with a mask or box file)",
     )  # fmt: skip
@@ -983,25 +1092,31 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     tl.add_argument("--epochs", type=_positive_int, default=10, help="(default: %(default)s, the benchmark recipe's)")
     tl.add_argument(
-        "--beta-look", type=float, default=1.0, help="LAP: weight of the 'look here' term (default: %(default)s)"
+        "--beta-look", type=_weight, default=1.0, help="LAP: weight of the 'look here' term (default: %(default)s)"
     )
     tl.add_argument(
-        "--beta-forbid", type=float, default=1.0, help="LAP: weight of the forbidden-region term (default: %(default)s)"
+        "--beta-forbid",
+        type=_weight,
+        default=1.0,
+        help="LAP: weight of the forbidden-region term (default: %(default)s)",
     )
     tl.add_argument(
         "--beta-area",
-        type=float,
+        type=_weight,
         default=0.1,
         help="LAP: weight of the area prior on images without knowledge (default: %(default)s)",
     )
     tl.add_argument(
         "--rrr-weight",
-        type=float,
+        type=_weight,
         default=10.0,
         help="RRR: weight of the input-gradient penalty (default: %(default)s)",
     )
     tl.add_argument(
-        "--cam-weight", type=float, default=1.0, help="Grad-CAM supervision: weight of its terms (default: %(default)s)"
+        "--cam-weight",
+        type=_weight,
+        default=1.0,
+        help="Grad-CAM supervision: weight of its terms (default: %(default)s)",
     )
     tl.add_argument(
         "--cam-layer", default=None, help="Grad-CAM supervision: the layer (default: the model's default layer)"
@@ -1036,7 +1151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tp.add_argument("--cycles", type=_positive_int, default=1, help="joint-push-last cycles (default: %(default)s)")
     tp.add_argument(
-        "--shortcut", type=float, default=0.0,
+        "--shortcut", type=_probability, default=0.0,
         help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
     )  # fmt: skip
     tp.add_argument("--batch-size", type=_positive_int, default=64, help="(default: %(default)s)")
@@ -1049,7 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument(
         "--n-test", type=_positive_int, default=1000, help="synthetic clean test images (default: %(default)s)"
     )
-    tp.add_argument("--seed", type=int, default=0)
+    tp.add_argument("--seed", type=_seed, default=0)
     tp.add_argument("--amp", action="store_true", help="fp16 autocast on CUDA (warm-up and joint stages)")
     tp.add_argument(
         "--resume", action="store_true", help="continue an interrupted run in --out (finished stages are skipped)"
@@ -1075,7 +1190,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="more images without labels: N further benchmark images, or a folder (its labels, if any, are ignored)",
     )  # fmt: skip
     tc.add_argument(
-        "--labeled-fraction", type=float, default=1.0,
+        "--labeled-fraction", type=_number(0.0, 1.0, low_open=True), default=1.0,
         help="keep this share of --data labelled (seeded draw); the rest trains as unlabelled (default: %(default)s)",
     )  # fmt: skip
     tc.add_argument(
@@ -1086,11 +1201,13 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", required=True, help="output folder")
     tc.add_argument(
         "--lam",
-        type=float,
+        type=_weight,
         default=0.5,
         help="weight of the consistency loss; 0 = cross-entropy only (default: %(default)s)",
     )
-    tc.add_argument("--tau", type=float, default=0.5, help="InfoNCE temperature (default: %(default)s)")
+    tc.add_argument(
+        "--tau", type=_number(0.0, low_open=True), default=0.5, help="InfoNCE temperature (default: %(default)s)"
+    )
     tc.add_argument(
         "--consistency", choices=["contrastive", "l2"], default="contrastive",
         help="InfoNCE with the batch's other maps as negatives, or the L2 ablation (default: %(default)s)",
@@ -1102,7 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--layer", default=None, help="the CAM's layer (default: the model's default layer)")
     tc.add_argument("--scratch", action="store_true", help="re-initialise every weight first (same architecture)")
     tc.add_argument(
-        "--shortcut", type=float, default=0.0,
+        "--shortcut", type=_probability, default=0.0,
         help="synthetic data: probability of the planted label-coloured patch in training images (default: %(default)s)",
     )  # fmt: skip
     tc.add_argument("--epochs", type=_positive_int, default=5, help="(default: %(default)s)")
@@ -1135,7 +1252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument(
         "--samples", type=_non_negative_int, default=4, help="images shown layer by layer (default: %(default)s)"
     )
-    ins.add_argument("--seed", type=int, default=0, help="data draw and random filters (default: %(default)s)")
+    ins.add_argument("--seed", type=_seed, default=0, help="data draw and random filters (default: %(default)s)")
     ins.add_argument("--device", default="auto", help="auto, cpu or cuda (default: %(default)s)")
     ins.add_argument("--no-report", action="store_true", help="skip the HTML report")
     ins.set_defaults(func=cmd_inspect)
@@ -1150,14 +1267,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UsageError(Exception):
+    """A command line argparse refuses, raised instead of exiting so that :func:`main` returns 2."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a bad command line raises :class:`_UsageError` (its subcommands' parsers too)."""
+
+    def error(self, message: str) -> NoReturn:  # argparse calls it for every bad command line
+        raise _UsageError(self, message)
+
+
+#: what a user can cause and :func:`main` reports in one line: bad input (ValueError, TypeError; xcnn's
+#: own checks raise these), files and folders (OSError: missing, unreadable, not writable, disk full) and
+#: memory. Anything else (RuntimeError, KeyError, IndexError, AttributeError, ...) is a bug in xcnn or in
+#: a library, and keeps its traceback.
+_USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status: 0 done, 2 a usage
+    or input error (one line on stderr, no traceback), 1 out of memory, 130 interrupted."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as err:
+        print(err.parser.format_usage().rstrip(), file=sys.stderr)
+        print(f"{err.parser.prog}: error: {err}", file=sys.stderr)
+        return 2
+    command = f"xcnn {args.command}" + (f" {args.what}" if getattr(args, "what", None) else "")
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"xcnn {args.command}: error: {err}", file=sys.stderr)
+    except _USER_ERRORS as err:
+        print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        print(
+            f"{command}: error: out of memory ({_one_line(err)}); try a smaller --batch-size, --image-batch or "
+            "image count",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import pickle
 import re
@@ -18,9 +19,11 @@ import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_memory, check_number, read_json
 from .hooks import frozen, trace_outputs
 
 __all__ = [
@@ -54,6 +57,66 @@ BUNDLED_MODEL = "efficientnet_lite0"
 TRAINED_BY_XCNN = "trained by xcnn"
 #: :attr:`Classifier.weights` of a module handed to xcnn with whatever weights it had
 AS_GIVEN = "as given"
+#: the largest image side a Classifier accepts as its ``input_size`` (a bound against mistyped sizes: one
+#: 16384 x 16384 RGB image in float32 is already 3 GiB)
+MAX_INPUT_SIDE = 16384
+#: normalised pixels ``(x - mean) / std`` for x in [0, 1] must stay within float16's range: mixed precision
+#: (``--amp``) feeds them to float16 kernels, and a larger value is an infinity there
+MAX_NORMALISED = 65504.0
+
+
+def _three_numbers(name: str, values: object) -> list[float]:
+    """``values`` (a sequence or tensor of 3 finite numbers, one per RGB channel) as floats."""
+    if isinstance(values, (Tensor, np.ndarray)):
+        values = values.ravel().tolist() if isinstance(values, np.ndarray) else values.detach().flatten().tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 3:
+        raise ValueError(f"{name} needs 3 values (one per RGB channel), got {values!r}")
+    return [check_number(f"{name}[{c}]", v) for c, v in enumerate(values)]
+
+
+def _check_normalisation(mean: object, std: object) -> tuple[list[float], list[float]]:
+    """``mean`` and ``std`` checked: 3 finite numbers each, std positive and large enough that normalised
+    pixels ``(x - mean) / std`` of x in [0, 1] stay within :data:`MAX_NORMALISED` (float16's range)."""
+    mean_v, std_v = _three_numbers("mean", mean), _three_numbers("std", std)
+    for c, (m, s) in enumerate(zip(mean_v, std_v, strict=True)):
+        if not s > 0:
+            raise ValueError(f"std must be positive, got {std_v}")
+        reach = max(abs(m), abs(1.0 - m)) / s
+        if not reach <= MAX_NORMALISED:
+            raise ValueError(
+                f"std[{c}] = {s:g} is too small for mean[{c}] = {m:g}: normalised pixels (x - mean) / std would "
+                f"reach {reach:.3g} for x in [0, 1]; they must stay within +-{MAX_NORMALISED:g} (float16's range, "
+                "which mixed precision needs)"
+            )
+    return mean_v, std_v
+
+
+def _check_input_size(input_size: object) -> tuple[int, int]:
+    """``input_size`` checked: (height, width), two integers in 1..:data:`MAX_INPUT_SIDE`."""
+    if isinstance(input_size, (str, bytes)) or not isinstance(input_size, Sequence) or len(input_size) != 2:
+        raise ValueError(f"input_size must be (height, width), two positive integers, got {input_size!r}")
+    h, w = (
+        check_number(f"input_size[{i}]", v, integer=True, low=1, high=MAX_INPUT_SIDE) for i, v in enumerate(input_size)
+    )
+    return int(h), int(w)
+
+
+def _check_class_names(class_names: object) -> list[str] | None:
+    """``class_names`` checked: None, or a non-empty list (or tuple) of strings, one per output."""
+    if class_names is None:
+        return None
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+        raise TypeError(
+            f"class_names must be a list of strings (one per class), got {type(class_names).__name__} {class_names!r:.80}"
+        )
+    if not class_names:
+        raise ValueError("class_names must name at least one class, got an empty list")
+    wrong = next((i for i, c in enumerate(class_names) if not isinstance(c, str)), None)
+    if wrong is not None:
+        raise TypeError(
+            f"class_names must be strings, got {type(class_names[wrong]).__name__} {class_names[wrong]!r} at position {wrong}"
+        )
+    return list(class_names)
 
 
 class XcnnWarning(UserWarning):
@@ -89,11 +152,14 @@ class Classifier(nn.Module):
         super().__init__()
         if not isinstance(backbone, nn.Module):
             raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        mean_t, std_t = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-        if mean_t.shape != (3,) or std_t.shape != (3,):
-            raise ValueError(f"mean and std need 3 values (one per RGB channel), got {list(mean)} and {list(std)}")
-        if not bool((std_t > 0).all()):
-            raise ValueError(f"std must be positive, got {list(std)}")
+        mean_v, std_v = _check_normalisation(mean, std)
+        input_size = _check_input_size(input_size)
+        class_names = _check_class_names(class_names)
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {type(name).__name__} {name!r}")
+        if weights is not None and not isinstance(weights, str):
+            raise TypeError(f"weights (where the weights came from) must be a string or None, got {weights!r}")
+        mean_t, std_t = torch.tensor(mean_v, dtype=torch.float32), torch.tensor(std_v, dtype=torch.float32)
         self.backbone = backbone
         # the normalisation constants live where the backbone lives (a module may arrive on a GPU)
         where = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
@@ -101,8 +167,8 @@ class Classifier(nn.Module):
         self.register_buffer("mean", mean_t.view(1, 3, 1, 1).to(device), persistent=False)
         self.register_buffer("std", std_t.view(1, 3, 1, 1).to(device), persistent=False)
         self.name = name
-        self.input_size = (int(input_size[0]), int(input_size[1]))
-        self.class_names = list(class_names) if class_names is not None else None
+        self.input_size = input_size
+        self.class_names = class_names
         #: how to rebuild the backbone by name (``{"arch": ..., "kwargs": {...}}``), for :func:`save_model`
         self.spec = spec
         #: where the backbone's weights came from: ``"torchvision:ResNet50_Weights.IMAGENET1K_V2"``,
@@ -288,6 +354,17 @@ def load_model(
     """
     if weights is not None and not pretrained:
         raise ValueError("weights= loads a weights file and pretrained=False asks for random weights; pass one of them")
+    # the arguments themselves, before anything is built or downloaded
+    for name, value in (("mean", mean), ("std", std)):
+        if value is not None:
+            _three_numbers(name, value)
+    if input_size is not None:
+        input_size = _check_input_size(input_size)
+    class_names = _check_class_names(class_names)
+    if num_classes is not None:
+        num_classes = check_number("num_classes", num_classes, integer=True, low=1)
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes is {num_classes}")
     if raw_pixels and (mean is not None or std is not None):
         raise ValueError("raw_pixels=True means no normalisation; it cannot be combined with mean= or std=")
     if raw_pixels and not isinstance(model, nn.Module):
@@ -326,13 +403,23 @@ def load_model(
             class_names=class_names,
             weights=f"file:{weights}" if weights is not None else AS_GIVEN,
         )
-    elif isinstance(model, (str, Path)) and _saved_model_json(model) is not None:
+    elif isinstance(model, (str, Path)) and (files := _saved_model_files(model)) is not None:
         if not pretrained:
             raise ValueError(
                 f"{model} is a saved model with its own weights; pretrained=False (--random-weights) applies to "
                 "model names"
             )
-        net = _saved_model(_saved_model_json(model))
+        given = {
+            k
+            for k, v in {"weights": weights, "mean": mean, "std": std, "num_classes": num_classes,
+                         "class_names": class_names, "input_size": input_size, "raw_pixels": raw_pixels or None}.items()
+            if v is not None
+        }  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{model} is a saved model that brings its own {sorted(given)}; they cannot be changed here"
+            )
+        net = _saved_model(*files)
     elif isinstance(model, str):
         net = _named_model(model, pretrained, weights, num_classes, class_names, mean, std, input_size)
     elif isinstance(model, Path):
@@ -352,6 +439,8 @@ def _library(arch: str) -> str:
 
     from .nets import ARCHITECTURES
 
+    if not isinstance(arch, str) or not arch:
+        raise TypeError(f"an architecture name must be a non-empty string, got {type(arch).__name__} {arch!r}")
     if arch in ARCHITECTURES:
         return "xcnn"
     if not arch.startswith("timm:") and arch in torchvision.models.list_models(module=torchvision.models):
@@ -365,13 +454,16 @@ def _library(arch: str) -> str:
 
 
 def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple[int, int]]:
-    """``(backbone, mean, std, input_size)`` of an architecture by name, with random weights."""
+    """``(backbone, mean, std, input_size)`` of an architecture by name, with random weights (on the
+    default device: inside ``with torch.device("meta")`` nothing is allocated)."""
     import timm
     import torchvision
 
     from .nets import ARCHITECTURES
 
     library = _library(arch)
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"the arguments of {arch!r} must be a dict of names to values, got {kwargs!r:.200}")
     if library == "xcnn":
         return ARCHITECTURES[arch](**kwargs), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (64, 64)
     if library == "timm":
@@ -415,6 +507,10 @@ def _named_model(name, pretrained, weights, num_classes, class_names, mean, std,
             class_names = default_names
         elif (num_classes or getattr(backbone, "num_classes", 1000)) == 1000:
             class_names = imagenet_classes()
+    elif num_classes is None:  # names given for the architecture's own head: one forward says its size
+        outputs = _output_count(backbone, input_size or size, name)
+        if outputs != len(class_names):
+            raise ValueError(f"class_names has {len(class_names)} names but {name} has {outputs} outputs")
     return Classifier(
         backbone,
         mean if mean is not None else cfg_mean,
@@ -503,7 +599,7 @@ def _torchvision_pretrained(name: str, num_classes: int | None):
         ) from err
     if family == "googlenet":  # as torchvision does: the auxiliary heads are not pretrained, drop them
         backbone.aux_logits, backbone.aux1, backbone.aux2 = False, None, None
-        kwargs.pop("aux_logits")
+        kwargs["aux_logits"] = False  # and a saved model is rebuilt without them, so its weights fit
     preset = entry.transforms()
     crop = int(preset.crop_size[0])
     return backbone, tuple(preset.mean), tuple(preset.std), (crop, crop), origin, kwargs, categories
@@ -625,29 +721,46 @@ def register_edit(op: str) -> Callable[[Callable[..., None]], Callable[..., None
 
 
 def apply_edits(backbone: nn.Module, edits: Sequence[dict]) -> None:
-    """Replay recorded architecture edits (``{"op": ..., "where": ..., "args": {...}}``) on ``backbone``."""
+    """Replay recorded architecture edits (``{"op": ..., "where": ..., "args": {...}}``) on ``backbone``, in
+    their order (an edit may modify what an earlier one inserted)."""
     import importlib
 
-    for edit in edits:
+    if isinstance(edits, (str, bytes, dict)) or not isinstance(edits, Sequence):
+        raise TypeError(f"edits must be a list of {{'op', 'where', 'args'}} records, got {edits!r:.200}")
+    known = sorted(set(ARCHITECTURE_EDITS) | set(_EDIT_PROVIDERS))
+    for i, edit in enumerate(edits):
         op = edit.get("op") if isinstance(edit, dict) else None
+        op = op if isinstance(op, str) else None
         if op not in ARCHITECTURE_EDITS and op in _EDIT_PROVIDERS:
             importlib.import_module(_EDIT_PROVIDERS[op])
         if op not in ARCHITECTURE_EDITS:
+            raise ValueError(f"unknown architecture edit {edit!r:.200} (known ops: {known})")
+        where, args = edit.get("where"), edit.get("args", {})
+        if not isinstance(where, str) or not isinstance(args, dict):
             raise ValueError(
-                f"unknown architecture edit {edit!r} (known ops: {sorted(set(ARCHITECTURE_EDITS) | set(_EDIT_PROVIDERS))})"
+                f"architecture edit {i} {edit!r:.200} cannot be replayed: it needs 'where' (a layer name) and "
+                "'args' (a dict of arguments)"
             )
         try:
-            ARCHITECTURE_EDITS[op](backbone, edit["where"], **edit.get("args", {}))
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"architecture edit {edit!r} cannot be replayed: {err}") from err
+            ARCHITECTURE_EDITS[op](backbone, where, **args)
+        except (KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"architecture edit {edit!r:.200} cannot be replayed: {err}") from err
+
+
+#: the safetensors metadata key under which :func:`save_model` stores the whole model description
+_HEADER_KEY = "xcnn"
 
 
 def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
     """Write ``folder/model.safetensors`` and ``folder/model.json`` (architecture, normalisation, input
-    size, class names, where the weights came from, plus ``extra`` metadata); :func:`load_model` reads the
-    folder back."""
-    import json
+    size, class names, where the weights came from, plus ``extra`` metadata, which must be plain JSON data);
+    :func:`load_model` reads the folder back.
 
+    The weights file carries the whole description in its own header, so replacing it is one atomic commit
+    of the model; model.json is its human-readable copy, tagged with the same ``save_id``. Everything is
+    serialised before anything is replaced, and both files are flushed to the disk (fsync): a reader, a
+    crash or a power loss leaves the old model or the new one, never the weights of one with the
+    description of the other."""
     from safetensors.torch import save_file
 
     from ._io import atomic_write, prepare_out_dir
@@ -656,57 +769,248 @@ def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
         raise ValueError(
             "only Classifiers built by name (load_model or the xcnn trainers) can be saved by architecture name"
         )
-    folder = prepare_out_dir(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    import uuid
+
     meta = {
-        "format": MODEL_FORMAT, "name": model.name, "arch": model.spec["arch"], "kwargs": model.spec.get("kwargs", {}),
-        "mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist(),
-        "input_size": list(model.input_size), "class_names": model.class_names, "weights": model.weights,
-        "edits": list(model.spec.get("edits", [])),
+        "format": MODEL_FORMAT, "save_id": uuid.uuid4().hex, "name": model.name, "arch": model.spec["arch"],
+        "kwargs": model.spec.get("kwargs", {}), "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(), "input_size": list(model.input_size), "class_names": model.class_names,
+        "weights": model.weights, "edits": list(model.spec.get("edits", [])),
     }  # fmt: skip
     clash = sorted(set(extra) & set(meta))
     if clash:
         raise ValueError(f"save_model: extra metadata {clash} would overwrite the model description")
     meta.update(extra)
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
-    atomic_write(folder / "model.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    try:  # before any file is touched: a value JSON cannot hold must not leave a half-replaced folder
+        text = json.dumps(meta, indent=2)
+    except (TypeError, ValueError) as err:  # an object JSON cannot hold; a circular reference
+        raise type(err)(
+            f"save_model: the model description and extra metadata must be plain JSON data (strings, numbers, "
+            f"lists, dicts, None): {err}"
+        ) from err
+    state = {k: v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()}
+    folder = prepare_out_dir(folder)
+    atomic_write(
+        folder / "model.safetensors", lambda tmp: save_file(state, str(tmp), metadata={_HEADER_KEY: text}), durable=True
+    )
+    atomic_write(folder / "model.json", lambda tmp: tmp.write_text(text + "\n"), durable=True)
     return folder
 
 
-def _saved_model_json(path: str | Path) -> Path | None:
-    """The ``model.json`` a path refers to (a folder holding it, the .json, or the .safetensors beside it);
-    None when ``path`` is not a saved model (a folder without model.json may share a model's name)."""
+def _saved_model_files(path: str | Path) -> tuple[Path, Path] | None:
+    """``(weights, description)``: the ``.safetensors`` and ``.json`` of the saved model ``path`` names (its
+    folder, its .safetensors or its .json); None when ``path`` is not a saved model (a folder holding
+    neither file may share a model's name)."""
     p = Path(path)
     if p.is_dir():
-        return p / "model.json" if (p / "model.json").is_file() else None
+        weights, desc = p / "model.safetensors", p / "model.json"
+        return (weights, desc) if weights.is_file() or desc.is_file() else None
     if p.suffix in (".json", ".safetensors"):
-        meta = p.with_suffix(".json")
-        if not meta.is_file() or not p.with_suffix(".safetensors").is_file():
-            raise FileNotFoundError(f"no saved xcnn model at {p} (expected {meta.name} and {meta.stem}.safetensors)")
-        return meta
+        weights, desc = p.with_suffix(".safetensors"), p.with_suffix(".json")
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"no saved xcnn model at {p} (expected {weights.name}, and for older models {desc.name} beside it)"
+            )
+        return weights, desc
     return None
 
 
-def _saved_model(meta_path: Path) -> Classifier:
-    import json
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The metadata and the tensor shapes of the .safetensors file ``path``, from its header (no tensor is read)."""
+    from safetensors import safe_open
 
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {meta_path}: {err}") from err
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as err:  # not a safetensors file, a corrupt or truncated header
+        raise ValueError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
+    return metadata, shapes
+
+
+def _parse_description(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except RecursionError:  # json recurses per nesting level: a hostile header can exhaust the stack
+        raise ValueError(f"cannot read the model description in {where}: nested too deeply") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"cannot read the model description in {where}: {err}") from err
+
+
+def _saved_description(weights_path: Path, json_path: Path, header: dict[str, str]) -> tuple[object, str]:
+    """The description of a saved model and where it was read. model.json when it belongs to the same save
+    as the weights (the same ``save_id``: hand edits to it count), else the copy in the weights file's
+    header (a save interrupted between its two files leaves the new weights beside an old model.json);
+    folders written before the header held the description: model.json."""
+    from_header = None
+    if _HEADER_KEY in header:
+        from_header = _parse_description(header[_HEADER_KEY], f"the header of {weights_path}")
+    if not json_path.is_file():
+        if from_header is None:
+            raise FileNotFoundError(
+                f"no saved xcnn model at {weights_path}: its header holds no xcnn description and {json_path} is missing"
+            )
+        return from_header, f"the header of {weights_path}"
+    if from_header is None:
+        return read_json(json_path, "model description"), str(json_path)
+    try:
+        from_json = read_json(json_path, "model description")
+    except ValueError as err:
+        problem = f"is unreadable ({err})"
+    else:
+        same = isinstance(from_json, dict) and isinstance(from_header, dict)
+        if same and from_json.get("save_id") == from_header.get("save_id"):
+            return from_json, str(json_path)
+        problem = "belongs to another save (an interrupted save_model?)"
+    warnings.warn(
+        f"{json_path} {problem}; loading the description saved with the weights, in the header of {weights_path}",
+        XcnnWarning,
+        stacklevel=_outside_xcnn_stacklevel(),
+    )
+    return from_header, f"the header of {weights_path}"
+
+
+def _check_description(meta: object, where: str) -> dict:
+    """Every field of a saved model's description checked (types, ranges) before anything is built."""
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{meta_path} is not an xcnn model description (format {MODEL_FORMAT!r})")
-    backbone, _, _, _ = _build_arch(meta["arch"], meta.get("kwargs", {}))
-    edits = meta.get("edits", [])
-    apply_edits(backbone, edits)  # the modified architecture first, then its weights
-    weights_path = meta_path.with_suffix(".safetensors")
+        raise ValueError(f"{where} is not an xcnn model description (format {MODEL_FORMAT!r})")
+    missing = [key for key in ("arch", "mean", "std", "input_size") if key not in meta]
+    if missing:
+        raise ValueError(f"{where}: the model description lacks {missing}")
+    try:
+        arch, kwargs, edits = meta["arch"], meta.get("kwargs", {}), meta.get("edits", [])
+        if not isinstance(arch, str) or not arch:
+            raise TypeError(f"arch must be an architecture name (a string), got {type(arch).__name__} {arch!r:.100}")
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict of argument names to values, got {kwargs!r:.100}")
+        if not isinstance(edits, list) or not all(isinstance(e, dict) for e in edits):
+            raise TypeError(f"edits must be a list of {{'op', 'where', 'args'}} records, got {edits!r:.100}")
+        mean, std = _check_normalisation(meta["mean"], meta["std"])
+        name, origin = meta.get("name", arch), meta.get("weights", "")
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a string, got {type(name).__name__} {name!r:.100}")
+        if origin is not None and not isinstance(origin, str):
+            raise TypeError(f"weights (where the weights came from) must be a string or null, got {origin!r:.100}")
+        desc = {
+            "arch": arch, "kwargs": kwargs, "edits": edits, "mean": mean, "std": std, "name": name,
+            "input_size": _check_input_size(meta["input_size"]), "class_names": _check_class_names(meta.get("class_names")),
+        }  # fmt: skip
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{where}: {err}") from None
+    if "weights" in meta:
+        desc["weights"] = origin
+    return desc
+
+
+def _tensor_shapes_fit(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path, what: str
+) -> None:
+    """A ValueError naming the first tensors that differ, unless the weights file ``found`` fits ``expected``."""
+    wrong = [k for k in expected if k in found and found[k] != expected[k]]
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    if not (wrong or missing or extra):
+        return
+
+    def first(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    parts = [f"{k} is {list(found[k])} in the file but {list(expected[k])} in the architecture" for k in wrong[:3]]
+    if len(wrong) > 3:
+        parts.append(f"{len(wrong) - 3} more tensors differ in shape")
+    if missing:
+        parts.append(f"missing from the file: {first(missing)}")
+    if extra:
+        parts.append(f"in the file but not in the architecture: {first(extra)}")
+    raise ValueError(f"the weights in {path} do not fit {what}: " + "; ".join(parts))
+
+
+def _output_count(
+    backbone: nn.Module, input_size: tuple[int, int], what: str, *, meta_only: bool = False
+) -> int | None:
+    """How many outputs (classes) ``backbone`` gives for one ``input_size`` image: on the meta device a forward
+    pass that computes nothing (None where an operation has no meta kernel), else one real forward in eval
+    mode (with ``meta_only``: None)."""
+    ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
+    if device.type == "meta":
+        try:
+            with torch.no_grad():
+                out = backbone.eval()(x)  # a throw-away skeleton: its mode does not matter
+        except Exception:  # an operation without a meta kernel: a real forward can tell
+            return None
+        return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() >= 1 else None
+    if meta_only:
+        return None
+    try:
+        with frozen(backbone), torch.no_grad():
+            out = backbone(x)
+    except Exception as err:
+        raise ValueError(
+            f"{what} cannot run on a {input_size[0]}x{input_size[1]} image (its input_size): {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(out, Tensor) or out.dim() < 1:
+        raise ValueError(f"{what} returns {type(out).__name__}, not a tensor of class scores")
+    return int(out.shape[-1])
+
+
+def _saved_backbone(desc: dict, shapes: dict[str, tuple[int, ...]], weights_path: Path, what: str):
+    """``(backbone, outputs)``: the described architecture with its edits replayed (random weights), checked
+    first on the meta device, where nothing is allocated, against the tensor names and shapes of the weights
+    file and this machine's memory; ``outputs`` is the number of classes where the meta forward could tell it
+    (else None). A builder that cannot run on the meta device is checked after the real build instead."""
+
+    def build() -> nn.Module:
+        backbone = _build_arch(desc["arch"], desc["kwargs"])[0]
+        apply_edits(backbone, desc["edits"])  # the modified architecture first, then its weights
+        return backbone
+
+    skeleton = outputs = None
+    try:
+        with torch.device("meta"):
+            skeleton = build()
+    except (ValueError, TypeError) as err:  # the description is wrong: a real build would fail the same way
+        raise ValueError(f"cannot build {what}: {err}") from err
+    except Exception:  # a builder without meta support: checked after the real build
+        pass
+    if skeleton is not None:
+        state = skeleton.state_dict()
+        _tensor_shapes_fit({k: tuple(v.shape) for k, v in state.items()}, shapes, weights_path, what)
+        nbytes = sum(v.numel() * v.element_size() for v in state.values())
+        check_memory(nbytes + weights_path.stat().st_size, f"loading {what}")  # the model and the file's tensors
+        outputs = _output_count(skeleton, desc["input_size"], what, meta_only=True)
+    try:
+        backbone = build()
+    except (ValueError, TypeError, RuntimeError, AssertionError, KeyError, IndexError) as err:
+        raise ValueError(f"cannot build {what}: {type(err).__name__}: {err}") from err
+    if skeleton is None:
+        expected = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+        _tensor_shapes_fit(expected, shapes, weights_path, what)
+    return backbone, outputs
+
+
+def _saved_model(weights_path: Path, json_path: Path) -> Classifier:
+    header, shapes = _safetensors_header(weights_path)
+    meta, where = _saved_description(weights_path, json_path, header)
+    desc = _check_description(meta, where)
+    edits = desc["edits"]
+    what = f"the architecture described in {where} ({desc['arch']!r}" + (f" with {len(edits)} edits)" if edits else ")")
+    backbone, outputs = _saved_backbone(desc, shapes, weights_path, what)
     _load_weights(backbone, weights_path)
+    names = desc["class_names"]
+    if names is not None:
+        outputs = outputs if outputs is not None else _output_count(backbone, desc["input_size"], what)
+        if outputs != len(names):
+            raise ValueError(f"{where}: class_names has {len(names)} names but the model has {outputs} outputs")
     # folders written before the origin was recorded: the weights are those of the file
-    origin = meta["weights"] if "weights" in meta else f"file:{weights_path}"
+    origin = desc["weights"] if "weights" in desc else f"file:{weights_path}"
     return Classifier(
-        backbone, meta["mean"], meta["std"], name=meta.get("name", meta["arch"]), input_size=tuple(meta["input_size"]),
-        class_names=meta.get("class_names"),
-        spec={"arch": meta["arch"], "kwargs": meta.get("kwargs", {}), **({"edits": edits} if edits else {})},
+        backbone, desc["mean"], desc["std"], name=desc["name"], input_size=desc["input_size"], class_names=names,
+        spec={"arch": desc["arch"], "kwargs": desc["kwargs"], **({"edits": edits} if edits else {})},
         weights=origin,
     )  # fmt: skip
 

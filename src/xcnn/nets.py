@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from ._validate import check_memory, check_number
+
 __all__ = ["ARCHITECTURES", "ShapesNet", "shapes_vit"]
+
+
+def _positive_ints(name: str, values: object, count: int) -> tuple[int, ...]:
+    """``values`` as ``count`` positive integers; a clear error naming ``name`` otherwise."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != count:
+        raise ValueError(f"{name} must be {count} positive integers, got {values!r}")
+    return tuple(check_number(f"{name}[{i}]", v, integer=True, low=1) for i, v in enumerate(values))
 
 
 class _Block(nn.Module):
@@ -35,17 +45,28 @@ class ShapesNet(nn.Module):
     average pooling and a linear classifier. Default strides (stem, layer1..4) = 2/1/2/2/1: a 64x64 image
     gives an 8x8 ``layer4`` map while the costly early stages run at 32x32. ``stem_pool=True`` adds a 2x2
     average pool (``stem_pool``) after the stem: with a stride-1 stem the grids are the default's, and the
-    network has an early pooling layer that :func:`xcnn.interpretable.insert_lap` can replace."""
+    network has an early pooling layer that :func:`xcnn.interpretable.insert_lap` can replace. ``widths``: 4
+    positive channel counts (stem and layer1, layer2, layer3, layer4); ``strides``: 5 positive strides."""
 
     def __init__(
         self,
         num_classes: int = 6,
-        widths: tuple[int, int, int, int] = (16, 32, 64, 128),
-        strides: tuple[int, int, int, int, int] = (2, 1, 2, 2, 1),
+        widths: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[int] = (2, 1, 2, 2, 1),
         stem_pool: bool = False,
     ) -> None:
         super().__init__()
-        self.num_classes, self.widths, self.strides = num_classes, tuple(widths), tuple(strides)
+        if not isinstance(stem_pool, bool):
+            raise TypeError(f"ShapesNet: stem_pool must be True or False, got {stem_pool!r}")
+        num_classes = check_number("ShapesNet: num_classes", num_classes, integer=True, low=1)
+        widths = _positive_ints("ShapesNet: widths", widths, 4)
+        strides = _positive_ints("ShapesNet: strides", strides, 5)
+        # the weights (3x3 convolutions, 1x1 shortcuts, the classifier) in float32, refused before they are
+        # allocated when they cannot fit this machine (a mistyped width of 10**6 asks for terabytes)
+        blocks = itertools.pairwise((widths[0], *widths))  # (cin, cout) of layer1..layer4
+        weights = 27 * widths[0] + sum(9 * a * b + 9 * b * b + a * b for a, b in blocks) + widths[3] * num_classes
+        check_memory(4 * weights, f"ShapesNet(widths={list(widths)}, num_classes={num_classes})")
+        self.num_classes, self.widths, self.strides = num_classes, widths, strides
         self.stem = nn.Sequential(
             nn.Conv2d(3, widths[0], 3, strides[0], 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
         )
@@ -88,11 +109,28 @@ def shapes_vit(
 
     if stem not in ("conv", "patch"):
         raise ValueError(f"stem must be 'conv' or 'patch', got {stem!r}")
+    sizes = {"num_classes": num_classes, "img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim,
+             "depth": depth, "num_heads": num_heads}  # fmt: skip
+    for name, value in sizes.items():
+        check_number(f"shapes_vit: {name}", value, integer=True, low=1)
     n_convs = patch_size.bit_length() - 1
     if stem == "conv" and (patch_size < 2 or 2**n_convs != patch_size):
         raise ValueError(
             f"a convolutional stem halves the image per convolution: patch_size must be a power of 2, got {patch_size}"
         )
+    if img_size % patch_size:
+        raise ValueError(f"shapes_vit: img_size must be a multiple of patch_size {patch_size}, got {img_size}")
+    if embed_dim % num_heads:
+        raise ValueError(f"shapes_vit: embed_dim must be a multiple of num_heads {num_heads}, got {embed_dim}")
+    if stem == "conv" and embed_dim < 2 ** (n_convs - 1):
+        raise ValueError(
+            f"shapes_vit: the convolutional stem halves the width per convolution back from embed_dim: embed_dim "
+            f"must be at least {2 ** (n_convs - 1)} for patch_size {patch_size}, got {embed_dim}"
+        )
+    # per block about 12 d^2 weights (attention 4 d^2, MLP 8 d^2), plus the position embedding and the head
+    tokens = (img_size // patch_size) ** 2 + 1
+    weights = depth * 12 * embed_dim**2 + tokens * embed_dim + embed_dim * num_classes + 3 * patch_size**2 * embed_dim
+    check_memory(4 * weights, f"shapes_vit({', '.join(f'{k}={v}' for k, v in sizes.items())})")
 
     class ConvStem(PatchEmbed):
         def __init__(self, **kwargs) -> None:

@@ -65,7 +65,6 @@ def run_evaluation(
 ) -> Evaluation:
     """Evaluate ``model`` on ``data`` (``"synthetic"`` or an image folder) and write ``metrics.csv/json/md``
     (and ``report.html``) into ``out``."""
-    out = prepare_out_dir(out)
     if str(data) == "synthetic":
         size = model.input_size[0]
         dataset = benchmark_data(n or 64, size, shortcut_prob=shortcut_prob)
@@ -76,6 +75,7 @@ def run_evaluation(
         dataset = torch.utils.data.Subset(folder, range(count))
         names = [Path(folder.name(i)).name for i in range(count)]
         title = f"{data} ({count} images)"
+    out = prepare_out_dir(out)  # after the data opened: a bad ground-truth file leaves no empty folder
     ev = evaluate(
         model,
         dataset,
@@ -121,7 +121,6 @@ def run_inspection(
     from .viz.inspection import write_inspection_report
 
     monitor = load_history(history) if history is not None else None  # a bad --history fails before the work
-    out = prepare_out_dir(out)
     if str(data) == "synthetic":
         size = model.input_size[0]
         dataset, class_names = benchmark_data(n, size, seed=seed), None
@@ -131,6 +130,7 @@ def run_inspection(
         order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         dataset, class_names = torch.utils.data.Subset(folder, order), folder.classes
         title = f"{data} ({len(order)} of {len(folder)} images, {len(folder.classes)} classes)"
+    out = prepare_out_dir(out)  # after the data opened: a bad ground-truth file leaves no empty folder
     ins = inspect_model(
         model, dataset, layers=layers, importance_layer=importance_layer, images=n, class_names=class_names,
         samples=samples, seed=seed, progress=progress,

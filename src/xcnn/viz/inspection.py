@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from .._io import atomic_write, prepare_out_dir
-from .overlay import overlay
+from .overlay import overlay, plain_text
 from .report import _figure_png, _png
 
 __all__ = [
@@ -43,7 +43,7 @@ def depth_figure(layers: Sequence[str], accuracy: Mapping[str, float], model_acc
     ax.plot(range(len(layers)), [accuracy[name] for name in layers], marker="o", color="#1f77b4", label="probe")
     if model_accuracy is not None:
         ax.axhline(model_accuracy, color="#555", linestyle="--", label="model output")
-    ax.set_xticks(range(len(layers)), layers, rotation=20, fontsize=8)
+    ax.set_xticks(range(len(layers)), [plain_text(name) for name in layers], rotation=20, fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy (held-out)")
     ax.set_title("where the decision forms: probe accuracy by depth")
@@ -60,7 +60,7 @@ def history_figure(history: Mapping) -> Figure:
     fig = _figure(12, 3.6)
     left, right = fig.subplots(1, 2)
     image = left.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
-    left.set_yticks(range(len(layers)), layers, fontsize=8)
+    left.set_yticks(range(len(layers)), [plain_text(name) for name in layers], fontsize=8)
     step = max(1, len(epochs) // 12)
     left.set_xticks(range(0, len(epochs), step), [str(e) for e in epochs[::step]], fontsize=8)
     left.set_xlabel("epoch")
@@ -70,7 +70,7 @@ def history_figure(history: Mapping) -> Figure:
         xs = [e for e, r in zip(epochs, records, strict=True) if r.get("cka_to_previous", {}).get(name) is not None]
         ys = [r["cka_to_previous"][name] for r in records if r.get("cka_to_previous", {}).get(name) is not None]
         if xs:
-            right.plot(xs, ys, marker=".", label=name)
+            right.plot(xs, ys, marker=".", label=plain_text(name))
     right.set_ylim(0, 1.02)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("epoch")
@@ -114,13 +114,13 @@ def matrix_figure(matrix: Tensor, title: str, labels: Sequence[str] | None = Non
     ax = fig.subplots()
     image = ax.imshow(matrix.float().numpy(), vmin=vmin, vmax=1, cmap="coolwarm" if vmin < 0 else "viridis")
     if labels is not None:
-        ax.set_xticks(range(n), labels, rotation=30, fontsize=8)
-        ax.set_yticks(range(n), labels, fontsize=8)
+        ax.set_xticks(range(n), [plain_text(label) for label in labels], rotation=30, fontsize=8)
+        ax.set_yticks(range(n), [plain_text(label) for label in labels], fontsize=8)
         if n <= 12:
             for i in range(n):
                 for j in range(n):
                     ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", fontsize=7, color="w")
-    ax.set_title(title)
+    ax.set_title(plain_text(title))
     fig.colorbar(image, ax=ax, fraction=0.05)
     return fig
 
@@ -140,7 +140,7 @@ def association_figure(
     ax = fig.subplots()
     image = ax.imshow(torch.nan_to_num(a).numpy(), aspect="auto", cmap="coolwarm", vmin=-2, vmax=2)
     ax.set_xticks(range(len(order)), [str(k) for k in order], fontsize=7, rotation=90)
-    ax.set_yticks(range(len(class_names)), class_names, fontsize=8)
+    ax.set_yticks(range(len(class_names)), [plain_text(name) for name in class_names], fontsize=8)
     ax.set_xlabel("filter (most important first)")
     ax.set_title("filter-class association (mean activation per class, standardised per filter)")
     fig.colorbar(image, ax=ax, fraction=0.04)

@@ -16,7 +16,15 @@ from torch import Tensor
 
 from .._io import atomic_write
 
-__all__ = ["display_map", "grid_figure", "overlay", "save_grid", "save_overlay"]
+__all__ = ["display_map", "grid_figure", "overlay", "plain_text", "save_grid", "save_overlay"]
+
+
+def plain_text(text: object) -> str:
+    """``text`` as matplotlib draws it literally: every ``$`` escaped, so that a class name, file label or
+    method label such as ``"$\\frac{a}$"`` is shown as written instead of being parsed as mathtext (which
+    fails on malformed formulas and would stop a figure from being written). Use it on every string that
+    comes from user data; matplotlib turns each ``\\$`` back into ``$``."""
+    return str(text).replace("$", r"\$")
 
 
 def _image_array(image: Tensor | np.ndarray) -> np.ndarray:
@@ -128,7 +136,7 @@ def grid_figure(
     rows = -(-len(panels) // cols)
     height, width = panels[0][1].shape[:2]
     cell_h = _CELL * height / width
-    titles = [textwrap.fill(name, _TITLE_CHARS) for name, _ in panels]
+    titles = [plain_text(textwrap.fill(name, _TITLE_CHARS)) for name, _ in panels]  # escaped after wrapping
     band = _LINE * max(t.count("\n") + 1 for t in titles) + 0.12
     top = 0.35 if title else 0.0
     fig_w = 2 * _MARGIN + cols * _CELL + (cols - 1) * _GAP
@@ -146,7 +154,7 @@ def grid_figure(
         ax.set_title(text, fontsize=10, pad=4)
         ax.axis("off")
     if title:
-        fig.text(0.5, 1 - (_MARGIN + 0.05) / fig_h, title, ha="center", va="top", fontsize=11)
+        fig.text(0.5, 1 - (_MARGIN + 0.05) / fig_h, plain_text(title), ha="center", va="top", fontsize=11)
     if note:
         fig.text(_MARGIN / fig_w, _MARGIN / fig_h, note, ha="left", va="bottom", fontsize=8)
     return fig

@@ -15,7 +15,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor
 
 from .._io import atomic_write
-from .overlay import _image_array, overlay
+from .overlay import _image_array, overlay, plain_text
 
 __all__ = ["prototype_figure", "save_prototype_figure"]
 
@@ -38,7 +38,7 @@ def prototype_figure(
     height = top + n * (cell + band) + gap
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    headings = ["similarity map (native)", f"similarity map ({search_name})", "prototype's source patch"]
+    headings = ["similarity map (native)", f"similarity map ({plain_text(search_name)})", "prototype's source patch"]
     for r, row in enumerate(rows):
         bottom = height - top - (r + 1) * (cell + band) + gap
         panels = [
@@ -57,7 +57,7 @@ def prototype_figure(
                 t, left, b, right = row["box"]
                 ax.add_patch(Rectangle((left - 0.5, t - 0.5), right - left, b - t, fill=False, color="yellow", lw=2))
         fig.text(
-            0.5, (bottom + cell + 0.04) / height, textwrap.fill(row.get("caption", ""), 90),
+            0.5, (bottom + cell + 0.04) / height, plain_text(textwrap.fill(row.get("caption", ""), 90)),
             ha="center", va="bottom", fontsize=8,
         )  # fmt: skip
     for c, heading in enumerate(headings):
@@ -66,7 +66,7 @@ def prototype_figure(
             ha="center", va="top", fontsize=8, weight="bold",
         )  # fmt: skip
     if title:
-        fig.text(0.5, 1 - 0.08 / height, title, ha="center", va="top", fontsize=10)
+        fig.text(0.5, 1 - 0.08 / height, plain_text(title), ha="center", va="top", fontsize=10)
     return fig
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .._io import atomic_write, prepare_out_dir
 from ..metrics.harness import SPEED_COLUMN, Evaluation, MetricTable, metric_direction, metric_table
-from .overlay import overlay
+from .overlay import overlay, plain_text
 from .style import LineStyle, display_percentile, is_baseline, method_styles
 
 __all__ = ["ReportSection", "curves_figure", "write_report"]
@@ -66,7 +66,7 @@ def curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], styles: M
             ys = by_kind.get(kind)
             if ys:
                 xs = [j / max(len(ys) - 1, 1) for j in range(len(ys))]
-                ax.plot(xs, ys, label=method, **styles[method].plot_kwargs())
+                ax.plot(xs, ys, label=plain_text(method), **styles[method].plot_kwargs())
         ax.set_title(f"{kind} (mean over images)")
         ax.set_xlabel("fraction of pixels " + ("revealed" if kind == "insertion" else "removed"))
         ax.set_ylabel("p(target)")
