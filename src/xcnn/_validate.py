@@ -12,7 +12,7 @@ import numbers
 import os
 from pathlib import Path
 
-__all__ = ["check_memory", "check_number", "check_positive", "physical_memory", "read_json"]
+__all__ = ["check_memory", "check_number", "check_positive", "check_seed", "physical_memory", "read_json"]
 
 
 def check_positive(name: str, value: object, *, integer: bool = True) -> None:
@@ -50,6 +50,15 @@ def check_number(
         bounds = f"in {left or '(-inf'}, {right or 'inf)'}"
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return number
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """A seed as ``torch.manual_seed`` / ``torch.Generator.manual_seed`` take it: an integer in [-2**63, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64), got {seed}")
+    return int(seed)
 
 
 def physical_memory() -> int | None:

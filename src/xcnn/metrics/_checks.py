@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_positive
+from .._validate import check_positive, check_seed
 from ..explain.base import check_images, check_targets
 from ..models import Classifier, as_classifier
 
 __all__ = ["check_maps", "check_masks", "check_positive", "check_seed", "prepare", "resolve", "target_probs"]
-
-
-def check_seed(seed: object, name: str = "seed") -> int:
-    """A seed for ``torch.Generator.manual_seed``: an integer in [0, 2**63)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"{name} must be in [0, 2**63), got {seed}")
-    return int(seed)
 
 
 def check_maps(maps: object, shape: tuple[int, ...] | None = None, unit: bool = False) -> Tensor:
