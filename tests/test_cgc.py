@@ -313,7 +313,25 @@ def test_bad_training_input_fails_before_anything_is_written(shapes32, tmp_path)
         ({"labeled_fraction": 0.0}, r"labelled fraction must be in \(0, 1\]"),
         ({"labeled_fraction": 1.5}, r"labelled fraction must be in \(0, 1\]"),
         ({"batch_size": 1}, "batch norm needs at least 2"),
-        ({"unlabeled": torch.utils.data.TensorDataset(torch.rand(0, 3, 32, 32))}, "unlabelled data set is empty"),
+        ({"unlabeled": torch.utils.data.TensorDataset(torch.rand(0, 3, 32, 32))}, "unlabeled is empty"),
+        # normalised unlabelled images used to train silently (they skipped the [0, 1] check of the labelled ones)
+        (
+            {"unlabeled": torch.utils.data.TensorDataset(train.tensors["image"] * 4 - 2)},
+            r"unlabeled's sample 0: image values must be in \[0, 1\] .*got values in \[-2",
+        ),
+        (
+            {"unlabeled": torch.utils.data.TensorDataset(torch.rand(4, 32, 32))},
+            r"unlabeled's sample 0: the image must be a float \[3,H,W\]",
+        ),
+        (
+            {"val_data": torch.utils.data.TensorDataset(train.tensors["image"] * 255, train.tensors["label"])},
+            r"val_data's sample 0: image values must be in \[0, 1\]",
+        ),
+        (
+            {"val_data": torch.utils.data.TensorDataset(train.tensors["image"], train.tensors["label"] + 1)},
+            r"val_data has the label 6; labels are class indices \[0, 6\)",
+        ),
+        ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         ({"lam": 0.0, "labeled_fraction": 0.5}, "unlabelled images contribute nothing"),
         ({"cam": "scorecam"}, "cam must be one of"),
         ({"consistency": "cosine"}, "consistency must be one of"),

@@ -80,6 +80,26 @@ def test_another_seed_another_map(name, tiny, images32):
     assert not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("name", sorted(STOCHASTIC))
+def test_seeds_are_torchs_and_anything_else_is_refused(name, tiny, images32):
+    """Every seed torch takes ([-2**63, 2**64), read modulo 2**64: -1 and 2**64 - 1 are one generator) gives the
+    map of the seed torch reads (the random map's hash key of a negative seed is unchanged); a float, a string or
+    a seed beyond that range is refused when the explainer is built (RISE and SmoothGrad used to truncate 1.5)."""
+    images = images32[:2]
+    top, below = make(name, tiny, seed=2**64 - 1)(images), make(name, tiny, seed=-1)(images)
+    torch.testing.assert_close(top, below, rtol=0, atol=0)
+    make(name, tiny, seed=2**63)(images)  # beyond a signed 64-bit integer, within torch's range
+    for seed, error, message in [
+        (1.5, TypeError, "seed must be an integer, got float 1.5"),
+        ("0", TypeError, "seed must be an integer"),
+        (True, TypeError, "seed must be an integer"),
+        (2**64, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        (-(2**63) - 1, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+    ]:
+        with pytest.raises(error, match=message):
+            make(name, tiny, seed=seed)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_model_state_restored_and_no_hooks_left(name, tiny, images32):
     model = prepared_model(name, tiny)  # tiny itself, except for `lap` (a LAP copy of it)

@@ -557,6 +557,8 @@ def test_bad_arguments_get_clear_errors():
         ({"class_names": ["a", "b"]}, ValueError, "class_names has 2 names, but the data have labels up to 2"),
         ({"batch_size": 0}, ValueError, "batch_size must be a positive integer"),
         ({"progress": "yes"}, TypeError, "progress must be True, False or None"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        ({"seed": 0.5}, TypeError, "seed must be an integer"),
     ]:
         with pytest.raises(error, match=message):
             inspect_model(model, d, layers=["features"], **kwargs)

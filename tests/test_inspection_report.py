@@ -168,6 +168,28 @@ def test_inspect_model_streams_the_data_and_every_number_is_the_closed_form(form
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("form", ["dict", "dataset"])
+def test_inspect_model_checks_each_batch_once_on_its_first_pass(form, monkeypatch):
+    """The data are read once per measurement; the first pass (all 24 images, batches of 5: 5 batches) checks
+    every batch, the later ones (the same images) are not checked again: on CUDA data each check is a host
+    sync. A bad image is still found by that first pass, naming its batch."""
+    import xcnn.inspection.importance as importance
+
+    model = xcnn.Classifier(LinearAfterAct(), mean=[0.0] * 3, std=[1.0] * 3, input_size=(6, 6)).eval()
+    labels = torch.arange(26) % 3
+    images = torch.rand(26, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    data = {"image": images, "label": labels}
+    checked, real = [], importance.check_images
+    monkeypatch.setattr(importance, "check_images", lambda x: checked.append(len(x)) or real(x))
+    options = {"layers": ["features", "act"], "images": 24, "top": 1, "draws": 2, "samples": 2, "batch_size": 5,
+               "progress": False}  # fmt: skip
+    inspect_model(model, data if form == "dict" else Samples(data), **options)
+    assert checked == [5, 5, 5, 5, 4]
+    images[13, 0, 1, 1] = float("nan")  # a measured (odd) image
+    with pytest.raises(ValueError, match=r"data \(samples 10 onwards\): images contain NaN"):
+        inspect_model(model, data if form == "dict" else Samples(data), **options)
+
+
 def test_monitored_cli_training_then_inspect_with_history(tmp_path):
     run, out = tmp_path / "run", tmp_path / "inspect"
     argv = ["train", "benchmark", "--out", str(run), "--epochs", "2", "--n-train", "256", "--size", "32"]

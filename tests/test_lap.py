@@ -365,6 +365,60 @@ def test_the_pool_before_the_classifier_is_the_last_global_pool_to_run_and_share
         insert_lap(twice, where="down")
 
 
+class Watched(nn.Module):
+    """A network with two global pools (a squeeze-and-excitation one first) whose last layer notes whether the
+    outputs of the layers before it are still alive when it runs (a forward that keeps them all holds every
+    activation of the network at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.se_pool = nn.AdaptiveAvgPool2d(1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 2)
+        self.alive: list[bool] = []
+
+    def forward(self, x):
+        import weakref
+
+        stem = self.stem(x)
+        early = weakref.ref(stem)  # the stem module's output
+        stem = stem * self.se_pool(stem)  # the last reference to it dropped here
+        y = self.pool(self.body(stem))
+        self.alive.append(early() is not None)
+        return self.fc(y.flatten(1))
+
+
+def test_finding_the_pool_before_the_classifier_keeps_no_layers_output():
+    """The forward that orders the global pools records their names only: the stem's output is freed before
+    the forward ends (it used to be kept, with every other module's output of a 224x224 forward)."""
+    net = Watched()
+    with pytest.warns(UserWarning, match="took 'pool'"):
+        assert global_pool_place(net, "test", example=torch.zeros(1, 3, 16, 16)) == "pool"
+    assert net.alive == [False]
+
+
+def test_a_bfloat16_model_gets_lap_and_keeps_its_predictions(resnet18):
+    """insert_lap on a bfloat16 resnet18: the copy's normalisation stays bfloat16 (a float32 one turned the images
+    into float32 before the bfloat16 layers: torch's dtype error), and it predicts what the model predicts."""
+    import copy
+
+    base = copy.deepcopy(resnet18).to(torch.bfloat16).eval()
+    lap = insert_lap(base).eval()
+    assert lap.mean.dtype == lap.std.dtype == torch.bfloat16
+    assert named_dtype(lap, "avgpool") == torch.bfloat16
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(lap(x), base(x))
+
+
+def named_dtype(clf: Classifier, name: str) -> torch.dtype:
+    from xcnn.hooks import named_layer
+
+    return next(named_layer(clf.backbone, name).parameters()).dtype
+
+
 def test_heads_are_not_weighted_through_a_hidden_layer():
     torch.manual_seed(0)
     seq = nn.Sequential(
@@ -430,8 +484,30 @@ def test_mobilenet_v3_small_gets_lap_at_its_classifier_pool_and_keeps_its_predic
         assert global_pool_place(net, "protopnet") == "avgpool"
 
 
-def test_every_constructor_argument_is_checked():
+def test_every_constructor_argument_is_checked(monkeypatch):
     """A saved model's edit replays through the constructor: each argument gets a clear error naming it."""
+    import xcnn._validate
+
+    # the attention net's size is refused before any of it is built, whatever the allocator would do with the
+    # request (with overcommit it may grant terabytes): on a machine said to have 1 MiB, 64 channels x 1000
+    # hidden (4 x (1000 x (9 x 64 + 1) + 1001) = 2 312 004 bytes: 2.2 MiB) is refused and no convolution made
+    made = []
+    real_conv = nn.Conv2d.__init__
+
+    def conv(self, *args, **kwargs):
+        made.append(args)
+        real_conv(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(xcnn._validate, "physical_memory", lambda: 2**20)
+        patch.setattr(nn.Conv2d, "__init__", conv)
+        with pytest.raises(
+            ValueError, match=r"attention net would need 0\.00215 GiB, more than this machine's 0\.000977 GiB"
+        ):
+            LocalAttentionPooling(64, hidden=1000)
+        assert not made
+        LocalAttentionPooling(64, hidden=100)  # 0.22 MiB: built
+        assert made
     cases = [
         ({"stride": 10**18}, ValueError, "stride must be in"),
         ({"stride": 0}, ValueError, "stride must be in"),

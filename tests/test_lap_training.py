@@ -73,6 +73,40 @@ def test_regions_become_masks_and_bad_regions_are_refused():
         Knowledge((8, 10), look={-1: (0, 0, 2, 2)})
 
 
+def test_regions_can_be_set_and_deleted_through_the_compaction(shapes32):
+    """``k.look[i] = region`` is validated and kept compact as at construction; the masks read back are the
+    regions given (a disc stays a disc, a box its inclusive pixels), ``del`` removes one, and a dataset wrapped
+    with the knowledge sees the change."""
+    k = Knowledge((32, 32))
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    disc = (yy - 16) ** 2 + (xx - 12) ** 2 <= 6**2
+    k.look[5] = disc
+    k.look[7] = (2, 3, 10, 4)  # x0, y0, x1, y1: 9 x 2 pixels
+    k.forbid[5] = [[0, 0, 1, 1]]
+    assert torch.equal(k.look[5], disc) and int(k.look[7].sum()) == 18 and bool(k.look[7][3:5, 2:11].all())
+    assert k.indices == [5, 7] and int(k.forbid[5].sum()) == 4
+    k.look[5] = disc.long()  # a 0/1 mask replaces the entry
+    assert torch.equal(k.look[5], disc)
+    for index, region, message in [
+        (-1, (0, 0, 2, 2), r"knowledge: look keys must be image indices \(int >= 0\), got -1"),
+        (True, (0, 0, 2, 2), "look keys must be image indices"),
+        (3, (0, 0, 40, 2), r"knowledge look\[3\]: box .* lies outside the 32x32 image"),
+        (3, torch.zeros(32, 32, dtype=torch.bool), r"knowledge look\[3\] is an empty region"),
+        (3, torch.ones(16, 16, dtype=torch.bool), r"a mask of shape \(16, 16\) for 32x32 images"),
+        (3, disc.float() * 0.5, "a mask must be boolean or 0/1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            k.look[index] = region
+    assert 3 not in k.look  # nothing was kept of a refused region
+    train, _ = shapes32
+    wrapped = WithKnowledge(train, k)
+    assert bool(wrapped[7]["has_look"]) and torch.equal(wrapped[7]["look"], k.look[7])
+    del k.look[7]
+    assert 7 not in k.look and k.indices == [5] and not bool(wrapped[7]["has_look"])
+    with pytest.raises(KeyError):
+        del k.look[7]
+
+
 def test_knowledge_for_images_not_in_the_data_is_refused(shapes32, tmp_path):
     train, _ = shapes32
     with pytest.raises(ValueError, match="not in the data"):
@@ -574,6 +608,43 @@ def test_the_settings_are_written_before_the_first_checkpoint_and_a_checkpoint_w
         fit_lap(small_shapesnet(), train, epochs=2, resume=True, lr=5e-3, **options)
 
 
+class Counted(torch.utils.data.Dataset):
+    """``data``'s samples, counting how often each is read."""
+
+    def __init__(self, data):
+        self.data, self.reads = data, {}
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        self.reads[i] = self.reads.get(i, 0) + 1
+        return self.data[i]
+
+
+class ReadsAtStart(Callback):
+    """Notes how often sample 0 had been read when training begins."""
+
+    name = "reads_at_start"
+
+    def __init__(self, data: Counted) -> None:
+        self.data, self.reads = data, None
+
+    def on_train_begin(self, ctx) -> None:
+        self.reads = self.data.reads.get(0, 0)
+
+
+@pytest.mark.parametrize("injection", ["lap", "gradcam"])
+def test_fit_lap_reads_the_first_sample_once_before_training(shapes32, injection):
+    """Its checks (image in [0, 1], label), the knowledge's image size and, for Grad-CAM supervision, the CAM
+    layer's check all come from one read of sample 0 (each read of an image folder decodes a file)."""
+    train, _ = shapes32
+    data = Counted(torch.utils.data.TensorDataset(train.tensors["image"][:64], train.tensors["label"][:64]))
+    watch = ReadsAtStart(data)
+    fit_lap(small_shapesnet(), data, epochs=1, batch_size=64, injection=injection, callbacks=[watch], progress=False)
+    assert watch.reads == 1
+
+
 class EmptyData(torch.utils.data.Dataset):
     def __len__(self):
         return 0
@@ -609,6 +680,7 @@ def test_bad_data_and_settings_are_refused_before_anything_is_written(shapes32, 
         ({"injection": "gradcam", "cam_weight": "1"}, TypeError, "cam_weight must be a number"),
         ({"heads": 0}, ValueError, "heads must be a positive integer"),
         ({"seed": "a"}, TypeError, "seed must be an integer"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         ({"epochs": 1.5}, ValueError, "epochs must be a positive integer"),
         ({"scratch": "yes"}, TypeError, "scratch must be True or False"),
         ({"knowledge": {"look": {}}}, TypeError, "knowledge must be a Knowledge"),
@@ -626,6 +698,16 @@ def test_bad_data_and_settings_are_refused_before_anything_is_written(shapes32, 
     for data, error, message in bad_data:
         with pytest.raises(error, match=message):
             fit_lap(small_shapesnet(), data, epochs=1, out_dir=out)
+    # validation data out of range would give a silently wrong validation accuracy
+    for val, error, message in [
+        (EmptyData(), ValueError, "val_data is empty"),
+        (torch.utils.data.TensorDataset(images * 4 - 2, labels), ValueError,
+         r"val_data's sample 0: image values must be in \[0, 1\]"),
+        (torch.utils.data.TensorDataset(images, labels + 6), ValueError,
+         r"val_data has the label 11; labels are class indices \[0, 6\)"),
+    ]:  # fmt: skip
+        with pytest.raises(error, match=message):
+            fit_lap(small_shapesnet(), train, val_data=val, epochs=1, out_dir=out)
     assert not out.exists()
     # labels the data does not expose are checked as each sample is loaded
     with pytest.raises(ValueError, match=r"training sample 100 has the label 9; labels are class indices \[0, 6\)"):
@@ -647,6 +729,8 @@ def test_knowledge_settings_and_files_are_checked():
         Knowledge.from_samples(EmptyData(), 0.5)
     with pytest.raises(TypeError, match="knowledge: seed must be an integer"):
         Knowledge.from_samples(data, 0.5, seed="a")
+    with pytest.raises(ValueError, match=r"knowledge: seed must be an integer in \[-2\*\*63, 2\*\*64\)"):
+        Knowledge.from_samples(data, 0.5, seed=2**64)  # torch's own overflow error before
     for fraction in (0.0, 1.5, math.nan):
         with pytest.raises(ValueError, match="knowledge fraction must be"):
             Knowledge.from_samples(data, fraction)

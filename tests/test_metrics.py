@@ -85,6 +85,20 @@ def test_pointing_tolerance_and_empty_masks():
         assert pointing_game(maps, masks, tolerance=2) == 0.0
 
 
+def test_an_integer_mask_is_the_object_where_it_is_not_zero():
+    """A uint8 0/255 mask (``read_image`` of a PNG mask, non-zero = object as xcnn's loader reads mask files) gives
+    the numbers of its boolean mask: the top half of a 4x4 image, hand-computed as in the test below."""
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 0, 0], maps[0, 3, 3] = 3.0, 1.0
+    for given in (masks.to(torch.uint8) * 255, masks.long() * 7, masks.float()):
+        assert energy_in_box(maps, given) == pytest.approx(75.0)
+        assert iou(maps, given, threshold=0.5) == pytest.approx(1 / 9)
+        assert pointing_game(maps, given) == 1.0
+        assert shortcut_energy(maps, given) == pytest.approx(75.0)
+
+
 def test_energy_and_iou_by_hand():
     masks = torch.zeros(1, 4, 4, dtype=torch.bool)
     masks[0, :2] = True  # top half
@@ -430,14 +444,27 @@ def test_cascade_goes_from_the_logits_down():
             ValueError,
             "masks have shape",
         ),
-        (lambda m, x: pointing_game(torch.rand(3, S, S), torch.full((3, S, S), 0.5)), ValueError, "boolean"),
+        (
+            lambda m, x: pointing_game(torch.rand(3, S, S), torch.full((3, S, S), 0.5)),
+            ValueError,
+            "masks of floats must be 0/1",
+        ),
         (
             lambda m, x: iou(torch.rand(3, S, S), torch.ones(3, S, S, dtype=torch.bool), threshold=2),
             ValueError,
             "threshold",
         ),
         (lambda m, x: energy_in_box(torch.rand(S, S), torch.ones(S, S, dtype=torch.bool)), ValueError, "\\[B,H,W\\]"),
-        (lambda m, x: energy_in_box(torch.rand(3, S, S), torch.full((3, S, S), 3)), ValueError, "boolean \\(or 0/1\\)"),
+        (
+            lambda m, x: energy_in_box(torch.rand(3, S, S), torch.full((3, S, S), 0.3)),
+            ValueError,
+            "masks of floats must be 0/1",
+        ),
+        (
+            lambda m, x: iou(torch.rand(3, S, S), torch.ones(3, S, S, dtype=torch.complex64)),
+            TypeError,
+            "masks must be boolean, integer",
+        ),
         (lambda m, x: average_drop_increase(m, x, 5 * torch.rand(3, S, S)), ValueError, "maps must be in \\[0,1\\]"),
         (lambda m, x: average_drop_increase(m, x, torch.rand(3, S, S), keep=0.5), TypeError, "keep must be a seq"),
         (lambda m, x: average_drop_increase(m, x, torch.rand(3, S, S), keep=("a",)), TypeError, "keep fractions"),

@@ -98,6 +98,38 @@ def test_sanity_rows_over_only_constant_maps_are_nan_and_say_how_many(tmp_path):
     assert [r["value"] for r in saved if r["metric"].startswith("sanity_")] == [None, None]
 
 
+class NaNOut(nn.Module):
+    """A model whose every output is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) * math.nan
+
+
+def test_a_model_that_outputs_nan_saves_its_rows_and_curves_as_null(tmp_path):
+    """Every value of a NaN model is NaN: the rows and the insertion/deletion curves are saved as strict JSON
+    with null for NaN (the curves used to make save raise after the CSV was written), and a value JSON cannot
+    hold fails before any file is written."""
+    from xcnn.metrics.harness import Evaluation
+
+    model = xcnn.load_model(NaNOut(), raw_pixels=True, input_size=(16, 16))
+    data = {"image": torch.rand(3, 3, 16, 16), "label": torch.zeros(3, dtype=torch.long)}
+    ev = evaluate(model, data, ["random"], metrics=["insertion_deletion"], progress=False)
+    assert all(math.isnan(v) for kind in ("insertion", "deletion") for v in ev.curves["random"][kind])
+    paths = ev.save(tmp_path / "run")
+    saved = json.loads(paths["json"].read_text())
+    assert saved["curves"] == {"random": {"insertion": [None] * 29, "deletion": [None] * 29}}
+    assert [r["value"] for r in saved["rows"]] == [None, None] and [r["n"] for r in saved["rows"]] == [0, 0]
+    assert paths["csv"].is_file() and "| random | nan | nan |" in paths["md"].read_text()
+    bad = Evaluation(rows=[dict(ev.rows[0], value=torch.tensor(1.0))], curves={})
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        bad.save(tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
 def test_sanity_note_is_left_out_when_no_map_is_constant(untrained):
     ev = evaluate(untrained, Shapes("test", 2, size=32), ["random"], metrics=["sanity"], progress=False)
     assert {r["metric"] for r in ev.rows} == {"sanity_spearman", "sanity_ssim"}

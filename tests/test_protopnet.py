@@ -352,7 +352,7 @@ def test_resume_skips_finished_stages_and_gives_the_uninterrupted_result(where, 
     settings = {"warm_epochs": 1, "joint_epochs": 2, "last_epochs": 1, "cycles": 2, "batch_size": 64,
                 "joint_lr_step": 1, "progress": False, "device": "cpu"}  # fmt: skip
     full, full_history, full_records = fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "full", **settings)
-    real_push, real_fit = tp.push_prototypes, tp.fit
+    real_push, real_fit = tp._push, tp.fit  # the push of a stage (push_prototypes checks its arguments first)
     pushes = []
 
     def cut_push(*args, **kwargs):
@@ -370,14 +370,14 @@ def test_resume_skips_finished_stages_and_gives_the_uninterrupted_result(where, 
         return real_fit(*args, **kwargs)
 
     if where == "push":
-        monkeypatch.setattr(tp, "push_prototypes", cut_push)
+        monkeypatch.setattr(tp, "_push", cut_push)
     else:
         monkeypatch.setattr(tp, "fit", cut_fit)
     with pytest.raises(KeyboardInterrupt):
         fit_protopnet(small_net(), shapes32, out_dir=tmp_path / "cut", **settings)
     done = json.loads((tmp_path / "cut" / "stages.json").read_text())["done"]
     assert done == ["01-warmup", "02-joint", "03-push", "04-last"] + (["05-joint"] if where == "push" else [])
-    monkeypatch.setattr(tp, "push_prototypes", real_push)
+    monkeypatch.setattr(tp, "_push", real_push)
     monkeypatch.setattr(tp, "fit", real_fit)
     # what a kill between an atomic write and its rename leaves, in the run folder, the prototypes' folder and a
     # finished stage's folder (where no stage's fit runs again to clean up)
@@ -512,6 +512,7 @@ def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
         ({"batch_size": 65}, ValueError, "fewer than one batch"),
         ({"warm_epochs": -1}, ValueError, r"warm_epochs must be in \[0, inf\)"),
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         ({"dim": 0}, ValueError, "dim must be a positive integer"),
         ({"device": "nope"}, ValueError, "device: 'nope' is not a device"),
         ({"val_data": torch.rand(4, 3, 32, 32)}, TypeError, "val_data must be a dataset"),
@@ -522,8 +523,10 @@ def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
             fit_protopnet(model, data, **{"out_dir": out, **kwargs})
     bad = InMemory(Shapes("train", 64, size=32, seed=0))
     bad.tensors["image"][0, 0, 0, 0] = math.nan
-    with pytest.raises(ValueError, match="data's sample 0: images contain NaN"):
+    with pytest.raises(ValueError, match=r"data's sample 0: image values must be in \[0, 1\] .* and NaN"):
         fit_protopnet(model, bad, out_dir=out)
+    with pytest.raises(ValueError, match=r"val_data's sample 0: image values must be in \[0, 1\] .* and NaN"):
+        fit_protopnet(model, data, val_data=bad, out_dir=out)
     wrong = InMemory(Shapes("train", 64, size=32, seed=0))
     wrong.tensors["label"][5] = 9
     with pytest.raises(ValueError, match="label 9; labels are class indices \\[0, 6\\)"):
@@ -545,8 +548,34 @@ def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
         push_prototypes(net, TensorDataset(torch.rand(0, 3, 32, 32), torch.zeros(0, dtype=torch.long)))
 
 
-def test_a_prototype_layer_too_large_for_memory_is_refused_before_it_is_allocated():
-    """dim=10**6 would be a 10**12-weight add-on convolution (4 TB in float32, x4 to train it)."""
+def test_a_prototype_layer_too_large_for_memory_is_refused_before_it_is_allocated(monkeypatch):
+    """dim=10**6 would be a 10**12-weight add-on convolution (4 TB in float32, x4 to train it). First, on a machine
+    said to have 32 MiB: dim=2000 (a 4-million-weight add-on layer: 66 MB to train, 16 MB to build) is refused
+    before any of it is built, which holds whatever the allocator would do with the request (overcommit)."""
+    import importlib
+
+    import xcnn._validate
+
+    ip = importlib.import_module("xcnn.interpretable.protopnet")  # the package exports a function of that name
+
+    built = []
+
+    class Noted(ip.PrototypeLayer):  # the real layer, noting that it was made
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(xcnn._validate, "physical_memory", lambda: 32 * 2**20)
+        patch.setattr(ip, "PrototypeLayer", Noted)
+        # 4 bytes x (4 x 4 060 072 weights + 8 x 8 positions x (3 x 2000 + 3 x 12)) = 66 506 368 bytes
+        with pytest.raises(
+            ValueError, match=r"of dim=2000 on 16 channels would need 0\.0619 GiB, more than this machine's 0\.0312 GiB"
+        ):
+            protopnet(small_net(), 2, dim=2000)
+        assert not built  # refused before the layer was made
+        protopnet(small_net(), 2, dim=64)  # a layer that fits is built
+        assert built
     with pytest.raises(
         ValueError, match=r"protopnet: a prototype layer of 12 prototypes .* of dim=1000000 .* would need"
     ):
@@ -656,6 +685,100 @@ def test_bad_input_is_refused_clearly():
         protopnet(mlp, 2)
     with pytest.raises(ValueError, match="no last layer"):
         xcnn.explainer("prototype", prototype_view(net))
+
+
+def test_a_resume_whose_progress_has_no_settings_record_is_refused(tmp_path, monkeypatch):
+    """ProtoPNet keeps its progress in the stage state and the stages' checkpoints, not in the run folder's
+    checkpoint.pt: a resume of a run whose protopnet_training.json is gone (here with another clst, which would
+    have been trained on silently) is refused, whether it was cut inside its first stage (a stage checkpoint
+    only) or after it (the stage state); with the record, other settings are refused too."""
+    import xcnn.training.protopnet as tp
+
+    data = InMemory(Shapes("train", 64, size=32, seed=0))
+    settings = {"prototypes_per_class": 1, "dim": 8, "warm_epochs": 2, "joint_epochs": 1, "last_epochs": 0,
+                "batch_size": 32, "progress": False, "device": "cpu"}  # fmt: skip
+    real_fit = tp.fit
+
+    def stop(epoch, metrics):
+        raise KeyboardInterrupt
+
+    def cut_inside_warm_up(*args, **kwargs):  # after the warm-up's first epoch and its checkpoint
+        return real_fit(*args, **{**kwargs, "callbacks": [stop]})
+
+    def cut_after_warm_up(*args, **kwargs):
+        if kwargs["out_dir"].name != "01-warmup":
+            raise KeyboardInterrupt
+        return real_fit(*args, **kwargs)
+
+    for cut, left in (
+        (cut_inside_warm_up, "stages/01-warmup/checkpoint.pt"),
+        (cut_after_warm_up, "stage_state.safetensors"),
+    ):
+        out = tmp_path / cut.__name__
+        monkeypatch.setattr(tp, "fit", cut)
+        with pytest.raises(KeyboardInterrupt):
+            fit_protopnet(small_net(), data, out_dir=out, **settings)
+        monkeypatch.setattr(tp, "fit", real_fit)
+        assert (out / left).is_file()
+        with pytest.raises(ValueError, match=r"other settings \(clst\)"):
+            fit_protopnet(small_net(), data, out_dir=out, resume=True, clst=0.5, **settings)
+        (out / "protopnet_training.json").unlink()
+        with pytest.raises(ValueError, match=r"has no settings record protopnet_training\.json beside it"):
+            fit_protopnet(small_net(), data, out_dir=out, resume=True, clst=0.5, **settings)
+
+
+def test_the_data_are_checked_once_not_again_at_every_push(monkeypatch):
+    """Sample 0 is read once by the checks before training, and the data's checks (every exposed label, the
+    first image) run once for a run of two cycles (two pushes), not again at each push."""
+    import xcnn.training.protopnet as tp
+
+    class Counted(torch.utils.data.Dataset):
+        def __init__(self, data):
+            self.data, self.reads = data, 0
+
+        def __len__(self):
+            return len(self.data)
+
+        def __getitem__(self, i):
+            self.reads += i == 0
+            return self.data[i]
+
+    data = Counted(InMemory(Shapes("train", 64, size=32, seed=0)))
+    real_fit, real_check = tp.fit, tp.check_labels
+    reads_before_training, checks = [], []
+
+    def first_fit(*args, **kwargs):
+        reads_before_training.append(data.reads)
+        return real_fit(*args, **kwargs)
+
+    def check_labels(*args, **kwargs):
+        checks.append(args[0])
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "fit", first_fit)
+    monkeypatch.setattr(tp, "check_labels", check_labels)
+    fit_protopnet(small_net(), data, prototypes_per_class=1, dim=8, warm_epochs=0, joint_epochs=1, last_epochs=0,
+                  cycles=2, batch_size=32, progress=False, device="cpu")  # fmt: skip
+    assert reads_before_training[0] == 1
+    assert checks == [data]
+
+
+def test_a_bfloat16_network_becomes_a_bfloat16_prototype_network(resnet18):
+    """protopnet() on a bfloat16 resnet18 (it raised torch's dtype error in its head check): the network and its
+    prototype view run on bfloat16 images, and the logits are the last layer applied to the scores."""
+    import copy
+
+    base = copy.deepcopy(resnet18).to(torch.bfloat16)
+    net = protopnet(base, 1, dim=8)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    name, _, last = find_prototype_layer(net)
+    with torch.no_grad(), Tap(net.backbone, [name]) as tap:
+        logits = net.eval()(x)
+    assert logits.dtype == torch.bfloat16 and logits.shape == (2, 1000) and net.mean.dtype == torch.bfloat16
+    assert torch.equal(logits, last(tap.get(name).flatten(1)))
+    with torch.no_grad():
+        scores = prototype_view(net).eval()(x)
+    assert scores.dtype == torch.bfloat16 and torch.equal(scores, tap.get(name).flatten(1))
 
 
 def test_costs_pull_own_class_and_push_other_classes():

@@ -235,7 +235,13 @@ def test_bad_settings_and_data_are_refused_before_anything_is_written(tmp_path, 
         ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
         ({"batch_size": 2.0}, ValueError, "batch_size must be a positive integer"),
         ({"seed": None}, TypeError, "seed must be an integer"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         ({"skip": "no"}, TypeError, "skip must be True or False"),
+        (
+            {"val_data": torch.utils.data.TensorDataset(shapes32.tensors["image"] * 2)},
+            ValueError,
+            r"val_data's sample 0: image values must be in \[0, 1\]",
+        ),
     ]
     for options, error, message in cases:
         with pytest.raises(error, match=message):
@@ -247,6 +253,9 @@ def test_bad_settings_and_data_are_refused_before_anything_is_written(tmp_path, 
         with pytest.raises(error, match=message):
             fit_tame(small_shapesnet(), data, out_dir=out, **SMALL)
     assert not out.exists()
+    for seed, error in ((2**64, ValueError), (1.5, TypeError)):  # torch's own overflow error before
+        with pytest.raises(error, match="seed must be an integer"):
+            tame_head(small_shapesnet(), seed=seed)
 
 
 def test_a_folder_with_fewer_images_than_a_batch(tmp_path):

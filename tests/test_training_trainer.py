@@ -287,6 +287,9 @@ def test_settings_and_data_are_checked_before_anything_is_written(tmp_path):
         ({"batch_size": "32"}, ValueError, "batch_size must be a positive integer"),
         ({"seed": "a"}, TypeError, "seed must be an integer"),
         ({"seed": 1.5}, TypeError, "seed must be an integer"),
+        # torch's range: 2**64 used to end in torch's own "Overflow when unpacking long long"
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\), got 18446744073709551616"),
+        ({"seed": -(2**63) - 1}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         ({"num_workers": -1}, ValueError, "num_workers must be in"),
         ({"log_every": 0}, ValueError, "log_every must be a positive integer"),
         ({"resume": "yes"}, TypeError, "resume must be True or False"),
@@ -347,6 +350,54 @@ def test_samples_and_labels_are_checked_with_clear_errors():
     check_labels(Subset(TensorDataset(images, torch.tensor([0, 1, 5, 0, 1, 2])), [0, 1]), 3)  # 5 is not in it
     with pytest.raises(ValueError, match="has the label 4"):  # labels not exposed: the first sample's
         check_labels([(image, 4)], 3)
+
+
+def test_a_seed_at_the_top_of_torchs_range_trains_as_torch_reads_it():
+    """torch reads a seed modulo 2**64 (-1 and 2**64 - 1 seed the same generator): a run seeded 2**64 - 1 trains
+    bit for bit like one seeded -1, its second epoch's data order (seed + epoch) included."""
+    g = torch.Generator().manual_seed(2**64 - 1)
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=torch.Generator().manual_seed(-1)))
+    top, low = small_net(), small_net()
+    fit(top, Blobs(64), epochs=2, seed=2**64 - 1, **SCHEDULE)
+    fit(low, Blobs(64), epochs=2, seed=-1, **SCHEDULE)
+    for (name, a), b in zip(top.state_dict().items(), low.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def colour_folder(root: Path) -> Path:
+    """A folder of 3 class folders (a, b, c), two 8x8 PNGs each, for a real torchvision ImageFolder."""
+    from PIL import Image
+
+    for c, name in enumerate("abc"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (80 * c, 40 * i, 0)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_labels_a_target_transform_changes_are_checked_as_each_sample_gives_them(tmp_path):
+    """An ImageFolder's ``samples`` hold the labels before ``target_transform``: with one, the labels the samples
+    give (here class % 2, in [0, 2)) are the ones checked, sample by sample, not the folder indices 0..2."""
+    from torch.utils.data import Subset
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import ToTensor
+
+    from xcnn.training.trainer import check_labels, dataset_labels
+
+    root = colour_folder(tmp_path / "folder")
+    plain = ImageFolder(str(root), transform=ToTensor())
+    assert dataset_labels(plain).tolist() == [0, 0, 1, 1, 2, 2]  # no target_transform: read without loading images
+    with pytest.raises(ValueError, match=r"has the label 2; labels are class indices \[0, 2\)"):
+        check_labels(plain, 2)
+    halved = ImageFolder(str(root), transform=ToTensor(), target_transform=lambda t: t % 2)
+    assert [halved[i][1] for i in range(6)] == [0, 0, 1, 1, 0, 0]
+    for data in (halved, Subset(halved, [4, 5, 2])):
+        assert dataset_labels(data) is None
+        image, labels = check_labels(data, 2)  # what the samples give is in range
+        assert labels is None and image.shape == (3, 8, 8)
+    shifted = ImageFolder(str(root), transform=ToTensor(), target_transform=lambda t: t + 5)
+    with pytest.raises(ValueError, match=r"sample 0 has the label 5; labels are class indices \[0, 3\)"):
+        check_labels(shifted, 3)  # the first sample's own label, as it loads
 
 
 def test_a_checkpoint_is_flushed_to_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
@@ -455,6 +506,8 @@ def test_the_benchmark_recipe_checks_its_settings_before_drawing_or_writing(tmp_
         ({"n_test": -5}, ValueError, "n_test must be a positive integer"),
         ({"epochs": 0}, ValueError, "epochs must be a positive integer"),
         ({"seed": "0"}, TypeError, "seed must be an integer"),
+        ({"seed": -1}, ValueError, r"seed must be in \[0, inf\), got -1"),
+        ({"seed": 2**64}, ValueError, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         ({"monitor_every": 0}, ValueError, "monitor_every must be a positive integer"),
         ({"widths": (8, 8, 8)}, ValueError, "widths must be 4 positive integers"),
         ({"strides": (1, 1, 2, 2, 0)}, ValueError, r"strides\[4\] must be in"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._validate import check_seed
 from .base import Explainer, check_positive, register
 
 __all__ = ["IntegratedGradients", "Saliency", "SmoothGrad"]
@@ -90,7 +91,7 @@ class SmoothGrad(_InputGradient):
         super().__init__(model, batch_size=batch_size)
         check_positive("samples", samples)
         check_positive("noise", noise, integer=False)
-        self.samples, self.noise, self.seed = samples, float(noise), int(seed)
+        self.samples, self.noise, self.seed = samples, float(noise), check_seed(seed)
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         targets = self._targets(images, targets)

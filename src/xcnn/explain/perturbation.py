@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import check_seed
 from .base import Explainer, check_positive, register
 
 __all__ = ["RISE", "Occlusion", "RandomMap"]
@@ -108,7 +109,7 @@ class RISE(Explainer):
         self._set_batch_size(batch_size)
         if not 0 < p < 1:
             raise ValueError(f"p (probability a grid cell is kept) must be in (0, 1), got {p}")
-        self.n_masks, self.grid, self.p, self.seed, self.amp = masks, grid, float(p), int(seed), amp
+        self.n_masks, self.grid, self.p, self.seed, self.amp = masks, grid, float(p), check_seed(seed), amp
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         b, _, h, w = images.shape
@@ -153,17 +154,17 @@ class RandomMap(Explainer):
     def __init__(self, model: nn.Module, *, grid: int = 7, seed: int = 0) -> None:
         super().__init__(model)
         check_positive("grid", grid)
-        self.grid, self.seed = grid, int(seed)
+        self.grid, self.seed = grid, check_seed(seed)
 
     def _explain(self, images: Tensor, targets: Tensor | None) -> Tensor:
         if targets is not None:
             self._targets(images, targets)  # the range check: explaining class 5000 is an error here too
         pixels = images.detach().cpu().contiguous()
         maps = []
+        # the seed's 64 bits as torch reads a seed (mod 2**64): a negative seed keeps its two's-complement key
+        key = (self.seed % 2**64).to_bytes(8, "little")
         for image in pixels:
-            digest = hashlib.blake2b(
-                image.numpy().tobytes(), digest_size=8, key=self.seed.to_bytes(8, "little", signed=True)
-            )
+            digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8, key=key)
             gen = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
             maps.append(torch.rand(self.grid, self.grid, generator=gen))
         return torch.stack(maps).to(images.device)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._io import atomic_write, prepare_out_dir
+from .._validate import check_seed
 from ..hooks import Tap, frozen, named_layer
 from ..models import Classifier, as_classifier, stage_layers, survey_layers
 from .base import Explainer, register
@@ -149,7 +150,10 @@ def _fingerprint(clf: Classifier) -> str:
 def tame_head(
     model: nn.Module, layers: Sequence[str] | None = None, *, skip: bool = True, seed: int | None = 0
 ) -> TAMEHead:
-    """A new (untrained) head for ``model`` tapping ``layers`` (default :func:`tame_layers`)."""
+    """A new (untrained) head for ``model`` tapping ``layers`` (default :func:`tame_layers`), its weights drawn
+    from ``seed`` (None: from torch's global generator as it stands)."""
+    if seed is not None:
+        check_seed(seed)
     clf = as_classifier(model)
     layers = list(layers) if layers is not None else tame_layers(clf)
     if not layers:

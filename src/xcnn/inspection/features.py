@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_number, check_positive
+from .._validate import check_number, check_positive, check_seed
 from ..hooks import Tap, frozen
 from ..models import Classifier, as_classifier
 from .importance import Data, _batches, _check_layer, _check_progress, progress_bar
@@ -83,7 +83,7 @@ def stack_data(data: Data, images: int | None, seed: int | None = None) -> dict[
     if images is not None:
         check_positive("images", images)
     if seed is not None:
-        check_number("seed", seed, integer=True, low=-(2**63), high=2**64 - 1)  # torch.Generator's range
+        check_seed(seed)
     total = len(data["image"]) if isinstance(data, dict) else len(data)
     if seed is not None and images is not None and images < total:
         pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:images]

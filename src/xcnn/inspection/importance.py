@@ -29,10 +29,34 @@ IMPORTANCE_METHODS = ("taylor", "ablation")
 Data = Dataset | Mapping[str, Tensor]
 
 
+class _CheckedData(Dataset):
+    """A dataset whose every batch a first pass has checked: :func:`_batches` does not check it again."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> object:
+        return self.data[index]
+
+
+class _CheckedTensors(dict):
+    """Stacked tensors (a dict) whose every batch a first pass has checked."""
+
+
+def _checked(data: Data) -> Data:
+    """``data`` marked as checked batch by batch already: :func:`inspect_model`'s passes after its first read
+    the same (deterministic) images, which that pass checked."""
+    return _CheckedTensors(data) if isinstance(data, Mapping) else _CheckedData(data)
+
+
 def _batches(data: Data, batch_size: int) -> Iterable[tuple[Tensor, Tensor | None]]:
     """``(images, labels or None)`` batches of a dataset (dict, tuple or bare-image samples) or a dict of
     stacked tensors, in order (the harness's batching). Each batch is checked as it comes (the data are
-    streamed): images finite float ``[B,3,H,W]`` in [0,1], labels integer class indices >= 0."""
+    streamed): images finite float ``[B,3,H,W]`` in [0,1], labels integer class indices >= 0 (unless a
+    first pass checked them: :func:`_checked`)."""
     check_positive("batch_size", batch_size)
     if isinstance(data, Mapping):
         if not isinstance(data.get("image"), Tensor):
@@ -41,6 +65,7 @@ def _batches(data: Data, batch_size: int) -> Iterable[tuple[Tensor, Tensor | Non
         hint = " (wrap images in a dict {'image': ..., 'label': ...})" if isinstance(data, Tensor) else ""
         raise TypeError(f"data must be a dataset or a dict of stacked tensors, got {type(data).__name__}{hint}")
     start = 0
+    check = not isinstance(data, (_CheckedData, _CheckedTensors))
     for batch in batches(data, batch_size):
         if isinstance(batch, Mapping):
             images, labels = batch["image"], batch.get("label")
@@ -48,7 +73,8 @@ def _batches(data: Data, batch_size: int) -> Iterable[tuple[Tensor, Tensor | Non
             images, labels = batch[0], batch[1] if len(batch) > 1 else None
         else:
             images, labels = batch, None
-        _check_batch(images, labels, start)
+        if check:
+            _check_batch(images, labels, start)
         yield images, labels
         start += len(images)
 
@@ -115,7 +141,9 @@ def _targets(kind: str, logits: Tensor, labels: Tensor | None) -> Tensor:
         return logits.detach().argmax(1)
     if labels is None:
         raise ValueError("targets='label' needs labelled data (samples with a 'label'); or pass targets='predicted'")
-    high = int(labels.max())  # the data's labels (on the CPU as loaded: no device sync)
+    # the data's labels as loaded: on the CPU from a dataset (no device sync), a host sync per batch for a
+    # dict of CUDA tensors
+    high = int(labels.max())
     if high >= logits.shape[1]:
         raise ValueError(
             f"the data have the label {high}, but the model has {logits.shape[1]} classes; labels of another task "

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from .._validate import check_number, check_positive
+from .._validate import check_number, check_positive, check_seed
 from ..explain import explainer
 from ..hooks import frozen
 from ..metrics.sanity import spearman
@@ -29,7 +29,7 @@ from .features import (
     pooled_features,
     stack_data,
 )
-from .importance import Data, _batches, _check_layer, _check_progress, ablation_effect, filter_importance
+from .importance import Data, _batches, _check_layer, _check_progress, _checked, ablation_effect, filter_importance
 from .probes import Probes, _check_labels, _check_names, fit_alternate
 
 __all__ = ["Inspection", "inspect_model"]
@@ -156,8 +156,9 @@ def inspect_model(
     probe-fitting half) zeroed against ``top`` random filters (``draws`` draws), each layer's feature correlation, the importance layer's
     filter-class association (mean pooled activation per class) and the linear CKA between layers; probe-CAM maps and layer-wise top-5 for ``samples`` images. When the data's classes are not
     the model's (a transfer task), importance targets the model's top-1 instead of the label. The images are
-    streamed batch by batch (one pass per measurement; only the ``samples`` shown are held together), each
-    batch checked (finite pixels in [0,1], integer labels).
+    streamed batch by batch (one pass per measurement; only the ``samples`` shown are held together), so
+    ``data`` must give the same images at every pass (no random transforms); each batch of the first pass is
+    checked (finite pixels in [0,1], integer labels >= 0).
     """
     clf = as_classifier(model)
     layers = _check_layers(clf, layers if layers is not None else stage_layers(clf))
@@ -172,15 +173,16 @@ def inspect_model(
     for what, value in (("draws", draws), ("agreement_channels", agreement_channels), ("samples", samples)):
         check_number(what, value, integer=True, low=0)
     l2 = check_number("l2", l2, low=0)  # an infinite penalty would leave every probe at chance, silently
-    check_number("seed", seed, integer=True, low=-(2**63), high=2**64 - 1)  # torch.Generator's range
+    check_seed(seed)
     _check_progress(progress)
 
     # the data are streamed: one pass per measurement, no copy of the images is kept (views of stacked tensors
-    # or subsets of a dataset), each batch checked as it is read
+    # or subsets of a dataset). The first pass checks each batch as it is read; the later ones read the same
+    # images (the data must be deterministic) and are not checked again (on CUDA data a check is a host sync)
     subset = _first(data, images)
-    fit_part, evaluation = _alternate(subset, 0), _alternate(subset, 1)
     tapped = list(dict.fromkeys([*layers, importance_layer]))
     feats, labels = pooled_features(clf, subset, tapped, batch_size=batch_size, progress=progress)
+    fit_part, evaluation = _checked(_alternate(subset, 0)), _checked(_alternate(subset, 1))
     if labels is None:
         raise ValueError("layer-wise inspection needs labelled data (samples with a 'label')")
     k = int(labels.max()) + 1
@@ -205,9 +207,9 @@ def inspect_model(
     if same:
         judged = evaluation
     elif isinstance(evaluation, Mapping):
-        judged = {"image": evaluation["image"], "label": predicted}
+        judged = _checked({"image": evaluation["image"], "label": predicted})
     else:
-        judged = _Relabelled(evaluation, predicted)
+        judged = _checked(_Relabelled(evaluation, predicted))
 
     taylor = filter_importance(
         clf, evaluation, importance_layer, "taylor", targets=targets, batch_size=batch_size, progress=progress

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .._validate import check_memory, check_number
 from ..explain.base import Explainer, register
-from ..hooks import Tap, frozen, input_shapes, named_layer, output_shapes, replace_module, trace_outputs
+from ..hooks import Tap, frozen, input_shapes, named_layer, output_shapes, replace_module
 from ..models import Classifier, as_classifier, register_edit
 
 __all__ = ["LAP", "LocalAttentionPooling", "insert_lap", "lap_layers"]
@@ -181,8 +181,7 @@ def global_pool_place(backbone: nn.Module, who: str, hint: str = "", *, example:
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else None
         example = torch.zeros(1, 3, 224, 224, device=ref.device if ref is not None else None, dtype=dtype)
     try:
-        with frozen(backbone):
-            ran = [name for name, _, _ in trace_outputs(backbone, example) if name in places]
+        ran = _run_order(backbone, places, example)
     except Exception as err:  # the forward itself failed: the order cannot be seen
         raise ValueError(
             f"{who}: {type(backbone).__name__} has several global average pools {places} and a forward pass on a "
@@ -203,6 +202,24 @@ def global_pool_place(backbone: nn.Module, who: str, hint: str = "", *, example:
         stacklevel=3,
     )
     return chosen
+
+
+def _run_order(backbone: nn.Module, names: Sequence[str], example: Tensor) -> list[str]:
+    """The modules of ``names`` in the order one forward pass on ``example`` (no grad, eval mode) finishes
+    them: only their names are recorded, so every other output is freed as the forward goes (at the ImageNet
+    size a network's outputs together would be hundreds of MB)."""
+    ran: list[str] = []
+    handles = [
+        named_layer(backbone, name).register_forward_hook(lambda module, args, output, name=name: ran.append(name))
+        for name in names
+    ]
+    try:
+        with frozen(backbone), torch.no_grad():
+            backbone(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return ran
 
 
 def _square(module: nn.Module, attrs: Sequence[str]) -> bool:
@@ -384,6 +401,14 @@ def _insert_lap(
         weights=None if clf.weights is None else f"{clf.weights} + new LAP layers {names}",
     )  # fmt: skip
     out.training = clf.training  # the wrapper's own flag; every submodule kept its mode in the copy
+    return _rewrapped(out, clf)
+
+
+def _rewrapped(out: Classifier, clf: Classifier) -> Classifier:
+    """``out`` (a new Classifier around an edited copy of ``clf``'s backbone) with ``clf``'s normalisation
+    constants' dtype and device: a Classifier is built with float32 constants, and a bfloat16 model's would
+    turn its bfloat16 images into float32 before its bfloat16 layers."""
+    out.mean, out.std = clf.mean.detach().clone(), clf.std.detach().clone()
     return out
 
 

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_memory, check_number, check_positive
+from .._validate import check_memory, check_number, check_positive, check_seed
 from ..explain.base import Explainer, check_images, check_targets, register
 from ..hooks import Tap, frozen, input_shapes, named_layer, replace_module, swapped_copy
 from ..models import Classifier, as_classifier, register_edit
-from .lap import _global_avg_pool, global_pool_place
+from .lap import _global_avg_pool, _rewrapped, global_pool_place
 
 __all__ = [
     "PrototypeEvidence",
@@ -120,7 +120,9 @@ class PrototypeLayer(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         d = self.distance(self.latent(features), self.prototypes)  # [B, m, h, w]
-        scores = self.similarity(d.flatten(2).amin(2))  # max similarity = similarity of the nearest patch
+        # max similarity = similarity of the nearest patch; computed in float32 at least, returned in the
+        # layer's own dtype (a bfloat16 network's last layer reads bfloat16 scores)
+        scores = self.similarity(d.flatten(2).amin(2)).to(self.prototypes.dtype)
         return scores if self.flatten else scores[:, :, None, None]
 
     def extra_repr(self) -> str:
@@ -201,7 +203,7 @@ def protopnet(
     eps = check_number("protopnet: eps", eps, low=0, low_open=True, high=1, high_open=True)
     if where is not None and not isinstance(where, str):
         raise TypeError(f"protopnet: where must be a module name (str) or None, got {type(where).__name__} {where!r}")
-    check_number("protopnet: seed", seed, integer=True, low=-(2**63), high=2**64 - 1)  # torch.manual_seed's range
+    check_seed(seed, "protopnet: seed")
     with torch.inference_mode(False):  # new parameters must be trainable even when called in inference mode
         clf = as_classifier(model)
         backbone = clf.backbone
@@ -255,7 +257,7 @@ def protopnet(
             weights=None if clf.weights is None else f"{clf.weights} + new prototype layer",
         )  # fmt: skip
         out.training = clf.training
-        return out
+        return _rewrapped(out, clf)
 
 
 def _check_size(
@@ -376,7 +378,7 @@ def prototype_view(model: nn.Module) -> Classifier:
         input_size=clf.input_size, class_names=names, spec=None, weights=clf.weights,
     )  # fmt: skip
     out.training = clf.training
-    return out
+    return _rewrapped(out, clf)
 
 
 # ---- explanations --------------------------------------------------------------------------------------

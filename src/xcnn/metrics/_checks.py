@@ -40,16 +40,18 @@ def check_maps(maps: object, shape: tuple[int, ...] | None = None, unit: bool = 
 
 
 def check_masks(masks: object, shape: tuple[int, ...], name: str = "masks") -> Tensor:
-    """Boolean ground-truth masks ``[B,H,W]`` of the maps' shape."""
+    """Ground-truth masks ``[B,H,W]`` of the maps' shape, as bool: boolean masks as they are, integer masks
+    non-zero = object (a uint8 0/255 mask as ``read_image`` gives a PNG, as xcnn's own loader reads mask
+    files), floating masks exactly 0/1 (0.5 is no answer to "is this pixel the object?")."""
     if not isinstance(masks, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [B,H,W] of bool, got {type(masks).__name__}")
     if tuple(masks.shape) != tuple(shape):
         raise ValueError(f"{name} have shape {list(masks.shape)} but the maps have {list(shape)}")
-    if masks.dtype != torch.bool:
-        if not bool(((masks == 0) | (masks == 1)).all()):
-            raise ValueError(f"{name} must be boolean (or 0/1), got values outside {{0, 1}}")
-        masks = masks != 0
-    return masks
+    if masks.is_complex():
+        raise TypeError(f"{name} must be boolean, integer (non-zero = object) or 0/1 floats, got {masks.dtype}")
+    if masks.is_floating_point() and not bool(((masks == 0) | (masks == 1)).all()):
+        raise ValueError(f"{name} of floats must be 0/1, got values outside {{0, 1}} (or pass bool masks)")
+    return masks if masks.dtype == torch.bool else masks != 0
 
 
 def prepare(

@@ -164,22 +164,34 @@ class Evaluation:
         return "\n".join(lines)
 
     def save(self, folder: str | Path, stem: str = "metrics") -> dict[str, Path]:
-        """Write ``stem.csv``, ``stem.json`` (rows and curves) and ``stem.md`` into ``folder`` atomically."""
-        folder = prepare_out_dir(folder)
+        """Write ``stem.csv``, ``stem.json`` (rows and curves) and ``stem.md`` into ``folder`` atomically; all
+        three are made before the first is written, so a value that cannot be written leaves none behind."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["method", "metric", "value", "n", "seconds", "images_per_second"])
         writer.writeheader()
         writer.writerows(self.rows)
-        paths = {"csv": folder / f"{stem}.csv", "json": folder / f"{stem}.json", "md": folder / f"{stem}.md"}
-        atomic_write(paths["csv"], lambda tmp: tmp.write_text(buf.getvalue()))
-        # strict JSON: a value no image had (NaN, e.g. a sanity row whose maps were all constant) becomes null
-        rows = [
-            {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in self.rows
-        ]
-        text = json.dumps({"rows": rows, "curves": self.curves}, indent=2, allow_nan=False) + "\n"
-        atomic_write(paths["json"], lambda tmp: tmp.write_text(text))
-        atomic_write(paths["md"], lambda tmp: tmp.write_text(self.markdown() + "\n"))
+        # strict JSON: a value no image had (NaN, e.g. a sanity row whose maps were all constant, or a curve of
+        # a model whose outputs were NaN) becomes null
+        rows = [{k: _finite_or_none(v) for k, v in r.items()} for r in self.rows]
+        curves = {
+            method: {kind: [_finite_or_none(v) for v in values] for kind, values in kinds.items()}
+            for method, kinds in self.curves.items()
+        }
+        texts = {
+            "csv": buf.getvalue(),
+            "json": json.dumps({"rows": rows, "curves": curves}, indent=2, allow_nan=False) + "\n",
+            "md": self.markdown() + "\n",
+        }
+        folder = prepare_out_dir(folder)
+        paths = {kind: folder / f"{stem}.{kind}" for kind in texts}
+        for kind, text in texts.items():
+            atomic_write(paths[kind], lambda tmp, text=text: tmp.write_text(text))
         return paths
+
+
+def _finite_or_none(value: object) -> object:
+    """``value``, or None for a float that is not finite (strict JSON has no NaN)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _spec(method: str | tuple) -> tuple[str, str, dict]:

@@ -84,6 +84,8 @@ def fit_benchmark(
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed)
+    # the images are drawn by NumPy, whose seeds are non-negative (a negative one failed inside NumPy)
+    check_number("seed", seed, integer=True, low=0)
     for name, value in (("size", size), ("n_train", n_train), ("n_val", n_val), ("n_test", n_test),
                         ("monitor_images", monitor_images)):  # fmt: skip
         check_positive(name, value)

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write
-from .._validate import check_number
+from .._validate import check_number, check_seed
 from ..explain.cam import CAM_COMBINE, cam_maps
 from ..hooks import frozen
 from ..metrics.consistency import apply_each, random_crop_flips
@@ -202,7 +202,7 @@ class CGCTraining(nn.Module):
         super().__init__()
         self.model = model
         self.lam, self.tau, self.consistency, self.cam, self.layer = lam, tau, consistency, cam, layer
-        self.scale, self.ratio, self.seed = scale, ratio, seed
+        self.scale, self.ratio, self.seed = scale, ratio, check_seed(seed)
         # steps taken: with the seed and the rank it draws each step's crops, and it is checkpointed with the
         # wrapper, so a resumed run (one process or several) draws the crops the uninterrupted run drew
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
@@ -290,6 +290,7 @@ def split_labeled(data: Dataset, fraction: float, seed: int = 0) -> tuple[list[i
     """A seeded random split of ``range(len(data))`` into (labelled, unlabelled) indices, sorted; the
     labelled share is ``fraction`` (at least one image)."""
     check_number("the labelled fraction", fraction, low=0, low_open=True, high=1)
+    seed = check_seed(seed)
     n = len(data)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     k = max(1, round(fraction * n))
@@ -352,9 +353,12 @@ def fit_cgc(
         raise ValueError(f"cam must be one of {sorted(CAM_COMBINE)}, got {cam!r}")
     check_dataset(labeled, "labeled")
     if unlabeled is not None:
-        if isinstance(unlabeled, Dataset) and len(unlabeled) == 0:
-            raise ValueError("the unlabelled data set is empty")
         check_dataset(unlabeled, "unlabeled")
+        # the first unlabelled image, as the labelled one below: a float [3,H,W] in [0, 1] (each later sample's
+        # shape is checked as it loads)
+        check_sample(unlabeled[0], "unlabeled's sample 0", need_label=False, values=True)
+    if val_data is not None:
+        check_dataset(val_data, "val_data")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: no parameter of the model requires grad")
     keep, rest = split_labeled(labeled, labeled_fraction, seed)
@@ -366,6 +370,8 @@ def fit_cgc(
     clf = copy.deepcopy(as_classifier(model))
     classes = clf.num_classes
     check_labels(labeled, classes, "labeled")  # every label when the data exposes them, before any work
+    if val_data is not None:  # out-of-range images or labels would give a silently wrong val accuracy
+        check_labels(val_data, classes, "val_data")
     if per_process < 2 and _has_batch_statistics(clf):
         raise ValueError(
             f"a batch of {per_process} image per process: the model's batch norm needs at least 2 in train mode"

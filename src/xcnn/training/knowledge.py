@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .._validate import check_number, check_positive, read_json
-from .trainer import check_dataset, check_sample
+from .._validate import check_number, check_positive, check_seed, read_json
+from .trainer import check_dataset, check_labels, check_sample
 
 __all__ = ["Knowledge", "WithKnowledge", "attention_losses", "cam_guidance_loss", "rrr_loss"]
 
@@ -116,16 +116,31 @@ def region_mask(region: Region, size: tuple[int, int], what: str = "region") -> 
     return _paint(_compact(region, size, what), size)
 
 
-class Regions(Mapping):
-    """``{image index: bool [H,W] mask}``, kept as boxes (or a mask inside its bounding box, bit-packed) and
-    rasterised when an entry is read: a box costs a few bytes however large the images are."""
+def _image_index(index: object, kind: str) -> int:
+    if not isinstance(index, numbers.Integral) or isinstance(index, bool) or index < 0:
+        raise ValueError(f"knowledge: {kind} keys must be image indices (int >= 0), got {index!r}")
+    return int(index)
 
-    def __init__(self, size: tuple[int, int]) -> None:
-        self.size = size
+
+class Regions(MutableMapping):
+    """``{image index: bool [H,W] mask}``, kept as boxes (or a mask inside its bounding box, bit-packed) and
+    rasterised when an entry is read: a box costs a few bytes however large the images are. An entry is set
+    as :func:`region_mask` takes a region (``regions[5] = mask``, a box or a list of boxes: validated and
+    kept compact) and removed with ``del regions[5]``."""
+
+    def __init__(self, size: tuple[int, int], kind: str = "region") -> None:
+        self.size, self.kind = size, kind
         self._compact: dict[int, Compact] = {}
 
     def __getitem__(self, index: int) -> Tensor:
         return _paint(self._compact[index], self.size)
+
+    def __setitem__(self, index: int, region: Region) -> None:
+        index = _image_index(index, self.kind)
+        self._compact[index] = _compact(region, self.size, f"knowledge {self.kind}[{index}]")
+
+    def __delitem__(self, index: int) -> None:
+        del self._compact[index]
 
     def __iter__(self):
         return iter(self._compact)
@@ -152,7 +167,8 @@ class Knowledge:
     ``[H,W]``, a box, or a list of boxes, in the pixels of the images the dataset yields). ``size`` (H, W)
     validates every region at construction; a region that is empty is an error (it says nothing). The
     attributes ``look`` / ``forbid`` map each index to its bool ``[H,W]`` mask, made when it is read
-    (boxes are kept as boxes: see :class:`Regions`).
+    (boxes are kept as boxes: see :class:`Regions`); ``k.look[5] = region`` adds or replaces one (validated
+    the same way) and ``del k.look[5]`` removes it.
     """
 
     def __init__(
@@ -162,15 +178,13 @@ class Knowledge:
         forbid: Mapping[int, Region] | None = None,
     ) -> None:
         self.size = _check_size(size)
-        self.look = Regions(self.size)
-        self.forbid = Regions(self.size)
+        self.look = Regions(self.size, "look")
+        self.forbid = Regions(self.size, "forbid")
         for kind, given, store in (("look", look, self.look), ("forbid", forbid, self.forbid)):
             if given is not None and not isinstance(given, Mapping):
                 raise TypeError(f"knowledge: {kind} must map image indices to regions, got {type(given).__name__}")
             for index, region in (given or {}).items():
-                if not isinstance(index, numbers.Integral) or isinstance(index, bool) or index < 0:
-                    raise ValueError(f"knowledge: {kind} keys must be image indices (int >= 0), got {index!r}")
-                store._compact[int(index)] = _compact(region, self.size, f"knowledge {kind}[{index}]")
+                store[index] = region
 
     def __repr__(self) -> str:
         return f"Knowledge(size={self.size}, look on {len(self.look)} images, forbid on {len(self.forbid)} images)"
@@ -204,7 +218,7 @@ class Knowledge:
         "look here" region (``"box"`` or ``"mask"``), ``forbid`` the key giving the forbidden one (e.g. the
         shapes benchmark's ``"shortcut_mask"``). Images whose region is empty get none of that kind."""
         fraction = check_number("knowledge fraction", fraction, low=0, low_open=True, high=1)
-        check_number("knowledge: seed", seed, integer=True)
+        check_seed(seed, "knowledge: seed")
         for what, key in (("look", look), ("forbid", forbid)):
             if key is not None and not isinstance(key, str):
                 raise TypeError(f"knowledge: {what} must name a sample key (a string) or be None, got {key!r}")
@@ -271,15 +285,26 @@ class Knowledge:
 class WithKnowledge(Dataset):
     """``data``'s samples (dicts or ``(image, label)``) plus ``look``/``forbid`` bool masks ``[H,W]`` (made
     per sample from the kept boxes) and ``has_look``/``has_forbid`` flags; knowledge indices outside the
-    data are an error. ``num_classes``: each sample's label is checked to be a class index below it."""
+    data are an error. ``num_classes``: each sample's label is checked to be a class index below it (and,
+    when built, every label the data expose and sample 0's image: :func:`~xcnn.training.trainer.check_labels`).
+    ``size``: the images' (H, W) for a caller that has run that check itself (sample 0 is then not read)."""
 
-    def __init__(self, data: Dataset, knowledge: Knowledge | None, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        data: Dataset,
+        knowledge: Knowledge | None,
+        num_classes: int | None = None,
+        *,
+        size: tuple[int, int] | None = None,
+    ) -> None:
         n = check_dataset(data, "data")
         if knowledge is not None and not isinstance(knowledge, Knowledge):
             raise TypeError(f"knowledge must be a Knowledge or None, got {type(knowledge).__name__}")
         self.data, self.num_classes = data, num_classes
-        image, _ = check_sample(data[0], "the training data's sample 0", num_classes=num_classes, values=True)
-        size = (int(image.shape[-2]), int(image.shape[-1]))
+        if size is None:
+            image, _ = check_labels(data, num_classes)
+            size = tuple(image.shape[-2:])
+        size = _check_size(size)
         self.knowledge = knowledge or Knowledge(size)
         self.knowledge.check(n)
         if self.knowledge.size != size:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write
-from .._validate import check_number, check_positive
+from .._validate import check_number, check_positive, check_seed
 from ..explain.cam import cam_maps
 from ..hooks import Tap, frozen, named_layer
 from ..interpretable.lap import _linear_after, insert_lap, lap_layers
@@ -154,7 +154,7 @@ def reinitialise(model: nn.Module, seed: int = 0) -> nn.Module:
     attention: the same architecture, trained from scratch."""
     from ..interpretable.lap import LocalAttentionPooling
 
-    torch.manual_seed(seed)
+    torch.manual_seed(check_seed(seed))
     for module in model.modules():
         if hasattr(module, "reset_parameters") and module is not model:
             module.reset_parameters()
@@ -224,7 +224,12 @@ def fit_lap(
     check_dataset(data, "data", batch_size=batch_size)
     clf = as_classifier(model)
     classes = clf.num_classes
-    check_labels(data, classes)  # every label when the data exposes them, before any work
+    # sample 0 (its image in [0, 1]) and every label when the data exposes them, before any work; sample 0 is
+    # read this once (WithKnowledge takes its size, the CAM layer check its image)
+    first, _ = check_labels(data, classes)
+    if val_data is not None:
+        check_dataset(val_data, "val_data")
+        check_labels(val_data, classes, "val_data")
     if where is not None and injection != "lap":
         raise ValueError(f"where= places LAP layers; injection={injection!r} does not use them")
     if cam_layer is not None and injection != "gradcam":
@@ -232,11 +237,12 @@ def fit_lap(
     inserting = injection == "lap" and (where is not None or not lap_layers(clf.backbone))
     if heads != 1 and not inserting:
         raise ValueError("heads= shapes new LAP layers, and none is inserted here (the model has its own, or no LAP)")
+    size = (int(first.shape[-2]), int(first.shape[-1]))
     torch.manual_seed(seed)  # the new attention nets' first convolutions
     clf = insert_lap(clf, where, heads=heads) if inserting else copy.deepcopy(clf)
     if scratch:
         reinitialise(clf.backbone, seed)
-    data = WithKnowledge(data, knowledge, classes)  # checks each sample's label as it is loaded
+    data = WithKnowledge(data, knowledge, classes, size=size)  # checks each sample's label as it is loaded
     names = lap_layers(clf.backbone)
     params = None
     train_mode = None
@@ -265,10 +271,9 @@ def fit_lap(
 
     layer = cam_layer or (default_layer(clf) if injection == "gradcam" else None)
     if layer is not None:  # a wrong layer fails here, before anything is written
-        sample = data[0]
         where = next(clf.parameters()).device  # the model may already be on the GPU, the data is not
         with frozen(clf):
-            cam_maps(clf, sample["image"][None].to(where), sample["label"].view(1).to(where), layer)
+            cam_maps(clf, first[None].to(where), None, layer)
     weights = {"beta_look": beta_look, "beta_forbid": beta_forbid, "beta_area": beta_area,
                "rrr_weight": rrr_weight, "cam_weight": cam_weight}  # fmt: skip
     k = data.knowledge

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .._io import atomic_write, prepare_out_dir, remove_temporaries, write_json
-from .._validate import check_number, check_positive
+from .._validate import check_number, check_positive, check_seed
 from ..explain.base import check_images
 from ..hooks import Tap, frozen
 from ..interpretable.protopnet import (
@@ -43,11 +43,10 @@ from .trainer import (
     accuracy_eval,
     check_dataset,
     check_labels,
-    check_sample,
-    dataset_labels,
     fit,
     settings_record,
     to_device,
+    torch_seed,
     training_device,
 )
 
@@ -159,15 +158,14 @@ def _device(device: object) -> torch.device:
         raise ValueError(f"device: {device!r} is not a device torch knows ({err})") from None
 
 
-def _check_data(data: object, what: str, num_classes: int, batch_size: int | None = None) -> int:
-    """``len(data)`` after checking, before any work, that ``data`` is a dataset of labelled samples: every
-    label a class index in ``[0, num_classes)`` (all of them when the dataset exposes them, else the first
-    sample's) and the first sample's image a finite float ``[3,H,W]`` tensor in [0,1]."""
+def _check_data(data: object, what: str, num_classes: int, batch_size: int | None = None) -> tuple[int, Tensor | None]:
+    """``(len(data), every label or None)`` after checking, before any work, that ``data`` is a dataset of
+    labelled samples: every label a class index in ``[0, num_classes)`` (all of them when the dataset exposes
+    them, else the first sample's) and the first sample's image a float ``[3,H,W]`` tensor in [0,1] (sample 0
+    read once: :func:`~xcnn.training.trainer.check_labels`)."""
     n = check_dataset(data, what, batch_size=batch_size)
-    image, _ = check_sample(data[0], f"{what}'s sample 0", num_classes=num_classes)
-    _check_pixels(image[None], f"{what}'s sample 0")
-    check_labels(data, num_classes, what)
-    return n
+    _, labels = check_labels(data, num_classes, what)
+    return n, labels
 
 
 def _check_pixels(images: Tensor, what: str) -> None:
@@ -197,12 +195,21 @@ def push_prototypes(
     above its ``percentile``-th percentile (the paper's 95). A class with no image in ``data`` is an error
     naming the prototypes that could not be pushed."""
     clf = as_classifier(model)
-    name, layer, _ = find_prototype_layer(clf)
+    _, layer, _ = find_prototype_layer(clf)
     check_positive("push: batch_size", batch_size)
     percentile = check_number("push: percentile", percentile, low=0, high=100, low_open=True, high_open=True)
     check_number("push: num_workers", num_workers, integer=True, low=0)
     dev = _device(device) if device is not None else layer.prototypes.device
     _check_data(data, "push: data", layer.num_classes)
+    return _push(clf, data, batch_size, dev, percentile, num_workers)
+
+
+@torch.no_grad()
+def _push(
+    clf: Classifier, data: Dataset, batch_size: int, dev: torch.device, percentile: float, num_workers: int
+) -> list[dict]:
+    """:func:`push_prototypes` on checked arguments (fit_protopnet checked its data once, before any stage)."""
+    name, layer, _ = find_prototype_layer(clf)
     m = layer.num_prototypes
     pclass = layer.prototype_class.to(dev)
     best = torch.full((m,), float("inf"), device=dev, dtype=torch.float64)
@@ -318,9 +325,9 @@ def _scores(model: Classifier, data: Dataset, batch_size: int, device: torch.dev
     return TensorDataset(torch.cat(scores), torch.cat(labels))
 
 
-def _check_classes(model: Classifier, data: Dataset) -> None:
-    """Push needs images of every class: refuse data that lacks some before anything is trained."""
-    labels = dataset_labels(data)
+def _check_classes(model: Classifier, labels: Tensor | None) -> None:
+    """Push needs images of every class: refuse data whose ``labels`` (None: not exposed) lack some before
+    anything is trained."""
     if labels is None:
         return  # push checks it in any case
     k = model.num_classes
@@ -353,7 +360,7 @@ def _check_fit_settings(**settings: object) -> None:
         check_positive(what, settings[what])
     for what in ("warm_epochs", "last_epochs", "num_workers"):
         check_number(what, settings[what], integer=True, low=0)
-    check_number("seed", settings["seed"], integer=True, low=-(2**63), high=2**63 - 1)  # torch.manual_seed's range
+    check_seed(settings["seed"])
     for what in ("clst", "sep", "l1", "weight_decay"):
         check_number(what, settings[what], low=0)
     for what in ("features_lr", "add_on_lr", "prototypes_lr", "last_lr"):
@@ -431,10 +438,10 @@ def fit_protopnet(
             "xcnn.load_model by name or from a saved folder, or train without out_dir)"
         )
     classes = find_prototype_layer(clf)[1].num_classes if has_prototypes(clf.backbone) else clf.num_classes
-    n = _check_data(data, "data", classes, batch_size)
+    n, labels = _check_data(data, "data", classes, batch_size)
     if val_data is not None:
         _check_data(val_data, "val_data", classes)
-    _check_classes(clf, data)
+    _check_classes(clf, labels)
     if names is not None:
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
             raise TypeError(
@@ -458,7 +465,8 @@ def fit_protopnet(
         "stages": [s for s, _, _ in plan],
     }  # fmt: skip
     main = int(os.environ.get("RANK", "0")) == 0
-    write_settings = settings_record(out_dir, SETTINGS, settings, resume)
+    # the run's progress is the stage state and the stages' checkpoints (none in the run folder itself)
+    write_settings = settings_record(out_dir, SETTINGS, settings, resume, progress=(STATE, "stages/*/checkpoint.pt"))
     out = prepare_out_dir(out_dir) if out_dir is not None and main else None
     if out is not None and not resume:  # an earlier run's progress must not be picked up by a later resume
         for stale in (out / PROGRESS, out / STATE):
@@ -496,7 +504,7 @@ def fit_protopnet(
             continue
         folder = out / "stages" / stage if out is not None else None
         if kind == "push":
-            records = push_prototypes(clf, data, batch_size=batch_size, device=dev, num_workers=num_workers)
+            records = _push(clf, data, batch_size, dev, 95.0, num_workers)  # the data were checked above
             if out is not None:
                 _save_sources(out, data, records, names)
             stage_history = [{"pushed": len(records)}]
@@ -506,7 +514,7 @@ def fit_protopnet(
             net = _LastLayer(last, layer.prototype_class, l1)
             stage_history = fit(
                 net, _Pairs(scores), epochs=epochs, step=_step, val_data=None if val_scores is None else _Pairs(val_scores),
-                evaluate=_evaluate_last, batch_size=batch_size, out_dir=folder, resume=resume, seed=seed + index,
+                evaluate=_evaluate_last, batch_size=batch_size, out_dir=folder, resume=resume, seed=torch_seed(seed, index),
                 device=dev, progress=progress,
                 optimizer=lambda ps: torch.optim.Adam(ps, lr=last_lr),
             )  # fmt: skip
@@ -536,7 +544,7 @@ def fit_protopnet(
 
             stage_history = fit(
                 net, data, epochs=epochs, step=_step, val_data=val_data, evaluate=_evaluate, batch_size=batch_size,
-                out_dir=folder, resume=resume, amp=amp, seed=seed + index, device=dev, progress=progress,
+                out_dir=folder, resume=resume, amp=amp, seed=torch_seed(seed, index), device=dev, progress=progress,
                 num_workers=num_workers, train_mode=train_mode, scheduler=scheduler,
                 optimizer=lambda ps, groups=groups: torch.optim.Adam(groups),
             )  # fmt: skip

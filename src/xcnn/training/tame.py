@@ -195,8 +195,9 @@ def fit_tame(
             f"the training data has {n} images, fewer than one batch ({batch_size}); add images or lower the batch size"
         )
     check_sample(data[0], "the training data's sample 0", need_label=False, values=True)  # labels are not used
-    if val_data is not None:
+    if val_data is not None:  # its first image as the training data's: a normalised one would skew val/*
         check_dataset(val_data, "val_data")
+        check_sample(val_data[0], "val_data's sample 0", need_label=False, values=True)
     clf = as_classifier(model)
     out = prepare_out_dir(out_dir) if out_dir is not None else None
     # the backbone must sit where the trainer will put the head (cuda:LOCAL_RANK under torchrun)

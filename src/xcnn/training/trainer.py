@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .._io import atomic_write, prepare_out_dir, remove_temporaries
-from .._validate import check_number, check_positive, read_json
+from .._validate import check_number, check_positive, check_seed, read_json
 
 __all__ = [
     "CHECKPOINT",
@@ -51,6 +51,7 @@ __all__ = [
     "one_cycle",
     "settings_record",
     "to_device",
+    "torch_seed",
 ]
 
 CHECKPOINT = "checkpoint.pt"
@@ -177,11 +178,18 @@ class SettingsRecord(Callback):
             self.write()
 
 
-def settings_record(out_dir: str | Path | None, name: str, settings: dict, resume: bool) -> SettingsRecord:
+def settings_record(
+    out_dir: str | Path | None, name: str, settings: dict, resume: bool, *, progress: Sequence[str] = (CHECKPOINT,)
+) -> SettingsRecord:
     """A trainer's settings kept beside its checkpoint as ``out_dir/name`` (JSON). With ``resume``, a file
     written by a run with other settings is an error, raised now (before anything is trained or written), and
-    so is a checkpoint in ``out_dir`` without the file (its settings cannot be checked). Returns the
-    :class:`Callback` for :func:`fit` that writes the file before the first epoch (rank 0 only)."""
+    so is a run's progress in ``out_dir`` without the file (its settings cannot be checked). ``progress``: the
+    files (glob patterns relative to ``out_dir``) that hold a run's progress; default the trainer's checkpoint
+    (a recipe that keeps its progress elsewhere, as ProtoPNet's stage state and stage checkpoints, names
+    its own). Returns the :class:`Callback` for :func:`fit` that writes the file before the first epoch
+    (rank 0 only)."""
+    if isinstance(progress, (str, bytes)) or not all(isinstance(p, str) for p in progress):
+        raise TypeError(f"progress must be a list of glob patterns (str), got {progress!r}")
     record = Path(out_dir) / name if out_dir is not None else None
     if resume and record is not None:
         if record.is_file():
@@ -191,9 +199,9 @@ def settings_record(out_dir: str | Path | None, name: str, settings: dict, resum
             changed = sorted(key for key in set(saved) | set(settings) if saved.get(key) != settings.get(key))
             if changed:
                 raise ValueError(f"resume: {record} was written by a run with other settings ({', '.join(changed)})")
-        elif (record.parent / CHECKPOINT).is_file():
+        elif found := sorted(p for pattern in progress for p in record.parent.glob(pattern) if p.is_file()):
             raise ValueError(
-                f"resume: {record.parent / CHECKPOINT} has no settings record {name} beside it, so the settings "
+                f"resume: {found[0]} has no settings record {name} beside it (in {record.parent}), so the settings "
                 "it was trained with cannot be checked; restore the file or train afresh (resume=False)"
             )
     return SettingsRecord(record, settings)
@@ -205,12 +213,20 @@ def settings_record(out_dir: str | Path | None, name: str, settings: dict, resum
 def check_loop_settings(
     *, epochs: object, batch_size: object, seed: object = 0, num_workers: object = 0, log_every: object = 1
 ) -> None:
-    """Clear errors for the loop's counts: positive ``epochs``, ``batch_size``, ``log_every``; integer
-    ``seed``, ``num_workers >= 0``. :func:`fit` and every recipe call it before any work."""
+    """Clear errors for the loop's counts: positive ``epochs``, ``batch_size``, ``log_every``; ``seed`` an
+    integer torch takes (:func:`~xcnn._validate.check_seed`: [-2**63, 2**64)), ``num_workers >= 0``.
+    :func:`fit` and every recipe call it before any work."""
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("log_every", log_every)):
         check_positive(name, value)
-    check_number("seed", seed, integer=True)
+    check_seed(seed)
     check_number("num_workers", num_workers, integer=True, low=0)
+
+
+def torch_seed(seed: int, offset: int = 0) -> int:
+    """``seed + offset`` as torch reads a seed (modulo 2**64, negative seeds included), written as a signed
+    64-bit integer: a seed derived from one near the top of torch's range (an epoch's, a stage's) stays in
+    range, and every seed torch accepted gives the generator it gave."""
+    return (seed + offset + 2**63) % 2**64 - 2**63
 
 
 def check_dataset(data: object, name: str = "data", *, batch_size: int | None = None) -> int:
@@ -284,14 +300,29 @@ def _class_index(label: object, name: str, num_classes: int | None) -> Tensor:
     return label
 
 
+def _relabels(data: object) -> bool:
+    """Whether ``data[i]`` may give another label than the one ``data`` keeps: a ``target_transform``, or a
+    joint ``transforms`` other than torchvision's wrapper of ``transform`` alone (``StandardTransform``)."""
+    if getattr(data, "target_transform", None) is not None:
+        return True
+    joint = getattr(data, "transforms", None)
+    if joint is None:
+        return False
+    return type(joint).__name__ != "StandardTransform" or getattr(joint, "target_transform", None) is not None
+
+
 def dataset_labels(data: object) -> Tensor | None:
     """Every label of ``data`` when it exposes them without loading images (in-memory tensors, a
-    ``TensorDataset``, an image folder's samples, a ``Subset`` of one); None otherwise."""
+    ``TensorDataset``, an image folder's samples, a ``Subset`` of one); None otherwise, and for a dataset
+    whose samples are relabelled as they load (a ``target_transform``): its labels are then checked sample
+    by sample."""
     from torch.utils.data import Subset
 
     if isinstance(data, Subset):
         inner = dataset_labels(data.dataset)
         return None if inner is None else inner[torch.as_tensor(list(data.indices), dtype=torch.long)]
+    if _relabels(data):
+        return None
     tensors = getattr(data, "tensors", None)
     if isinstance(tensors, Mapping) and isinstance(tensors.get("label"), Tensor):
         return tensors["label"]
@@ -306,16 +337,19 @@ def dataset_labels(data: object) -> Tensor | None:
     return None
 
 
-def check_labels(data: Dataset, num_classes: int | None, name: str = "the training data") -> None:
+def check_labels(
+    data: Dataset, num_classes: int | None, name: str = "the training data"
+) -> tuple[Tensor, Tensor | None]:
     """Clear error unless ``data``'s labels are integer class indices in ``[0, num_classes)``: all of them
     when the dataset exposes them (:func:`dataset_labels`), else its first sample's (a recipe's dataset
     wrapper checks each sample as it is loaded); the first sample's image is checked too (float [3,H,W],
-    values in [0, 1])."""
+    values in [0, 1]). Returns ``(sample 0's image, every label or None)`` (:func:`dataset_labels`), so
+    that a caller reads neither again. ``data`` must be a non-empty dataset (:func:`check_dataset`)."""
     labels = dataset_labels(data)
     exposed = labels is not None and labels.numel() > 0
-    check_sample(data[0], f"{name}'s sample 0", num_classes=num_classes, values=True, need_label=not exposed)
+    image, _ = check_sample(data[0], f"{name}'s sample 0", num_classes=num_classes, values=True, need_label=not exposed)
     if not exposed:
-        return
+        return image, None
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
         raise ValueError(f"{name}: labels must be integer class indices, got {labels.dtype} labels")
     low, high = int(labels.min()), int(labels.max())
@@ -323,6 +357,7 @@ def check_labels(data: Dataset, num_classes: int | None, name: str = "the traini
         bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
         bad = low if low < 0 else high
         raise ValueError(f"{name} has the label {bad}; labels are class indices {bound} (the model's classes)")
+    return image, labels
 
 
 # ---- RNG and checkpoint state (tensors and plain numbers only, so weights_only loading works) ------------
@@ -457,6 +492,7 @@ def fit(
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (where the checkpoint is)")
+    seed = torch_seed(seed)  # the same generators; seed + epoch stays in torch's range
     hooks = [c for c in callbacks if isinstance(c, Callback)]
     functions = [c for c in callbacks if not isinstance(c, Callback)]
     bad = [c for c in functions if not callable(c)]
