@@ -351,15 +351,21 @@ def image_folder(root, boxes_text: str | None = None, size=(50, 40)):
     "text,message",
     [
         ('{"boxes": [[0, 0, 1e400, 5]]}', r"box 0 x1 must be finite, got inf"),
+        ('{"boxes": [[0, 0, 1' + "0" * 400 + ", 5]]}", r"box 0 x1 must be finite, got 1000"),  # an int, not an overflow
         ('{"boxes": [[0, NaN, 3, 5]]}', r"box 0 y0 must be finite, got nan"),
         ('{"boxes": [[0, 0, 3]]}', r"box 0 must be \[x0, y0, x1, y1\], got \[0, 0, 3\]"),
         ('{"boxes": [[0, 0, 3, 5], "x"]}', r"box 1 must be \[x0, y0, x1, y1\], got 'x'"),
         ('{"boxes": [[0, "0", 3, 5]]}', r"box 0 y0 must be a number, got str '0'"),
         ('{"boxes": [[0, true, 3, 5]]}', r"box 0 y0 must be a number, got bool"),
-        ('{"boxes": [[5, 0, 3, 5]]}', r"box 0 \[5, 0, 3, 5\] must lie inside the 50x40 image \(0 <= x0 <= x1 <= 50"),
-        ('{"boxes": [[0, 0, 51, 5]]}', r"must lie inside the 50x40 image"),
-        ('{"boxes": [[-1, 0, 3, 5]]}', r"must lie inside the 50x40 image"),
-        ('{"boxes": [[0, 0, 3, 41]]}', r"0 <= y0 <= y1 <= 40"),
+        ('{"boxes": [[5, 0, 3, 5]]}', r"box 0 \[5, 0, 3, 5\] is reversed \(x0 <= x1, y0 <= y1\)"),
+        ('{"boxes": [[0, 9, 3, 5]]}', r"box 0 \[0, 9, 3, 5\] is reversed"),
+        (
+            '{"boxes": [[50, 0, 60, 5]]}',
+            r"box 0 \[50, 0, 60, 5\] lies wholly outside the 50x40 image \(it must overlap",
+        ),
+        ('{"boxes": [[-9, 0, -1, 5]]}', r"lies wholly outside the 50x40 image"),
+        ('{"boxes": [[0, 40, 3, 41]]}', r"lies wholly outside .* rows 0\.\.39"),
+        ('{"boxes": [[0, -5, 3, -0.5]]}', r"lies wholly outside"),
         ('{"box": [[0, 0, 3, 5]]}', r'expected \{"boxes": \[\[x0, y0, x1, y1\], \.\.\.\]\}, got \{\'box\''),
         ('{"boxes": 5}', r"expected \{\"boxes\""),
         ("[" * 100_000 + "]" * 100_000, r"nested too deeply"),
@@ -386,6 +392,21 @@ def test_boxes_may_reach_the_far_edges(tmp_path):
         assert mask.all() if "49" in text or "50" in text else not mask.any()
 
 
+def test_boxes_reaching_past_the_edges_are_clipped(tmp_path):
+    """VOC-style boxes often reach a little past the image (x0 = -1, x1 = W + 0.5): they are clipped to
+    [0, W] x [0, H], and cover what they cover inside it."""
+    from xcnn.data.images import ImageFolder, read_boxes
+
+    text = '{"boxes": [[-1, -2, 100.5, 3], [2, 5, 4, 12]]}'
+    root = image_folder(tmp_path, text, size=(100, 10))
+    assert read_boxes(root / "a" / "0.box.json", (100, 10)) == [(0.0, 0.0, 100.0, 3.0), (2.0, 5.0, 4.0, 10.0)]
+    mask = ImageFolder(root, (10, 100))[0]["mask"]
+    expected = torch.zeros(10, 100, dtype=torch.bool)
+    expected[0:4, :] = True  # rows 0..3, every column
+    expected[5:10, 2:5] = True  # rows 5..9 (12 is past the bottom), columns 2..4
+    assert torch.equal(mask, expected)
+
+
 def test_box_coordinates_are_inclusive(tmp_path):
     """[2, 3, 4, 7] covers columns 2..4 and rows 3..7 of a 10x10 image: 3 x 5 pixels at the image's own size."""
     from xcnn.data.images import ImageFolder
@@ -408,7 +429,7 @@ def test_box_ranges_follow_the_exif_orientation(tmp_path):
     mask = ImageFolder(tmp_path, (30, 10))[0]["mask"]
     assert mask[20:].all() and not mask[:20].any()
     (tmp_path / "a" / "0.box.json").write_text('{"boxes": [[20, 0, 29, 9]]}')  # in the stored pixels: refused
-    with pytest.raises(ValueError, match="must lie inside the 10x30 image"):
+    with pytest.raises(ValueError, match="lies wholly outside the 10x30 image"):
         ImageFolder(tmp_path, (30, 10))
 
 
@@ -428,7 +449,9 @@ def test_an_unreadable_mask_file_is_named_when_the_folder_is_opened(tmp_path):
         ((16, -2), ValueError, r"size\[1\] must be in \[1, inf\), got -2"),
         ((16,), ValueError, r"size must be an integer or \(height, width\), got \(16,\)"),
         ("16", TypeError, r"size must be an integer or \(height, width\), got str '16'"),
-        (2.5, TypeError, r"size must be an integer or \(height, width\), got float"),
+        (2.5, TypeError, r"size\[0\] must be an integer, got float 2\.5"),
+        ((16, 15.5), TypeError, r"size\[1\] must be an integer, got float 15\.5"),
+        (True, TypeError, r"size must be an integer or \(height, width\), got bool True"),
         (10**6, ValueError, r"an image resized to 1000000x1000000 would need"),
     ],
 )
@@ -439,6 +462,63 @@ def test_image_sizes_are_checked_before_reading(size, error, message, tmp_path):
         load_image("sample:chelsea", size)
     with pytest.raises(error, match=message):
         ImageFolder(image_folder(tmp_path), size)
+
+
+@pytest.mark.parametrize("size", [(64.0, 48.0), np.array([64, 48]), (np.int64(64), torch.tensor(48)), [64, 48.0]])
+def test_image_sizes_may_be_any_pair_of_whole_numbers(size, tmp_path):
+    from xcnn.data.images import ImageFolder
+
+    assert load_image("sample:chelsea", size).shape == (3, 64, 48)
+    assert load_image("sample:chelsea", 64.0).shape == (3, 64, 64)
+    folder = ImageFolder(image_folder(tmp_path), size)
+    assert folder.size == (64, 48) and all(type(v) is int for v in folder.size)
+    assert folder[0]["image"].shape == (3, 64, 48)
+
+
+def test_an_image_is_opened_once_per_sample_and_ground_truth_files_are_looked_up_once(tmp_path, monkeypatch):
+    """The folder reads each image's header once when it is opened (its EXIF orientation with it, for the
+    boxes), and each sample decodes its image once: the size that places the boxes is the decoded image's.
+    Ground-truth files are looked up once, when the folder is opened."""
+    from pathlib import Path
+
+    import xcnn.data.images as images
+
+    root = image_folder(tmp_path, '{"boxes": [[0, 0, 24, 19]]}')
+    mask = np.zeros((40, 50), dtype=np.uint8)
+    mask[:20] = 255
+    Image.fromarray(mask).save(root / "a" / "1.mask.png")
+    opened, looked_up = [], []
+    real_open, real_is_file = Image.open, Path.is_file
+    monkeypatch.setattr(
+        images.Image, "open", lambda fp, *a, **k: (opened.append(Path(fp).name), real_open(fp, *a, **k))[1]
+    )
+    monkeypatch.setattr(Path, "is_file", lambda self: (looked_up.append(self.name), real_is_file(self))[1])
+    folder = images.ImageFolder(root, 20)
+    assert sorted(opened) == ["0.png", "1.mask.png", "1.png"]
+    ground_truth = [n for n in looked_up if n.endswith((".mask.png", ".box.json"))]
+    assert sorted(ground_truth) == sorted(set(ground_truth))  # none twice
+    opened.clear(), looked_up.clear()
+    first, second = folder[0], folder[1]
+    assert opened == ["0.png", "1.png", "1.mask.png"]
+    assert not [n for n in looked_up if n.endswith((".mask.png", ".box.json"))]
+    assert first["mask"][:10, :10].all() and first["mask"].sum() == 100  # the box: the top-left quarter
+    assert second["mask"][:10].all() and second["mask"].sum() == 200  # the mask: the top half
+
+
+def test_a_mask_damaged_past_its_header_is_named_when_its_sample_is_drawn(tmp_path):
+    """The folder reads a mask's header (not its pixels) when it is opened; damaged pixel data is a ValueError
+    naming the file once the sample is drawn, and the other samples are unaffected."""
+    from xcnn.data.images import ImageFolder
+
+    root = image_folder(tmp_path)
+    noise = (np.random.default_rng(0).random((40, 50)) * 255).astype(np.uint8)
+    Image.fromarray(noise).save(root / "a" / "1.mask.png")
+    data = (root / "a" / "1.mask.png").read_bytes()
+    (root / "a" / "1.mask.png").write_bytes(data[: len(data) // 2])
+    folder = ImageFolder(root, 20)
+    assert not folder[0]["mask"].any()
+    with pytest.raises(ValueError, match=r"cannot read mask file .*1\.mask\.png"):
+        folder[1]
 
 
 def test_cli_reports_a_bad_box_file_in_one_line(tmp_path, capsys):

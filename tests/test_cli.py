@@ -121,7 +121,7 @@ def test_explain_errors_name_the_problem(args, message, tmp_path, capsys):
 def test_non_positive_sizes_are_usage_errors(flag, tmp_path, capsys):
     assert main(["explain", "sample:chelsea", flag, "-1", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert f"xcnn explain: error: argument {flag}: expected a positive integer, got -1" in err
+    assert f"xcnn explain: error: argument {flag}: expected a positive integer, got '-1'" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
@@ -167,16 +167,16 @@ def test_console_script_help_lists_every_option():
         (["explain", "sample:chelsea", "--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295], got '-1'"),
         (["explain", "sample:chelsea", "--seed", str(2**40)], "argument --seed: expected an integer in [0, 4294967295]"),
         (["evaluate", "--shortcut", "2"], "argument --shortcut: expected a finite number in [0, 1], got '2'"),
-        (["evaluate", "--slow-images", "-1"], "argument --slow-images: expected an integer >= 0, got -1"),
+        (["evaluate", "--slow-images", "-1"], "argument --slow-images: expected an integer >= 0, got '-1'"),
         (["train", "benchmark", "--out", "o", "--size", "16"], "argument --size: expected an integer in [32, 224], got '16'"),
-        (["train", "tame", "--model", "m", "--out", "o", "--lr", "inf"], "argument --lr: expected a positive number, got inf"),
+        (["train", "tame", "--model", "m", "--out", "o", "--lr", "inf"], "argument --lr: expected a positive number, got 'inf'"),
         (["train", "lap", "--model", "m", "--out", "o", "--beta-area", "inf"], "argument --beta-area: expected a finite number in [0, inf), got 'inf'"),
         (["train", "lap", "--model", "m", "--out", "o", "--rrr-weight", "-1"], "argument --rrr-weight: expected a finite number in [0, inf)"),
         (["train", "lap", "--model", "m", "--out", "o", "--boxes-fraction", "1.5"], "argument --boxes-fraction: expected a finite number in [0, 1]"),
         (["train", "cgc", "--model", "m", "--out", "o", "--tau", "inf"], "argument --tau: expected a finite number in (0, inf), got 'inf'"),
         (["train", "cgc", "--model", "m", "--out", "o", "--lam", "nan"], "argument --lam: expected a finite number in [0, inf), got 'nan'"),
         (["train", "cgc", "--model", "m", "--out", "o", "--labeled-fraction", "0"], "argument --labeled-fraction: expected a finite number in (0, 1], got '0'"),
-        (["train", "protopnet", "--model", "m", "--out", "o", "--dim", "0"], "argument --dim: expected a positive integer, got 0"),
+        (["train", "protopnet", "--model", "m", "--out", "o", "--dim", "0"], "argument --dim: expected a positive integer, got '0'"),
         (["train", "protopnet", "--model", "m", "--out", "o", "--shortcut", "-0.5"], "argument --shortcut: expected a finite number in [0, 1]"),
         (["inspect", "--model", "m", "--seed", "x"], "argument --seed: expected an integer in [0, 4294967295], got 'x'"),
     ],
@@ -195,6 +195,19 @@ def test_a_target_beyond_the_classes_is_refused_before_any_work(tmp_path, capsys
     assert not (tmp_path / "o").exists()
     assert main(["explain", "sample:chelsea", "--target", "-1", "--out", str(tmp_path / "o")]) == 2
     assert "--target must be 'auto' or a class index (an integer >= 0), got '-1'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("digits", ["\u00b2", "\u0663"])  # superscript two, Arabic-Indic three: isdigit(), not ASCII
+def test_digits_other_than_ascii_are_refused_naming_their_flag(digits, tmp_path, capsys):
+    assert main(["explain", "sample:chelsea", "--target", digits, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"--target must be 'auto' or a class index (an integer >= 0), got '{digits}'" in err
+    argv = ["train", "cgc", "--model", "shapesnet", "--random-weights", "--out", str(tmp_path / "c"),
+            "--unlabeled", f"synthetic:{digits}", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--unlabeled synthetic:N needs a positive image count N, got 'synthetic:{digits}'" in err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(
@@ -219,6 +232,33 @@ def test_main_reports_what_a_user_can_cause_in_one_line(raised, code, shown, mon
     err = capsys.readouterr().err
     assert err.strip() == shown or err.strip().startswith(shown)
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cpu_out_of_memory_is_one_line(monkeypatch, capsys):
+    """PyTorch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not
+    torch.OutOfMemoryError: a command whose allocation cannot be met (2 EiB here) reports it in one line."""
+
+    def command(args):
+        torch.empty(2**61, dtype=torch.uint8)  # a real allocation, refused by the allocator at once
+        return 0
+
+    monkeypatch.setattr("xcnn.cli.cmd_demo", command)
+    assert main(["demo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("xcnn demo: error: out of memory (") and "can't allocate memory" in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "message", ["CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"]
+)
+def test_cuda_allocator_failures_outside_out_of_memory_error_are_one_line(message, monkeypatch, capsys):
+    def command(args):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr("xcnn.cli.cmd_demo", command)
+    assert main(["demo"]) == 1
+    assert capsys.readouterr().err.strip().startswith("xcnn demo: error: out of memory (")
 
 
 @pytest.mark.parametrize("bug", [RuntimeError("a bug"), KeyError("k"), IndexError(3), AttributeError("x")])
@@ -305,6 +345,7 @@ def test_prototype_sources_inside_the_folder_are_shown(prototype_folder, tmp_pat
         (lambda r: r.update(box=[0, 0, 8]), r"record 0: 'box' must be \[top, left, bottom, right\], got \[0, 0, 8\]"),
         (lambda r: r.update(box=[8, 0, 0, 8]), r"record 0: 'box' must be .* with top <= bottom"),
         (lambda r: r.update(box=[0, 0, 8, float("inf")]), r"record 0: 'box' must be finite"),
+        (lambda r: r.update(box=[0, 0, 8, 10**400]), r"record 0: 'box' must be finite, got 1000"),  # not an overflow
         (lambda r: r.update(file=["x"]), r"record 0: 'file' must be a string, got list"),
     ],
 )

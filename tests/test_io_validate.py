@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from fractions import Fraction
 
 import pytest
 
 from xcnn._io import atomic_write, remove_temporaries, write_json
-from xcnn._validate import check_memory, check_number, physical_memory, read_json
+from xcnn._validate import check_memory, check_number, check_numbers, parse_json, physical_memory, read_json
 
 
 def test_temporaries_of_a_killed_write_are_found_and_only_they_are_removed(tmp_path):
@@ -77,6 +78,60 @@ def test_check_number_accepts_bounds_and_converts():
     assert check_number("x", 10**400, integer=True) == 10**400  # exact, not a float overflow
     with pytest.raises(ValueError, match="x must be in"):
         check_number("x", 10**400, integer=True, high=2**31)
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), Fraction(10**400, 3)])
+def test_a_number_beyond_a_float_is_not_finite(value):
+    """float(10**400) raises OverflowError: where a float is expected, a huge integer (or fraction) is a
+    ValueError saying it is not finite, its text cut short."""
+    with pytest.raises(ValueError, match=r"^x must be finite, got (Fraction\()?-?\d{60}") as info:
+        check_number("x", value)
+    assert len(str(info.value)) < 120
+    with pytest.raises(ValueError, match=r"x must be in \(-inf, 3\], got an integer of 16610 bits"):
+        check_number("x", 10**5000, integer=True, high=3)  # beyond even repr()'s 4300 digits
+
+
+def test_check_numbers_takes_any_iterable_of_real_numbers():
+    import numpy as np
+    import torch
+
+    assert check_numbers("m", [torch.tensor(0.5), np.float32(0.25), 1], 3) == (0.5, 0.25, 1.0)
+    assert check_numbers("m", torch.tensor([[1.0], [2.0]]), 2) == (1.0, 2.0)  # tensors and arrays flattened
+    assert check_numbers("s", np.array([32, 48]), 2, integer=True) == (32, 48)
+    assert check_numbers("s", (32.0, np.float64(48.0)), 2, integer=True) == (32, 48)
+    assert check_numbers("s", {7: 0, 8: 0}.keys(), 2, integer=True) == (7, 8)
+    assert all(type(v) is int for v in check_numbers("s", (np.int64(3), torch.tensor(4)), 2, integer=True))
+    with pytest.raises(ValueError, match=r"^s must be 2 sizes, got <range_iterator"):
+        check_numbers("s", iter(range(10**12)), 2, expected="2 sizes")  # read 3 items, not 10**12
+
+
+@pytest.mark.parametrize(
+    ("values", "kwargs", "error", "message"),
+    [
+        ("ab", {}, TypeError, r"^s must be 2 numbers, got str 'ab'$"),
+        (5, {}, TypeError, r"^s must be 2 numbers, got int 5$"),
+        ((1, 2, 3), {"expected": "(height, width)"}, ValueError, r"^s must be \(height, width\), got \(1, 2, 3\)$"),
+        ((1, 2.5), {"integer": True}, TypeError, r"^s\[1\] must be an integer, got float 2.5$"),
+        ((1, float("inf")), {"integer": True}, TypeError, r"^s\[1\] must be an integer, got float inf$"),
+        ((1, True), {}, TypeError, r"^s\[1\] must be a number, got bool True$"),
+        ((1, "2"), {}, TypeError, r"^s\[1\] must be a number, got str '2'$"),
+        ((0, 1), {"low": 1}, ValueError, r"^s\[0\] must be in \[1, inf\), got 0$"),
+        ((1, 10**400), {}, ValueError, r"^s\[1\] must be finite"),
+    ],
+)
+def test_check_numbers_refuses(values, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        check_numbers("s", values, 2, **kwargs)
+
+
+def test_parse_json_names_where_the_text_came_from():
+    assert parse_json('{"a": 1}', "the header of w.safetensors") == {"a": 1}
+    with pytest.raises(ValueError, match=r"^cannot read the header of w: Expecting"):
+        parse_json("{", "the header of w")
+    with pytest.raises(ValueError, match=r"^cannot read the header of w: nested too deeply$"):
+        parse_json("[" * 100_000 + "]" * 100_000, "the header of w")
+    with pytest.raises(ValueError, match=r"^cannot read the header of w: .*integer string conversion"):
+        parse_json("1" * 5000, "the header of w")  # beyond Python's 4300-digit limit: named too
 
 
 def test_check_memory_names_the_request():

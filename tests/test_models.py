@@ -194,18 +194,24 @@ def test_a_path_that_holds_no_saved_model_is_named(tmp_path):
     "kwargs,error,message",
     [
         ({"mean": (math.nan, 0, 0)}, ValueError, r"mean\[0\] must be finite, got nan"),
-        ({"mean": (0, 0)}, ValueError, r"mean needs 3 values \(one per RGB channel\), got \(0, 0\)"),
-        ({"mean": "abc"}, ValueError, r"mean needs 3 values"),
+        ({"mean": (0, 0)}, ValueError, r"mean must be 3 numbers \(one per RGB channel\), got \(0, 0\)"),
+        ({"mean": "abc"}, TypeError, r"mean must be 3 numbers \(one per RGB channel\), got str 'abc'"),
+        ({"mean": torch.tensor(0.5)}, TypeError, r"mean must be 3 numbers .*, got Tensor"),
+        ({"mean": [torch.tensor([0.5, 0.5]), 0, 0]}, TypeError, r"mean\[0\] must be a number, got Tensor"),
+        ({"mean": (10**400, 0, 0)}, ValueError, r"mean\[0\] must be finite, got 1000"),  # not an OverflowError
         ({"std": (1, math.inf, 1)}, ValueError, r"std\[1\] must be finite, got inf"),
         ({"std": (1e-40, 1, 1)}, ValueError, r"std\[0\] = 1e-40 is too small for mean\[0\] = 0: .*reach 1e\+40"),
         ({"mean": (1e6, 0, 0)}, ValueError, r"std\[0\] = 1 is too small for mean\[0\] = 1e\+06"),
         ({"std": (-1, 1, 1)}, ValueError, r"std must be positive"),
-        ({"input_size": "32"}, ValueError, r"input_size must be \(height, width\), two positive integers, got '32'"),
+        ({"input_size": "32"}, TypeError, r"input_size must be \(height, width\), two positive integers, got str '32'"),
         ({"input_size": (32,)}, ValueError, r"input_size must be \(height, width\)"),
-        ({"input_size": (32.0, 32)}, TypeError, r"input_size\[0\] must be an integer, got float 32.0"),
+        ({"input_size": (32.5, 32)}, TypeError, r"input_size\[0\] must be an integer, got float 32.5"),
         ({"input_size": (True, 32)}, TypeError, r"input_size\[0\] must be an integer, got bool"),
         ({"input_size": (32, 16385)}, ValueError, r"input_size\[1\] must be in \[1, 16384\], got 16385"),
         ({"class_names": "abcdef"}, TypeError, r"class_names must be a list of strings \(one per class\), got str"),
+        ({"class_names": b"ab"}, TypeError, r"class_names must be a list of strings \(one per class\), got bytes"),
+        ({"class_names": 5}, TypeError, r"class_names must be a list of strings \(one per class\), got int"),
+        ({"class_names": {"a": 1}.values()}, TypeError, r"class_names must be strings, got int 1 at position 0"),
         ({"class_names": []}, ValueError, r"class_names must name at least one class"),
         ({"class_names": ["a", None]}, TypeError, r"class_names must be strings, got NoneType None at position 1"),
         ({"name": 5}, TypeError, r"name must be a string, got int 5"),
@@ -214,6 +220,30 @@ def test_a_path_that_holds_no_saved_model_is_named(tmp_path):
 def test_classifier_arguments_are_checked(kwargs, error, message):
     with pytest.raises(error, match=message):
         Classifier(nn.Conv2d(3, 3, 1), **kwargs)
+
+
+def test_arguments_may_be_any_iterable_of_the_right_values():
+    """class names from a numpy array or dict.keys(), sizes as numpy arrays or integer-valued floats, mean and
+    std as 0-d tensors, numpy scalars or a [1,3,1,1] tensor: taken as the plain values they hold."""
+    import numpy as np
+
+    clf = Classifier(
+        nn.Identity(), mean=[torch.tensor(0.5)] * 3, std=np.array([0.25, 0.5, 1.0]), input_size=np.array([32, 48]),
+        class_names=np.array(["cat", "dog"]),
+    )  # fmt: skip
+    assert clf.input_size == (32, 48) and all(type(v) is int for v in clf.input_size)
+    assert clf.class_names == ["cat", "dog"] and all(type(c) is str for c in clf.class_names)
+    assert clf.mean.flatten().tolist() == [0.5] * 3 and clf.std.flatten().tolist() == [0.25, 0.5, 1.0]
+    clf = Classifier(nn.Identity(), mean=clf.mean, std=(np.float32(1), 1, 1), input_size=(32.0, 32.0),
+                     class_names={"a": 0, "b": 1}.keys())  # fmt: skip
+    assert clf.input_size == (32, 32) and clf.class_names == ["a", "b"] and clf.mean.flatten().tolist() == [0.5] * 3
+    net = load_model("shapesnet", pretrained=False, class_names=np.array(list("abcdef")), input_size=(32.0, 32.0))
+    assert net.num_classes == 6 and net.input_size == (32, 32) and net.class_names == list("abcdef")
+    from xcnn.nets import ShapesNet
+
+    shapes = ShapesNet(widths=np.array([4, 4, 8, 8]), strides=(2.0, 1, 2, 2, 1))
+    assert shapes.widths == (4, 4, 8, 8) and shapes.strides == (2, 1, 2, 2, 1)
+    assert all(type(v) is int for v in (*shapes.widths, *shapes.strides))
 
 
 def test_normalisation_at_the_float16_bound_is_accepted():
@@ -240,10 +270,24 @@ def test_load_model_checks_its_arguments_before_building():
 
 
 def test_class_names_must_fit_the_head_of_a_named_model():
-    """Without num_classes, the architecture's own head decides: resnet18 has 1000 outputs, shapesnet 6."""
-    with pytest.raises(ValueError, match="class_names has 2 names but resnet18 has 1000 outputs"):
-        load_model("resnet18", pretrained=False, class_names=["a", "b"])
-    assert load_model("shapesnet", pretrained=False, class_names=list("abcdef"), input_size=(32, 32)).num_classes == 6
+    """Without num_classes, the architecture's own head decides: resnet18 has 1000 outputs, shapesnet 6. They
+    are counted on the meta device: no real forward pass runs (vit_b_16 would take seconds)."""
+    seen: set[str] = set()
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            seen.add(args[0].device.type)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        with pytest.raises(ValueError, match="class_names has 2 names but resnet18 has 1000 outputs"):
+            load_model("resnet18", pretrained=False, class_names=["a", "b"])
+        net = load_model("shapesnet", pretrained=False, class_names=list("abcdef"), input_size=(32, 32))
+        load_model("resnet18", pretrained=False, class_names=[str(k) for k in range(1000)])
+    finally:
+        handle.remove()
+    assert seen == {"meta"}
+    assert net.num_classes == 6
 
 
 @pytest.mark.parametrize(
@@ -253,7 +297,8 @@ def test_class_names_must_fit_the_head_of_a_named_model():
         ({"num_classes": 2.5}, TypeError, r"ShapesNet: num_classes must be an integer, got float 2.5"),
         ({"widths": [16]}, ValueError, r"ShapesNet: widths must be 4 positive integers, got \[16\]"),
         ({"widths": [16, 32, -1, 8]}, ValueError, r"ShapesNet: widths\[2\] must be in \[1, inf\), got -1"),
-        ({"widths": "abcd"}, ValueError, r"ShapesNet: widths must be 4 positive integers, got 'abcd'"),
+        ({"widths": "abcd"}, TypeError, r"ShapesNet: widths must be 4 positive integers, got str 'abcd'"),
+        ({"widths": [16, 32, 64.5, 8]}, TypeError, r"ShapesNet: widths\[2\] must be an integer, got float 64.5"),
         ({"strides": [2, 1, 2, 2, 0]}, ValueError, r"ShapesNet: strides\[4\] must be in \[1, inf\), got 0"),
         ({"stem_pool": "yes"}, TypeError, r"ShapesNet: stem_pool must be True or False"),
         ({"widths": [10**6] * 4}, ValueError, r"ShapesNet\(widths=\[1000000, .*would need 2.8\de\+05 GiB"),

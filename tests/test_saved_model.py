@@ -3,6 +3,7 @@ description checked before anything is built, shapes checked against the weights
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -179,12 +180,14 @@ def deleter(key):
         (setter("kwargs", "abc"), TypeError, r"kwargs must be a dict"),
         (setter("edits", "x"), TypeError, r"edits must be a list"),
         (setter("input_size", [32]), ValueError, r"input_size must be \(height, width\).*got \[32\]"),
-        (setter("input_size", "32"), ValueError, r"input_size must be \(height, width\).*got '32'"),
+        (setter("input_size", "32"), TypeError, r"input_size must be \(height, width\).*got str '32'"),
         (setter("input_size", [math.inf, 1]), TypeError, r"input_size\[0\] must be an integer, got float inf"),
         (setter("input_size", [0, 32]), ValueError, r"input_size\[0\] must be in \[1, 16384\], got 0"),
         (setter("input_size", [32, 10**6]), ValueError, r"input_size\[1\] must be in \[1, 16384\]"),
         (setter("mean", [math.nan, 0, 0]), ValueError, r"mean\[0\] must be finite, got nan"),
-        (setter("mean", [0, 0]), ValueError, r"mean needs 3 values"),
+        (setter("mean", [0, 0]), ValueError, r"mean must be 3 numbers \(one per RGB channel\)"),
+        (setter("mean", [10**400, 0, 0]), ValueError, r"mean\[0\] must be finite, got 1000"),  # not an OverflowError
+        (setter("std", [1, 1, -(10**400)]), ValueError, r"std\[2\] must be finite"),
         (setter("std", [1e-40, 1, 1]), ValueError, r"std\[0\] = 1e-40 is too small.*within \+-65504"),
         (setter("std", [0, 1, 1]), ValueError, r"std must be positive"),
         (setter("class_names", "abcdef"), TypeError, r"class_names must be a list of strings"),
@@ -295,3 +298,134 @@ def test_edits_are_replayed_in_their_order(tmp_path, monkeypatch):
     back = load_model(save_model(model, tmp_path / "m"))
     assert back.backbone.fc.out_features == 6
     torch.testing.assert_close(logits(back), logits(model), rtol=0, atol=0)
+
+
+# ---- a save that lands during a load, folders that are not xcnn models, what the builders may be told ------
+
+
+def test_a_save_landing_during_a_load_leaves_it_one_whole_model(tmp_path, monkeypatch):
+    """Another process saves into the folder after the load has read the description and before it reads the
+    tensors: the load keeps the file it opened, so it returns the old model whole, never the old description
+    with the new weights."""
+    import xcnn.models
+
+    old, new = tiny(1, names="abcdef"), tiny(2, names="uvwxyz", mean=0.25)
+    folder = save_model(old, tmp_path / "m")
+    real = xcnn.models._saved_backbone
+
+    def save_meanwhile(*args, **kwargs):
+        save_model(new, folder)  # between the description and the tensors
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xcnn.models, "_saved_backbone", save_meanwhile)
+    back = load_model(folder)
+    assert back.class_names == list("abcdef")
+    torch.testing.assert_close(back.mean.flatten(), torch.zeros(3))
+    torch.testing.assert_close(logits(back), logits(old), rtol=0, atol=0)
+    monkeypatch.undo()
+    back = load_model(folder)  # the next load: the new model, whole
+    assert back.class_names == list("uvwxyz")
+    torch.testing.assert_close(logits(back), logits(new), rtol=0, atol=0)
+
+
+def test_a_folder_holding_other_weights_does_not_shadow_a_model_name(tmp_path, monkeypatch):
+    """A Hugging Face download called resnet18 in the working directory (model.safetensors, no xcnn
+    description) is not a saved xcnn model: the name still means torchvision's resnet18."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "resnet18").mkdir()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "resnet18" / "model.safetensors"), metadata={"format": "pt"})
+    net = load_model("resnet18", pretrained=False)
+    assert net.name == "resnet18" and net.weights is None and type(net.backbone).__name__ == "ResNet"
+    (tmp_path / "resnet18" / "model.safetensors").write_bytes(b"not safetensors")  # nor is an unreadable file
+    assert load_model("resnet18", pretrained=False).name == "resnet18"
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"checkpoint_path": "/elsewhere.pt"}, "'checkpoint_path'"),
+        ({"pretrained": True}, "'pretrained'"),
+        ({"pretrained_cfg": {"hf_hub_id": "timm/resnet18.a1_in1k"}}, "'pretrained_cfg'"),
+        ({"pretrained_cfg_overlay": {"file": "/elsewhere.pt"}}, "'pretrained_cfg_overlay'"),
+        ({"cache_dir": "cache"}, "'cache_dir'"),
+        ({"weights": "DEFAULT"}, "'weights'"),
+        ({"weights_backbone": "DEFAULT"}, "'weights_backbone'"),
+        ({"block_args": [{"norm_file": "x"}]}, r"kwargs\['block_args'\]\[0\]\['norm_file'\]"),
+        ({"global_pool": "../../x"}, r"kwargs\['global_pool'\] = '\.\./\.\./x' looks like a file path"),
+        ({"act_layer": "gelu.pth"}, r"kwargs\['act_layer'\] = 'gelu.pth' looks like a file path"),
+    ],
+)
+def test_architecture_arguments_that_would_load_files_are_refused(kwargs, key, tmp_path, monkeypatch):
+    """timm.create_model(checkpoint_path=...) would torch.load a file outside the folder, pretrained_cfg*
+    and cache_dir fetch weights: refused, naming the argument, before anything is built or read."""
+    import timm
+
+    built = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: built.append(k))
+    folder = save_model(tiny(), tmp_path / "m")
+    edited(folder, lambda meta: meta.update(arch="timm:resnet18", kwargs=kwargs))
+    with pytest.raises(ValueError, match=key) as info:
+        load_model(folder)
+    assert "model.json" in str(info.value) and "model.safetensors only" in str(info.value)
+    assert built == []
+
+
+def test_ordinary_architecture_arguments_are_not_taken_for_files():
+    from xcnn.models import _check_builder_arguments
+
+    _check_builder_arguments({"drop_path_rate": 0.1, "init_weights": False, "global_pool": "avg", "act_layer": "gelu",
+                              "transform_input": True, "input_size": [224, 224], "img_size": 224})  # fmt: skip
+
+
+def test_a_float64_model_comes_back_in_float64(tmp_path):
+    """Weights that need float64 (1e-10 apart from float32 values) come back exactly, in float64."""
+    model = tiny(4).double()
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1e-10)
+    back = load_model(save_model(model, tmp_path / "m"))
+    assert {p.dtype for p in back.parameters()} == {torch.float64} and back.mean.dtype == torch.float64
+    for (name, p), q in zip(model.backbone.named_parameters(), back.backbone.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+@contextlib.contextmanager
+def forward_devices():
+    """The device types of every module call's first input while the block runs (a global hook)."""
+    seen: set[str] = set()
+
+    def record(module, args):
+        if args and isinstance(args[0], torch.Tensor):
+            seen.add(args[0].device.type)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_loading_runs_no_real_forward_pass(tmp_path):
+    """The class count is checked without computing anything: a prototype network (whose meta forward pass
+    fails in its autocast) by its last layer; a model saved without class names is not run at all. A
+    mismatch is still refused (confirmed by one real forward)."""
+    from xcnn.interpretable import protopnet
+
+    folder = save_model(protopnet(tiny(), 1, dim=4), tmp_path / "proto")
+    with forward_devices() as seen:
+        back = load_model(folder)
+    assert back.class_names == list("abcdef") and "cpu" not in seen
+    edited(folder, setter("class_names", None))
+    with forward_devices() as seen:
+        assert load_model(folder).class_names is None
+    assert seen == set()
+    edited(folder, setter("class_names", ["a", "b"]))
+    with pytest.raises(ValueError, match=r"class_names has 2 names but the model has 6 outputs"):
+        load_model(folder)
+    plain = save_model(tiny(), tmp_path / "plain")
+    with forward_devices() as seen:
+        load_model(plain)
+    assert seen <= {"meta"}

@@ -349,3 +349,22 @@ def test_report_curves_and_prototype_figures_draw_user_text_as_plain_text():
     row = {"native": torch.rand(8, 8), "search": None, "source": torch.rand(3, 8, 8), "box": [0, 0, 4, 4],
            "caption": f"prototype 0 ({MALFORMED}): similarity 0.5"}  # fmt: skip
     _saves(prototype_figure(torch.rand(3, 8, 8), [row], title=f"why {MALFORMED}?", search_name=MALFORMED))
+
+
+def test_legend_entries_starting_with_an_underscore_are_kept():
+    """matplotlib's legend() leaves out labels that start with "_"; torch.compile names layers "_orig_mod.x",
+    and a method may be named so: every curve keeps its legend entry, spelled as given."""
+    from xcnn.viz.inspection import history_figure
+
+    layers = ["_orig_mod.layer3", "layer4"]
+    history = {"layers": layers, "records": [
+        {"epoch": e, "probe_accuracy": dict.fromkeys(layers, 0.5), "cka_to_previous": dict.fromkeys(layers, 0.9)}
+        for e in range(2)
+    ]}  # fmt: skip
+    right = history_figure(history).axes[1]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == layers
+    methods = ["_mine", "gradcam"]
+    curves = {m: {"insertion": [0.1, 0.5], "deletion": [0.5, 0.1]} for m in methods}
+    curves["deletion only"] = {"deletion": [0.4, 0.2]}
+    fig = curves_figure(curves, method_styles(list(curves)))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [*methods, "deletion only"]

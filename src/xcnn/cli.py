@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,36 +34,6 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
 def _number(
     low: float | None = None,
     high: float | None = None,
@@ -70,12 +41,14 @@ def _number(
     low_open: bool = False,
     high_open: bool = False,
     integer: bool = False,
+    expected: str | None = None,
 ) -> Callable[[str], float | int]:
     """An argparse type: a finite number (an integer with ``integer``) within the bounds (``low_open`` /
-    ``high_open`` exclude them), else a usage error that names the flag, the range and the text given."""
+    ``high_open`` exclude them), else a usage error that names the flag, what was ``expected`` (default: the
+    range) and the text given."""
     left = "(-inf" if low is None else ("(" if low_open else "[") + (f"{low}" if integer else f"{low:g}")
     right = "inf)" if high is None else (f"{high}" if integer else f"{high:g}") + (")" if high_open else "]")
-    expected = f"{'an integer' if integer else 'a finite number'} in {left}, {right}"
+    expected = expected or f"{'an integer' if integer else 'a finite number'} in {left}, {right}"
 
     def parse(text: str) -> float | int:
         try:
@@ -88,10 +61,18 @@ def _number(
     return parse
 
 
+_positive_int = _number(1, integer=True, expected="a positive integer")
+_non_negative_int = _number(0, integer=True, expected="an integer >= 0")
+_positive_float = _number(0.0, low_open=True, expected="a positive number")
 _probability = _number(0.0, 1.0)
 _weight = _number(0.0)  # a loss weight: finite, >= 0
 #: seeds go to torch, numpy and Python's random; [0, 2**32) is what all of them accept
 _seed = _number(0, 2**32 - 1, integer=True)
+
+
+def _digits(text: str) -> bool:
+    """Whether ``text`` is a non-negative integer in ASCII digits (``"²".isdigit()`` is True, but int() fails)."""
+    return text.isascii() and text.isdigit()
 
 
 def _unique_labels(sources: Sequence[str]) -> list[str]:
@@ -159,7 +140,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in list_explainers()]
     if unknown or not methods:
         raise ValueError(f"unknown method(s) {unknown or args.method!r}; available: {', '.join(list_explainers())}")
-    if args.target != "auto" and not args.target.isdigit():
+    if args.target != "auto" and not _digits(args.target):
         raise ValueError(f"--target must be 'auto' or a class index (an integer >= 0), got {args.target!r}")
     device = _device(args.device)
     _check_out_dir(args.out)
@@ -601,7 +582,7 @@ def _unlabeled_source(text: str | None) -> tuple[str, int | None] | None:
         return None
     if text == "synthetic" or text.startswith("synthetic:"):
         count = text.partition(":")[2]
-        if not count.isdigit() or int(count) <= 0:
+        if not _digits(count) or int(count) <= 0:
             raise ValueError(f"--unlabeled synthetic:N needs a positive image count N, got {text!r}")
         return "synthetic", int(count)
     if not Path(text).is_dir():
@@ -1284,9 +1265,23 @@ class _Parser(argparse.ArgumentParser):
 
 #: what a user can cause and :func:`main` reports in one line: bad input (ValueError, TypeError; xcnn's
 #: own checks raise these), files and folders (OSError: missing, unreadable, not writable, disk full) and
-#: memory. Anything else (RuntimeError, KeyError, IndexError, AttributeError, ...) is a bug in xcnn or in
-#: a library, and keeps its traceback.
+#: memory (:func:`_out_of_memory`). Anything else (any other RuntimeError, KeyError, IndexError,
+#: AttributeError, ...) is a bug in xcnn or in a library, and keeps its traceback.
 _USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+#: what an allocator says when it runs out: PyTorch's CPU allocator ("DefaultCPUAllocator: can't allocate
+#: memory") raises a plain RuntimeError, as do CUDA paths outside torch.OutOfMemoryError ("CUDA error: out of
+#: memory", cuBLAS / cuDNN "..._ALLOC_FAILED")
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|cannot allocate memory|out of memory|ALLOC_FAILED", re.IGNORECASE)
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` says that memory ran out (a MemoryError, torch.OutOfMemoryError or an allocator's
+    RuntimeError), as opposed to a bug."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and bool(_OUT_OF_MEMORY.search(str(err)))
 
 
 def _one_line(err: BaseException) -> str:
@@ -1309,7 +1304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (MemoryError, torch.OutOfMemoryError) as err:
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise  # a bug: its traceback
         print(
             f"{command}: error: out of memory ({_one_line(err)}); try a smaller --batch-size, --image-batch or "
             "image count",

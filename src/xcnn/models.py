@@ -16,14 +16,13 @@ import re
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._validate import check_memory, check_number, read_json
+from ._validate import check_memory, check_number, check_numbers, parse_json, read_json
 from .hooks import frozen, trace_outputs
 
 __all__ = [
@@ -65,19 +64,15 @@ MAX_INPUT_SIDE = 16384
 MAX_NORMALISED = 65504.0
 
 
-def _three_numbers(name: str, values: object) -> list[float]:
-    """``values`` (a sequence or tensor of 3 finite numbers, one per RGB channel) as floats."""
-    if isinstance(values, (Tensor, np.ndarray)):
-        values = values.ravel().tolist() if isinstance(values, np.ndarray) else values.detach().flatten().tolist()
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 3:
-        raise ValueError(f"{name} needs 3 values (one per RGB channel), got {values!r}")
-    return [check_number(f"{name}[{c}]", v) for c, v in enumerate(values)]
+#: what ``mean`` and ``std`` must be (:func:`xcnn._validate.check_numbers` says it in its errors)
+_RGB = "3 numbers (one per RGB channel)"
 
 
 def _check_normalisation(mean: object, std: object) -> tuple[list[float], list[float]]:
     """``mean`` and ``std`` checked: 3 finite numbers each, std positive and large enough that normalised
     pixels ``(x - mean) / std`` of x in [0, 1] stay within :data:`MAX_NORMALISED` (float16's range)."""
-    mean_v, std_v = _three_numbers("mean", mean), _three_numbers("std", std)
+    mean_v = list(check_numbers("mean", mean, 3, expected=_RGB))
+    std_v = list(check_numbers("std", std, 3, expected=_RGB))
     for c, (m, s) in enumerate(zip(mean_v, std_v, strict=True)):
         if not s > 0:
             raise ValueError(f"std must be positive, got {std_v}")
@@ -92,31 +87,34 @@ def _check_normalisation(mean: object, std: object) -> tuple[list[float], list[f
 
 
 def _check_input_size(input_size: object) -> tuple[int, int]:
-    """``input_size`` checked: (height, width), two integers in 1..:data:`MAX_INPUT_SIDE`."""
-    if isinstance(input_size, (str, bytes)) or not isinstance(input_size, Sequence) or len(input_size) != 2:
-        raise ValueError(f"input_size must be (height, width), two positive integers, got {input_size!r}")
-    h, w = (
-        check_number(f"input_size[{i}]", v, integer=True, low=1, high=MAX_INPUT_SIDE) for i, v in enumerate(input_size)
-    )
-    return int(h), int(w)
+    """``input_size`` checked: (height, width), two integers in 1..:data:`MAX_INPUT_SIDE` (integer-valued
+    floats such as ``32.0`` count)."""
+    expected = "(height, width), two positive integers"
+    h, w = check_numbers("input_size", input_size, 2, integer=True, low=1, high=MAX_INPUT_SIDE, expected=expected)
+    return h, w
 
 
 def _check_class_names(class_names: object) -> list[str] | None:
-    """``class_names`` checked: None, or a non-empty list (or tuple) of strings, one per output."""
+    """``class_names`` checked: None, or a non-empty iterable of strings, one per output (a list, a tuple, a
+    numpy array, ``dict.keys()``; not a bare string), as a list of ``str``."""
     if class_names is None:
         return None
-    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Sequence):
+    try:
+        if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Iterable):
+            raise TypeError
+        names = list(class_names)
+    except TypeError:  # not iterable (iter() of a 0-d array raises it too)
         raise TypeError(
             f"class_names must be a list of strings (one per class), got {type(class_names).__name__} {class_names!r:.80}"
-        )
-    if not class_names:
+        ) from None
+    if not names:
         raise ValueError("class_names must name at least one class, got an empty list")
-    wrong = next((i for i, c in enumerate(class_names) if not isinstance(c, str)), None)
+    wrong = next((i for i, c in enumerate(names) if not isinstance(c, str)), None)
     if wrong is not None:
         raise TypeError(
-            f"class_names must be strings, got {type(class_names[wrong]).__name__} {class_names[wrong]!r} at position {wrong}"
+            f"class_names must be strings, got {type(names[wrong]).__name__} {names[wrong]!r:.80} at position {wrong}"
         )
-    return list(class_names)
+    return [str(c) for c in names]  # numpy's str_ as plain str
 
 
 class XcnnWarning(UserWarning):
@@ -189,12 +187,7 @@ class Classifier(nn.Module):
         """Number of output classes (read from class names or found by one forward pass)."""
         if self.class_names is not None:
             return len(self.class_names)
-        param = next(self.backbone.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32  # e.g. float64
-        with frozen(self), torch.no_grad():
-            out = self(torch.zeros(1, 3, *self.input_size, device=device, dtype=dtype))
-        return int(out.shape[-1])
+        return _output_count(self.backbone, self.input_size, self.name)
 
     def class_name(self, index: int) -> str:
         if self.class_names is not None and 0 <= index < len(self.class_names):
@@ -294,8 +287,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _load_weights(backbone: nn.Module, path: str | Path) -> None:
-    state = load_state_dict_file(path)
+def _load_weights(backbone: nn.Module, path: str | Path, state: dict[str, Tensor] | None = None) -> None:
+    """Load the weights file ``path`` (or its ``state``, already read) into ``backbone``; a ValueError naming
+    the file when they do not fit."""
+    state = load_state_dict_file(path) if state is None else state
     try:
         backbone.load_state_dict(state)
     except RuntimeError as err:
@@ -357,7 +352,7 @@ def load_model(
     # the arguments themselves, before anything is built or downloaded
     for name, value in (("mean", mean), ("std", std)):
         if value is not None:
-            _three_numbers(name, value)
+            check_numbers(name, value, 3, expected=_RGB)
     if input_size is not None:
         input_size = _check_input_size(input_size)
     class_names = _check_class_names(class_names)
@@ -412,7 +407,7 @@ def load_model(
         given = {
             k
             for k, v in {"weights": weights, "mean": mean, "std": std, "num_classes": num_classes,
-                         "class_names": class_names, "input_size": input_size, "raw_pixels": raw_pixels or None}.items()
+                         "class_names": class_names, "input_size": input_size}.items()
             if v is not None
         }  # fmt: skip
         if given:
@@ -462,8 +457,6 @@ def _build_arch(arch: str, kwargs: dict) -> tuple[nn.Module, tuple, tuple, tuple
     from .nets import ARCHITECTURES
 
     library = _library(arch)
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError(f"the arguments of {arch!r} must be a dict of names to values, got {kwargs!r:.200}")
     if library == "xcnn":
         return ARCHITECTURES[arch](**kwargs), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (64, 64)
     if library == "timm":
@@ -507,10 +500,8 @@ def _named_model(name, pretrained, weights, num_classes, class_names, mean, std,
             class_names = default_names
         elif (num_classes or getattr(backbone, "num_classes", 1000)) == 1000:
             class_names = imagenet_classes()
-    elif num_classes is None:  # names given for the architecture's own head: one forward says its size
-        outputs = _output_count(backbone, input_size or size, name)
-        if outputs != len(class_names):
-            raise ValueError(f"class_names has {len(class_names)} names but {name} has {outputs} outputs")
+    elif num_classes is None:  # names given for the architecture's own head: they must fit its size
+        _check_class_count(backbone, input_size or size, class_names, name)
     return Classifier(
         backbone,
         mean if mean is not None else cfg_mean,
@@ -799,12 +790,13 @@ def save_model(model: Classifier, folder: str | Path, **extra: object) -> Path:
 
 def _saved_model_files(path: str | Path) -> tuple[Path, Path] | None:
     """``(weights, description)``: the ``.safetensors`` and ``.json`` of the saved model ``path`` names (its
-    folder, its .safetensors or its .json); None when ``path`` is not a saved model (a folder holding
-    neither file may share a model's name)."""
+    folder, its .safetensors or its .json); None when ``path`` is not a saved model. A folder is one when it
+    holds model.json or a model.safetensors whose header carries the xcnn description: another folder (a
+    Hugging Face download called ``resnet18`` in the working directory) may share a model's name."""
     p = Path(path)
     if p.is_dir():
         weights, desc = p / "model.safetensors", p / "model.json"
-        return (weights, desc) if weights.is_file() or desc.is_file() else None
+        return (weights, desc) if desc.is_file() or _holds_description(weights) else None
     if p.suffix in (".json", ".safetensors"):
         weights, desc = p.with_suffix(".safetensors"), p.with_suffix(".json")
         if not weights.is_file():
@@ -815,28 +807,31 @@ def _saved_model_files(path: str | Path) -> tuple[Path, Path] | None:
     return None
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """The metadata and the tensor shapes of the .safetensors file ``path``, from its header (no tensor is read)."""
+def _open_weights(path: Path):
+    """``(handle, metadata, shapes)`` of the .safetensors file ``path``: safetensors' open handle (the file
+    mapped, no tensor read: ``handle.get_tensor`` reads them later from this same file, even if another save
+    replaces the path meanwhile), its header's metadata and the shape of every tensor."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        f = safe_open(str(path), framework="pt", device="cpu")
+        return f, f.metadata() or {}, {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as err:  # not a safetensors file, a corrupt or truncated header
         raise ValueError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from err
-    return metadata, shapes
 
 
-def _parse_description(text: str, where: str) -> object:
+def _holds_description(path: Path) -> bool:
+    """Whether ``path`` is a .safetensors file whose header carries an xcnn model description."""
+    if not path.is_file():
+        return False
     try:
-        return json.loads(text)
-    except RecursionError:  # json recurses per nesting level: a hostile header can exhaust the stack
-        raise ValueError(f"cannot read the model description in {where}: nested too deeply") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"cannot read the model description in {where}: {err}") from err
+        handle, metadata, _ = _open_weights(path)
+    except ValueError:
+        return False
+    with handle:
+        return _HEADER_KEY in metadata
 
 
 def _saved_description(weights_path: Path, json_path: Path, header: dict[str, str]) -> tuple[object, str]:
@@ -846,7 +841,7 @@ def _saved_description(weights_path: Path, json_path: Path, header: dict[str, st
     folders written before the header held the description: model.json."""
     from_header = None
     if _HEADER_KEY in header:
-        from_header = _parse_description(header[_HEADER_KEY], f"the header of {weights_path}")
+        from_header = parse_json(header[_HEADER_KEY], f"the model description in the header of {weights_path}")
     if not json_path.is_file():
         if from_header is None:
             raise FileNotFoundError(
@@ -872,8 +867,42 @@ def _saved_description(weights_path: Path, json_path: Path, header: dict[str, st
     return from_header, f"the header of {weights_path}"
 
 
+#: architecture arguments that make a builder read a file or fetch weights (timm's ``checkpoint_path``,
+#: ``pretrained``, ``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``; torchvision's ``weights``,
+#: ``weights_backbone``; any ``*_path``, ``*_file``, ``*_dir``, ``*_url``): a saved model's weights are its
+#: own model.safetensors, and nothing it describes may reach outside its folder
+_LOADING_ARGUMENT = re.compile(r"pretrained.*|weights.*|checkpoint.*|cache_dir|.*_(path|file|dir|url)")
+#: string values that name files or URLs: a path separator, a home folder, a weights file's suffix
+_PATH_LIKE = re.compile(r"[/\\]|^~|\.(pt|pth|bin|ckpt|safetensors|pkl|npz|h5)$", re.IGNORECASE)
+
+
+def _check_builder_arguments(kwargs: dict) -> None:
+    """Refuse a saved description's architecture arguments (``kwargs``, at any depth) that would make its
+    builder load files or weights: a name in :data:`_LOADING_ARGUMENT`, or a string that looks like a path
+    or URL; a ``ValueError`` naming the argument."""
+    todo: list[tuple[str, object]] = [("kwargs", kwargs)]  # a stack, not recursion: a nesting depth costs nothing
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _LOADING_ARGUMENT.fullmatch(str(key)):
+                    raise ValueError(
+                        f"{where}[{key!r}] would make the architecture's builder load files or weights; a saved "
+                        "model's weights come from its own model.safetensors only"
+                    )
+                todo.append((f"{where}[{key!r}]", item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and _PATH_LIKE.search(value):
+            raise ValueError(
+                f"{where} = {value!r:.80} looks like a file path or URL; a saved model's architecture arguments "
+                "cannot name files (its weights come from its own model.safetensors only)"
+            )
+
+
 def _check_description(meta: object, where: str) -> dict:
-    """Every field of a saved model's description checked (types, ranges) before anything is built."""
+    """Every field of a saved model's description checked (types, ranges, architecture arguments that would
+    load files) before anything is built."""
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ValueError(f"{where} is not an xcnn model description (format {MODEL_FORMAT!r})")
     missing = [key for key in ("arch", "mean", "std", "input_size") if key not in meta]
@@ -885,6 +914,7 @@ def _check_description(meta: object, where: str) -> dict:
             raise TypeError(f"arch must be an architecture name (a string), got {type(arch).__name__} {arch!r:.100}")
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict of argument names to values, got {kwargs!r:.100}")
+        _check_builder_arguments(kwargs)
         if not isinstance(edits, list) or not all(isinstance(e, dict) for e in edits):
             raise TypeError(f"edits must be a list of {{'op', 'where', 'args'}} records, got {edits!r:.100}")
         mean, std = _check_normalisation(meta["mean"], meta["std"])
@@ -927,28 +957,15 @@ def _tensor_shapes_fit(
     raise ValueError(f"the weights in {path} do not fit {what}: " + "; ".join(parts))
 
 
-def _output_count(
-    backbone: nn.Module, input_size: tuple[int, int], what: str, *, meta_only: bool = False
-) -> int | None:
-    """How many outputs (classes) ``backbone`` gives for one ``input_size`` image: on the meta device a forward
-    pass that computes nothing (None where an operation has no meta kernel), else one real forward in eval
-    mode (with ``meta_only``: None)."""
+def _output_count(backbone: nn.Module, input_size: tuple[int, int], what: str) -> int:
+    """How many outputs (classes) ``backbone`` gives for one ``input_size`` image: one forward pass in eval
+    mode, on the backbone's device and in its dtype (nothing is computed where that is the meta device)."""
     ref = next(itertools.chain(backbone.parameters(), backbone.buffers()), None)
     device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    x = torch.zeros(1, 3, *input_size, device=device, dtype=dtype)
-    if device.type == "meta":
-        try:
-            with torch.no_grad():
-                out = backbone.eval()(x)  # a throw-away skeleton: its mode does not matter
-        except Exception:  # an operation without a meta kernel: a real forward can tell
-            return None
-        return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() >= 1 else None
-    if meta_only:
-        return None
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32  # e.g. float64
     try:
         with frozen(backbone), torch.no_grad():
-            out = backbone(x)
+            out = backbone(torch.zeros(1, 3, *input_size, device=device, dtype=dtype))
     except Exception as err:
         raise ValueError(
             f"{what} cannot run on a {input_size[0]}x{input_size[1]} image (its input_size): {type(err).__name__}: {err}"
@@ -958,18 +975,61 @@ def _output_count(
     return int(out.shape[-1])
 
 
-def _saved_backbone(desc: dict, shapes: dict[str, tuple[int, ...]], weights_path: Path, what: str):
-    """``(backbone, outputs)``: the described architecture with its edits replayed (random weights), checked
-    first on the meta device, where nothing is allocated, against the tensor names and shapes of the weights
-    file and this machine's memory; ``outputs`` is the number of classes where the meta forward could tell it
-    (else None). A builder that cannot run on the meta device is checked after the real build instead."""
+def _meta_output_count(backbone: nn.Module, input_size: tuple[int, int]) -> int | None:
+    """:func:`_output_count` on the meta device: ``backbone``'s parameters and buffers stood in for by meta
+    tensors (``torch.func.functional_call``), so nothing is computed or allocated; None where an operation
+    cannot run there (no meta kernel, a tensor the module keeps outside its parameters and buffers)."""
+    from torch.func import functional_call
+
+    tensors = itertools.chain(backbone.named_parameters(), backbone.named_buffers())
+    stand_ins = {name: torch.empty_like(t, device="meta") for name, t in tensors}
+    ref = next(iter(stand_ins.values()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    x = torch.zeros(1, 3, *input_size, device="meta", dtype=dtype)
+    try:
+        with frozen(backbone), torch.no_grad():
+            out = functional_call(backbone, stand_ins, (x,), strict=False, tie_weights=True)
+    except Exception:
+        return None
+    return int(out.shape[-1]) if isinstance(out, Tensor) and out.dim() >= 1 else None
+
+
+def _head_outputs(backbone: nn.Module) -> int | None:
+    """The out_features of ``backbone``'s classifier as its structure tells it: timm's ``get_classifier()``,
+    else its last ``nn.Linear``; None where that is not a linear layer."""
+    if callable(getattr(backbone, "get_classifier", None)):
+        try:
+            head = backbone.get_classifier()
+        except Exception:  # a model's own method: whatever it raises, the structure does not tell
+            head = None
+    else:
+        head = next((m for m in reversed(list(backbone.modules())) if isinstance(m, nn.Linear)), None)
+    return head.out_features if isinstance(head, nn.Linear) else None
+
+
+def _check_class_count(backbone: nn.Module, input_size: tuple[int, int], names: Sequence[str], what: str) -> None:
+    """A ValueError unless ``backbone`` has one output per class name. The outputs are counted by a forward
+    pass on the meta device; where an operation cannot run there, the classifier's out_features are taken when
+    they agree with the names, and one real forward decides otherwise (so a mismatch is always confirmed)."""
+    outputs = _meta_output_count(backbone, input_size)
+    if outputs is None:
+        head = _head_outputs(backbone)
+        outputs = head if head == len(names) else _output_count(backbone, input_size, what)
+    if outputs != len(names):
+        raise ValueError(f"class_names has {len(names)} names but {what} has {outputs} outputs")
+
+
+def _saved_backbone(desc: dict, shapes: dict[str, tuple[int, ...]], weights_path: Path, what: str) -> nn.Module:
+    """The described architecture with its edits replayed (random weights), checked first on the meta
+    device, where nothing is allocated, against the tensor names and shapes of the weights file and this
+    machine's memory. A builder that cannot run on the meta device is checked after the real build instead."""
 
     def build() -> nn.Module:
         backbone = _build_arch(desc["arch"], desc["kwargs"])[0]
         apply_edits(backbone, desc["edits"])  # the modified architecture first, then its weights
         return backbone
 
-    skeleton = outputs = None
+    skeleton = None
     try:
         with torch.device("meta"):
             skeleton = build()
@@ -982,7 +1042,6 @@ def _saved_backbone(desc: dict, shapes: dict[str, tuple[int, ...]], weights_path
         _tensor_shapes_fit({k: tuple(v.shape) for k, v in state.items()}, shapes, weights_path, what)
         nbytes = sum(v.numel() * v.element_size() for v in state.values())
         check_memory(nbytes + weights_path.stat().st_size, f"loading {what}")  # the model and the file's tensors
-        outputs = _output_count(skeleton, desc["input_size"], what, meta_only=True)
     try:
         backbone = build()
     except (ValueError, TypeError, RuntimeError, AssertionError, KeyError, IndexError) as err:
@@ -990,29 +1049,41 @@ def _saved_backbone(desc: dict, shapes: dict[str, tuple[int, ...]], weights_path
     if skeleton is None:
         expected = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
         _tensor_shapes_fit(expected, shapes, weights_path, what)
-    return backbone, outputs
+    return backbone
 
 
 def _saved_model(weights_path: Path, json_path: Path) -> Classifier:
-    header, shapes = _safetensors_header(weights_path)
-    meta, where = _saved_description(weights_path, json_path, header)
-    desc = _check_description(meta, where)
-    edits = desc["edits"]
-    what = f"the architecture described in {where} ({desc['arch']!r}" + (f" with {len(edits)} edits)" if edits else ")")
-    backbone, outputs = _saved_backbone(desc, shapes, weights_path, what)
-    _load_weights(backbone, weights_path)
+    # one open handle for the description and the tensors: a save that replaces the file meanwhile (another
+    # process) leaves this load with the file it opened, the description and weights of one save
+    handle, header, shapes = _open_weights(weights_path)
+    with handle:
+        meta, where = _saved_description(weights_path, json_path, header)
+        desc = _check_description(meta, where)
+        edits = desc["edits"]
+        what = f"the architecture described in {where} ({desc['arch']!r}"
+        what += f" with {len(edits)} edits)" if edits else ")"
+        backbone = _saved_backbone(desc, shapes, weights_path, what)
+        state = {key: handle.get_tensor(key) for key in shapes}
+    # the weights' own floating dtype (a float64 model comes back float64; the builders give float32)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    if dtype is not None:
+        backbone.to(dtype)  # before the weights load, so that they are copied exactly
+    _load_weights(backbone, weights_path, state)
     names = desc["class_names"]
     if names is not None:
-        outputs = outputs if outputs is not None else _output_count(backbone, desc["input_size"], what)
-        if outputs != len(names):
-            raise ValueError(f"{where}: class_names has {len(names)} names but the model has {outputs} outputs")
+        try:
+            _check_class_count(backbone, desc["input_size"], names, "the model")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     # folders written before the origin was recorded: the weights are those of the file
     origin = desc["weights"] if "weights" in desc else f"file:{weights_path}"
-    return Classifier(
+    net = Classifier(
         backbone, desc["mean"], desc["std"], name=desc["name"], input_size=desc["input_size"], class_names=names,
         spec={"arch": desc["arch"], "kwargs": desc["kwargs"], **({"edits": edits} if edits else {})},
         weights=origin,
     )  # fmt: skip
+    return net if dtype is None else net.to(dtype)  # the normalisation constants in the weights' dtype too
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,16 +7,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ._validate import check_memory, check_number
+from ._validate import check_memory, check_number, check_numbers
 
 __all__ = ["ARCHITECTURES", "ShapesNet", "shapes_vit"]
-
-
-def _positive_ints(name: str, values: object, count: int) -> tuple[int, ...]:
-    """``values`` as ``count`` positive integers; a clear error naming ``name`` otherwise."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != count:
-        raise ValueError(f"{name} must be {count} positive integers, got {values!r}")
-    return tuple(check_number(f"{name}[{i}]", v, integer=True, low=1) for i, v in enumerate(values))
 
 
 class _Block(nn.Module):
@@ -59,8 +52,8 @@ class ShapesNet(nn.Module):
         if not isinstance(stem_pool, bool):
             raise TypeError(f"ShapesNet: stem_pool must be True or False, got {stem_pool!r}")
         num_classes = check_number("ShapesNet: num_classes", num_classes, integer=True, low=1)
-        widths = _positive_ints("ShapesNet: widths", widths, 4)
-        strides = _positive_ints("ShapesNet: strides", strides, 5)
+        widths = check_numbers("ShapesNet: widths", widths, 4, integer=True, low=1, expected="4 positive integers")
+        strides = check_numbers("ShapesNet: strides", strides, 5, integer=True, low=1, expected="5 positive integers")
         # the weights (3x3 convolutions, 1x1 shortcuts, the classifier) in float32, refused before they are
         # allocated when they cannot fit this machine (a mistyped width of 10**6 asks for terabytes)
         blocks = itertools.pairwise((widths[0], *widths))  # (cin, cout) of layer1..layer4

@@ -12,7 +12,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .._validate import check_memory, check_number, read_json
+from .._validate import check_memory, check_number, check_numbers, preview, read_json
 
 __all__ = ["SAMPLES", "ImageFolder", "image_label", "load_image", "load_images", "read_boxes"]
 
@@ -58,15 +58,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _check_size(size: object) -> tuple[int, int]:
-    """``size`` (one int for a square, or (H, W)) as two positive integers whose float image fits in memory."""
-    if isinstance(size, (str, bytes, bool)) or not isinstance(size, (numbers.Integral, Sequence)):
-        raise TypeError(f"size must be an integer or (height, width), got {type(size).__name__} {size!r}")
-    pair = (size, size) if isinstance(size, numbers.Integral) else size
-    if len(pair) != 2:
-        raise ValueError(f"size must be an integer or (height, width), got {size!r}")
-    h, w = (check_number(f"size[{i}]", v, integer=True, low=1) for i, v in enumerate(pair))
+    """``size`` (one integer for a square, or (H, W); integer-valued floats count) as two positive integers
+    whose float image fits in memory."""
+    square = isinstance(size, numbers.Real) and not isinstance(size, bool)
+    pair = (size, size) if square else size
+    h, w = check_numbers("size", pair, 2, integer=True, low=1, expected="an integer or (height, width)")
     check_memory(4 * 3 * h * w, f"an image resized to {h}x{w}")
-    return int(h), int(w)
+    return h, w
 
 
 def load_image(source: str | Path, size: int | tuple[int, int] | None = None) -> Tensor:
@@ -75,11 +73,15 @@ def load_image(source: str | Path, size: int | tuple[int, int] | None = None) ->
     Grayscale, palette, 16-bit and RGBA files are converted. ``size`` = (H, W) or one int for a square:
     the whole image is resized (bicubic), nothing is cropped, so maps cover the full picture.
     """
+    hw = _check_size(size) if size is not None else None
+    return _pixels(_open(source), hw)
+
+
+def _pixels(img: Image.Image, size: tuple[int, int] | None) -> Tensor:
+    """A decoded image as float ``[3,H,W]`` in [0,1], RGB, resized (bicubic) to ``size`` = (H, W) when given."""
+    img = _to_rgb(img)
     if size is not None:
-        h, w = _check_size(size)
-    img = _to_rgb(_open(source))
-    if size is not None:
-        img = img.resize((w, h), Image.BICUBIC)
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
     arr = np.array(img, dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
@@ -109,11 +111,12 @@ class ImageFolder(torch.utils.data.Dataset):
 
     Ground truth is optional, beside each image: ``<image stem>.mask.png`` (non-zero pixels = object) or
     ``<image stem>.box.json`` (``{"boxes": [[x0, y0, x1, y1], ...]}``: inclusive pixel coordinates of the
-    original image, W x H, with 0 <= x0 <= x1 <= W and 0 <= y0 <= y1 <= H). When any image has one, every
-    sample carries a ``"mask"`` (empty where an image has none). Image files that cannot be read are skipped
-    with a warning naming them; a ground-truth file that cannot be read, or a box that is not a finite box
-    inside its image, is a ``ValueError`` naming the file, raised here (before any sample is drawn).
-    Samples: ``{"image", "label", "mask"?, "index"}``.
+    original image, W x H; a box reaching past the image's edges is clipped to them, see :func:`read_boxes`).
+    When any image has one, every sample carries a ``"mask"`` (empty where an image has none). Image files
+    that cannot be read are skipped with a warning naming them. A box file that cannot be read or holds a box
+    that is not finite, reversed or wholly outside its image, and a mask file that is not an image, are a
+    ``ValueError`` naming the file, raised here (before any sample is drawn); a mask damaged past its header
+    is named when its sample is drawn. Samples: ``{"image", "label", "mask"?, "index"}``.
     """
 
     def __init__(self, root: str | Path, size: int | tuple[int, int], class_names: Sequence[str] | None = None) -> None:
@@ -130,24 +133,29 @@ class ImageFolder(torch.utils.data.Dataset):
             files = [(f, 0) for f in sorted(root.iterdir()) if _is_image(f)]
         self.samples: list[tuple[Path, int]] = []
         self._cache: dict[int, dict] = {}
-        #: the checked boxes of the images whose ground truth is a box file (their index -> boxes)
+        #: the images whose ground truth is a mask file, and the checked boxes of those with a box file
+        self._masks: set[int] = set()
         self._boxes: dict[int, list[tuple[float, float, float, float]]] = {}
         for path, label in files:
+            has_mask = _mask_file(path).is_file()
+            has_box = not has_mask and _box_file(path).is_file()
             try:
-                with Image.open(path) as img:
-                    img.verify()
+                with Image.open(path) as img:  # once: its header (and EXIF) here, its pixels when drawn
+                    shown = _oriented_size(img) if has_box else None
+                    if img.fp is not None:  # (a PNG whose EXIF follows its pixels was decoded for it: checked)
+                        img.verify()
             except Exception as err:
                 warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
                 continue
-            if _mask_file(path).is_file():
+            if has_mask:
                 _check_mask_file(_mask_file(path))
-            elif _box_file(path).is_file():  # (reopened: a verified image cannot be read further)
-                with Image.open(path) as img:
-                    self._boxes[len(self.samples)] = read_boxes(_box_file(path), _oriented_size(img))
+                self._masks.add(len(self.samples))
+            elif has_box:
+                self._boxes[len(self.samples)] = read_boxes(_box_file(path), shown)
             self.samples.append((path, label))
         if not self.samples:
             raise ValueError(f"no readable images in {root} (looked for {', '.join(IMAGE_SUFFIXES)} files)")
-        self.has_ground_truth = any(_mask_file(p).is_file() or _box_file(p).is_file() for p, _ in self.samples)
+        self.has_ground_truth = bool(self._masks or self._boxes)
         if class_names is not None:
             self.classes = list(class_names)
 
@@ -156,11 +164,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            original = ImageOps.exif_transpose(img).size  # (W, H)
-        sample = {"image": load_image(path, self.size), "label": torch.tensor(label), "index": torch.tensor(index)}
+        img = _open(path)  # decoded once; its size, as shown (EXIF orientation applied), places the boxes
+        sample = {"image": _pixels(img, self.size), "label": torch.tensor(label), "index": torch.tensor(index)}
         if self.has_ground_truth:
-            sample["mask"] = _ground_truth(path, original, self.size, self._boxes.get(index))
+            mask = _mask_file(path) if index in self._masks else None
+            sample["mask"] = _ground_truth(mask, self._boxes.get(index, ()), img.size, self.size)
         return sample
 
     def name(self, index: int) -> str:
@@ -168,7 +176,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith(".mask.png")
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.endswith(".mask.png") and path.is_file()
 
 
 def _mask_file(path: Path) -> Path:
@@ -186,66 +194,63 @@ def _oriented_size(img: Image.Image) -> tuple[int, int]:
 
 
 def _check_mask_file(path: Path) -> None:
+    """A mask file is an image: its header is read here (its pixels when its sample is drawn)."""
     try:
-        with Image.open(path) as m:
-            m.verify()
+        with Image.open(path):
+            pass
     except Exception as err:  # PIL raises many kinds for a broken file
         raise ValueError(f"cannot read mask file {path}: {type(err).__name__}: {err}") from None
 
 
 def read_boxes(path: str | Path, size: tuple[int, int]) -> list[tuple[float, float, float, float]]:
     """The boxes of a box file ``{"boxes": [[x0, y0, x1, y1], ...]}`` for an image of ``size`` = (W, H):
-    inclusive pixel coordinates, finite, with 0 <= x0 <= x1 <= W and 0 <= y0 <= y1 <= H (W and H themselves
-    are allowed for files that give the exclusive right and bottom edges). Anything else is a ``ValueError``
+    inclusive pixel coordinates, finite, x0 <= x1 and y0 <= y1. A box that reaches past the image's edges
+    (x0 = -1 or x1 = W + 0.5, as VOC-style annotations often do) is clipped to 0 <= x0 <= x1 <= W and
+    0 <= y0 <= y1 <= H (W and H themselves are kept for files that give the exclusive right and bottom
+    edges). A malformed, non-finite or reversed box, or one wholly outside the image, is a ``ValueError``
     naming the file and the box."""
     path = Path(path)
     expected = '{"boxes": [[x0, y0, x1, y1], ...]}'
     data = read_json(path, "box file")
     if not isinstance(data, dict) or not isinstance(data.get("boxes"), list):
-        raise ValueError(f"cannot read boxes from {path}: expected {expected}, got {_preview(data)}")
+        raise ValueError(f"cannot read boxes from {path}: expected {expected}, got {preview(data)}")
     w, h = size
     boxes = []
     for i, box in enumerate(data["boxes"]):
         if not isinstance(box, list) or len(box) != 4:
-            raise ValueError(f"cannot read boxes from {path}: box {i} must be [x0, y0, x1, y1], got {_preview(box)}")
+            raise ValueError(f"cannot read boxes from {path}: box {i} must be [x0, y0, x1, y1], got {preview(box)}")
         try:
             x0, y0, x1, y1 = (
                 check_number(f"box {i} {c}", v) for c, v in zip(("x0", "y0", "x1", "y1"), box, strict=True)
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"cannot read boxes from {path}: {err}") from None
-        if not (0 <= x0 <= x1 <= w and 0 <= y0 <= y1 <= h):
+        if not (x0 <= x1 and y0 <= y1):
+            raise ValueError(f"cannot read boxes from {path}: box {i} {preview(box)} is reversed (x0 <= x1, y0 <= y1)")
+        if not (x0 < w and x1 >= 0 and y0 < h and y1 >= 0):
             raise ValueError(
-                f"cannot read boxes from {path}: box {i} {box} must lie inside the {w}x{h} image "
-                f"(0 <= x0 <= x1 <= {w}, 0 <= y0 <= y1 <= {h})"
+                f"cannot read boxes from {path}: box {i} {preview(box)} lies wholly outside the {w}x{h} image "
+                f"(it must overlap columns 0..{w - 1} and rows 0..{h - 1})"
             )
-        boxes.append((x0, y0, x1, y1))
+        boxes.append((max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))))
     return boxes
 
 
-def _preview(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a hostile file's content must not flood a message)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _ground_truth(
-    path: Path, original: tuple[int, int], size: tuple[int, int], boxes: list[tuple[float, ...]] | None = None
+    mask_file: Path | None, boxes: Iterable[tuple[float, ...]], original: tuple[int, int], size: tuple[int, int]
 ) -> Tensor:
-    """The object mask at ``size`` from the mask file beside ``path`` or its checked ``boxes`` (in the pixels
-    of the ``original`` (W, H) image; read from the box file when not given); empty if neither exists."""
+    """The object mask at ``size`` from ``mask_file`` (when given) or the checked ``boxes`` (in the pixels of
+    the ``original`` (W, H) image); empty where there are neither."""
     h, w = size
-    if _mask_file(path).is_file():
+    if mask_file is not None:
         try:
-            with Image.open(_mask_file(path)) as m:
+            with Image.open(mask_file) as m:
                 return torch.from_numpy(np.array(m.convert("L").resize((w, h), Image.NEAREST)) > 0)
         except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ValueError(f"cannot read mask file {_mask_file(path)}: {err}") from err
+            raise ValueError(f"cannot read mask file {mask_file}: {err}") from err
     mask = torch.zeros(h, w, dtype=torch.bool)
-    if boxes is None and _box_file(path).is_file():
-        boxes = read_boxes(_box_file(path), original)
     sx, sy = w / original[0], h / original[1]
-    for x0, y0, x1, y1 in boxes or ():
+    for x0, y0, x1, y1 in boxes:
         # inclusive pixel coordinates: the box covers pixels x0..x1, so its right edge is x1 + 1
         mask[
             max(0, int(y0 * sy)) : min(h, int(np.ceil((y1 + 1) * sy))),

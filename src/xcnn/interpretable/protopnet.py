@@ -16,6 +16,7 @@ Training (warm-up, joint, push, last layer) is :func:`xcnn.training.protopnet.fi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Sequence
@@ -49,8 +50,10 @@ class SquaredDistance(nn.Module):
 
     def forward(self, z: Tensor, prototypes: Tensor) -> Tensor:
         dtype = torch.promote_types(z.dtype, torch.float32)
-        # autocast would run the convolution in float16, where ||z||^2 - 2 z.p + ||p||^2 cancels badly
-        with torch.autocast(z.device.type, enabled=False):
+        # autocast would run the convolution in float16, where ||z||^2 - 2 z.p + ||p||^2 cancels badly (autocast
+        # knows no "meta" device: a shape-only pass, as load_model's class count runs, needs no guard)
+        guard = torch.autocast(z.device.type, enabled=False) if z.device.type != "meta" else contextlib.nullcontext()
+        with guard:
             z, p = z.to(dtype), prototypes.to(dtype)
             zz = (z * z).sum(1, keepdim=True)
             zp = F.conv2d(z, p[:, :, None, None])

@@ -66,19 +66,20 @@ def history_figure(history: Mapping) -> Figure:
     left.set_xlabel("epoch")
     left.set_title("probe accuracy (epoch x depth)")
     fig.colorbar(image, ax=left, fraction=0.05)
+    lines = []
     for name in layers:
         xs = [e for e, r in zip(epochs, records, strict=True) if r.get("cka_to_previous", {}).get(name) is not None]
         ys = [r["cka_to_previous"][name] for r in records if r.get("cka_to_previous", {}).get(name) is not None]
         if xs:
-            right.plot(xs, ys, marker=".", label=plain_text(name))
+            lines += right.plot(xs, ys, marker=".", label=plain_text(name))
     right.set_ylim(0, 1.02)
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("epoch")
     right.set_ylabel("linear CKA to the previous check")
     right.set_title("how much each layer still changes")
     right.grid(alpha=0.3)
-    if right.get_lines():
-        right.legend(fontsize=8, frameon=False)
+    if lines:  # labels handed over explicitly: legend() alone drops those starting with "_" ("_orig_mod.layer3")
+        right.legend(lines, [ln.get_label() for ln in lines], fontsize=8, frameon=False)
     return fig
 
 

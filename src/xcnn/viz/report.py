@@ -61,20 +61,22 @@ def curves_figure(curves: Mapping[str, Mapping[str, Sequence[float]]], styles: M
     fig = Figure(figsize=(12, 3.8), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
+    entries: dict[str, object] = {}  # one legend entry per method
     for ax, kind in zip(axes, ("insertion", "deletion"), strict=True):
         for method, by_kind in curves.items():
             ys = by_kind.get(kind)
             if ys:
                 xs = [j / max(len(ys) - 1, 1) for j in range(len(ys))]
-                ax.plot(xs, ys, label=plain_text(method), **styles[method].plot_kwargs())
+                (line,) = ax.plot(xs, ys, label=plain_text(method), **styles[method].plot_kwargs())
+                entries.setdefault(method, line)
         ax.set_title(f"{kind} (mean over images)")
         ax.set_xlabel("fraction of pixels " + ("revealed" if kind == "insertion" else "removed"))
         ax.set_ylabel("p(target)")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    if entries:  # labels handed over explicitly: legend() alone drops those starting with "_" ("_orig_mod.x")
+        lines = list(entries.values())
+        fig.legend(lines, [ln.get_label() for ln in lines], loc="outside right upper", fontsize=8, frameon=False)
     return fig
 
 
