@@ -68,6 +68,11 @@ def _unit(maps: Tensor) -> Tensor:
     return F.normalize(_wide(maps.flatten(1)), dim=1, eps=1e-8)
 
 
+#: the largest temperature accepted: similarities lie in [-1, 1], so beyond it every logit is within 1e-6 of 0
+#: and the loss is flat (log N); past float32's range (3.4e38) the division even gives NaN
+MAX_TAU = 1e6
+
+
 def cgc_loss(
     maps_aug: Tensor,
     maps_ref: Tensor,
@@ -92,7 +97,7 @@ def cgc_loss(
     """
     if consistency not in CONSISTENCY:
         raise ValueError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
-    tau = check_number("tau", tau, low=0, low_open=True)
+    tau = check_number("tau", tau, low=0, low_open=True, high=MAX_TAU)
     if gather is not None and not isinstance(gather, bool):
         raise TypeError(f"gather must be True, False or None, got {gather!r}")
     for name, maps in (("maps_aug", maps_aug), ("maps_ref", maps_ref)):
@@ -341,7 +346,7 @@ def fit_cgc(
     """
     check_loop_settings(epochs=epochs, batch_size=batch_size, seed=seed, num_workers=num_workers)
     lam = check_number("lam", lam, low=0)
-    tau = check_number("tau", tau, low=0, low_open=True)
+    tau = check_number("tau", tau, low=0, low_open=True, high=MAX_TAU)
     check_number("lr", lr, low=0, low_open=True)
     check_number("weight_decay", weight_decay, low=0)
     for name, flag in (("scratch", scratch), ("resume", resume), ("amp", amp)):
