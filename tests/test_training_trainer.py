@@ -52,6 +52,21 @@ SCHEDULE = {
 }
 
 
+def test_a_diverging_loss_is_a_clear_settings_error_at_its_step(tmp_path):
+    from xcnn.training.trainer import TrainingDivergedError
+
+    def step(model, batch):
+        weight = 1e39 if len(calls) >= 2 else 1.0  # overflows float32 from the third step on
+        calls.append(1)
+        return nn.functional.cross_entropy(model(batch["image"]), batch["label"]) * weight, {}
+
+    calls: list[int] = []
+    with pytest.raises(TrainingDivergedError, match="loss became inf at epoch 0, step 2: the training diverged"):
+        fit(small_net(), Blobs(), epochs=1, step=step, out_dir=tmp_path, **SCHEDULE)
+    assert issubclass(TrainingDivergedError, ValueError) and issubclass(TrainingDivergedError, FloatingPointError)
+    assert not (tmp_path / "checkpoint.pt").exists()  # nothing of the diverged epoch is kept
+
+
 def test_loss_falls_and_history_is_recorded(tmp_path):
     history = fit(small_net(), Blobs(), epochs=6, val_data=Blobs(64, seed=1), out_dir=tmp_path, **SCHEDULE)
     assert [h["epoch"] for h in history] == [0, 1, 2, 3, 4, 5]

@@ -84,11 +84,22 @@ class Context:
     rng: random.Random
     g: torch.Generator
 
-    def pick(self, valid: object, hostile: list, p_valid: float = 0.55) -> object:
-        return valid if self.rng.random() < p_valid else self.rng.choice(hostile)
+    #: per call, the chance that an argument is hostile (drawn by :meth:`new_call`): 0 gives a valid call,
+    #: small values one hostile argument among valid ones, large values many
+    hostility: float = 0.3
 
-    def dataset(self, p_valid: float = 0.55) -> object:
-        if self.rng.random() < p_valid:
+    def new_call(self) -> None:
+        self.hostility = self.rng.choice([0.0, 0.0, 0.06, 0.12, 0.25, 0.5])
+
+    def _hostile(self, weight: float) -> bool:
+        return self.rng.random() < min(1.0, self.hostility * weight)
+
+    def pick(self, valid: object, hostile: list, weight: float = 1.0) -> object:
+        """``valid``, or one of ``hostile`` with this call's hostility (times ``weight``)."""
+        return self.rng.choice(hostile) if self._hostile(weight) else valid
+
+    def dataset(self, weight: float = 1.0) -> object:
+        if not self._hostile(weight):
             return self.shapes
         n = 8
         images = _images(n, self.size, self.g)
@@ -160,6 +171,14 @@ def _finite(result: object) -> None:
             stack.extend(item)
 
 
+def _association(result: object) -> None:
+    """class_association's rows of classes absent from the data are NaN by design; the rest must be finite."""
+    if not isinstance(result, torch.Tensor) or result.dim() != 2:
+        raise AssertionError(f"class_association returned {type(result).__name__}, not [K, C]")
+    absent = result.isnan().all(1)
+    _finite(result[~absent])
+
+
 def _maps(result: object) -> None:
     _finite(result)
     if not (isinstance(result, torch.Tensor) and result.dim() == 3):
@@ -209,6 +228,31 @@ def case_protopnet(c: Context):
     }
     x = torch.rand(2, 3, 32, 32, generator=c.g)
     return f"protopnet(model, {kw})", lambda: protopnet(c.model, **kw)(x), _finite
+
+
+def case_explainers(c: Context):
+    """The interpretable models' own maps (LAP, prototypes) and a layer explainer on them, hostile inputs."""
+    import xcnn
+    from xcnn.interpretable import insert_lap
+    from xcnn.interpretable.protopnet import protopnet
+
+    images = torch.rand(2, 3, 32, 32, generator=c.g)
+    nan = images.clone()
+    nan[0, 0, 0, 0] = math.nan
+    x = c.pick(images, [nan, images * 255, images.long(), images[0], images[:, :1], images[:0], images.double()])
+    targets = c.pick(None, [-1, 99, 1.5, True, [0], [0, 1, 2], torch.tensor([0.0, 1.0]), "0"])
+    method = c.rng.choice(["lap", "prototype", "gradcam"])
+    if method == "lap" or (method == "gradcam" and c.rng.random() < 0.5):
+        model = insert_lap(c.model)
+    else:
+        model = protopnet(c.model, 1, dim=4)
+    layer = c.pick(None, ["nope", "layer4"]) if method == "gradcam" else None
+    kw = {"layer": layer} if method == "gradcam" else {}
+    return (
+        f"explainer({method!r}, {kw})({_name(x)}, targets={_name(targets)})",
+        lambda: xcnn.explainer(method, model, **kw)(x, targets),
+        _maps,
+    )
 
 
 def case_fit_lap(c: Context):
@@ -295,7 +339,7 @@ def case_knowledge(c: Context):
 def case_fit_protopnet(c: Context):
     from xcnn.training.protopnet import fit_protopnet
 
-    data = c.dataset(0.7)
+    data = c.dataset()
     kw = {
         "prototypes_per_class": c.pick(1, BAD_INTS),
         "dim": c.pick(4, [0, -1, 100_000, 2.5]),
@@ -355,7 +399,7 @@ def case_inspection(c: Context):
         return (
             f"class_association({_name(data)}, {layer!r})",
             lambda: class_association(c.model, data, layer),
-            _finite,
+            _association,
         )
     if which == "cka":
         x = torch.randn(16, 4, generator=c.g)
@@ -369,7 +413,7 @@ def case_inspection(c: Context):
 def case_inspect_model(c: Context):
     from xcnn.inspection import inspect_model
 
-    data = c.dataset(0.7)
+    data = c.dataset()
     kw = {
         "layers": c.pick(None, [[], ["layer4", "layer4"], ["nope"], [5]]),
         "images": c.pick(16, [-5, 0, 1, 1.5, "16", 10**18]),
@@ -387,7 +431,7 @@ def case_monitor(c: Context):
     from xcnn.inspection import Monitor
     from xcnn.training.trainer import fit
 
-    data = c.dataset(0.7)
+    data = c.dataset()
     kw = {
         "every": c.pick(1, BAD_INTS),
         "images": c.pick(16, [-5, 0, 1.5, 10**18]),
@@ -539,7 +583,7 @@ def _prototype_folder(c: Context, out: Path) -> tuple[list[str], Path]:
         {**record, "box": "big"},
         5,
     ]
-    (folder / "prototypes.json").write_text(json.dumps([c.pick(record, hostile, 0.2)]))
+    (folder / "prototypes.json").write_text(json.dumps([c.pick(record, hostile, 4.0)]))
     argv = ["explain", "sample:astronaut", "--model", str(folder), "--method", "gradcam", "--out", str(out)]
     return [*argv, "--prototype-search", "none", "--device", "cpu"], folder
 
@@ -572,6 +616,7 @@ CASES: dict[str, Case] = {
     "lap_layer": case_lap_layer,
     "insert_lap": case_insert_lap,
     "protopnet": case_protopnet,
+    "explainers": case_explainers,
     "fit_lap": case_fit_lap,
     "fit_cgc": case_fit_cgc,
     "cgc_loss": case_cgc_loss,
@@ -617,6 +662,7 @@ def run(calls: int, seed: int, timeout: float = 120.0, only: list[str] | None = 
         ctx = make_context(seed, Path(tmp))
         for i in range(calls):
             name = ctx.rng.choices(names, weights)[0]
+            ctx.new_call()
             torch.manual_seed(seed * 100_003 + i)
             try:
                 what, call, check = CASES[name](ctx)

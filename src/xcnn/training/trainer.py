@@ -40,6 +40,7 @@ __all__ = [
     "Callback",
     "SettingsRecord",
     "TrainerContext",
+    "TrainingDivergedError",
     "accuracy_eval",
     "check_dataset",
     "check_labels",
@@ -59,6 +60,11 @@ CHECKPOINT = "checkpoint.pt"
 Batch = dict[str, Tensor]
 Step = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, float]]]
 Evaluate = Callable[[nn.Module, DataLoader, torch.device], dict[str, float]]
+
+
+class TrainingDivergedError(FloatingPointError, ValueError):
+    """The loss became NaN or infinite: the settings (learning rate, loss weights) make training diverge. A
+    ``ValueError`` too, so that callers and the command line treat it as the settings' fault, in one line."""
 
 
 @dataclass
@@ -571,7 +577,10 @@ def fit(
                 with torch.autocast("cuda", dtype=torch.float16) if use_amp else contextlib.nullcontext():
                     loss, logs = step(net, batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch}, step {i}")
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at epoch {epoch}, step {i}: the training diverged (lower the "
+                        "learning rate or the loss weights)"
+                    )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
