@@ -335,6 +335,7 @@ def test_bad_training_input_fails_before_anything_is_written(shapes32, tmp_path)
             r"val_data has the label 6; labels are class indices \[0, 6\)",
         ),
         ({"seed": 2**64}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+        ({"labeled_repeat": 10**18}, r"an epoch of \d+ samples \(labeled_repeat=10+\) would need .* GiB"),
         ({"lam": 0.0, "labeled_fraction": 0.5}, "unlabelled images contribute nothing"),
         ({"cam": "scorecam"}, "cam must be one of"),
         ({"consistency": "cosine"}, "consistency must be one of"),

@@ -259,7 +259,7 @@ def case_fit_lap(c: Context):
     from xcnn.training.lap import fit_lap
 
     kw = {
-        "epochs": c.pick(1, [0, -1, 1.5, "1", 10**18]),
+        "epochs": c.pick(1, [0, -1, 1.5, "1"]),
         "batch_size": c.pick(8, [0, -1, 10**9, 2.5]),
         "lr": c.pick(1e-3, BAD_FLOATS),
         "beta_area": c.pick(0.1, BAD_FLOATS),

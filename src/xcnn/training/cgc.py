@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write
-from .._validate import check_number, check_seed
+from .._validate import check_memory, check_number, check_seed
 from ..explain.cam import CAM_COMBINE, cam_maps
 from ..hooks import frozen
 from ..metrics.consistency import apply_each, random_crop_flips
@@ -171,6 +171,9 @@ class CGCData(Dataset):
         self.n_unlabeled = len(unlabeled) if unlabeled is not None else 0
         if self.n_labeled + self.n_unlabeled == 0:
             raise ValueError("no training images: the labelled and unlabelled data are both empty")
+        # the loader shuffles an epoch with one permutation of int64 indices (len() itself fails past 2**63)
+        n = self.n_labeled * repeat + self.n_unlabeled
+        check_memory(8 * n, f"an epoch of {n} samples (labeled_repeat={repeat})")
 
     def __len__(self) -> int:
         return self.n_labeled * self.repeat + self.n_unlabeled
